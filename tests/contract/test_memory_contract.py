@@ -1,0 +1,20 @@
+"""MemoryTier against the tier contract."""
+
+from collections.abc import Callable
+
+import pytest
+
+from tiercache.adapters.memory import MemoryTier
+from tiercache.testing import TierContract
+
+
+class TestMemoryTier(TierContract):
+    @pytest.fixture
+    def make_tier(self) -> Callable[[], MemoryTier]:
+        return lambda: MemoryTier(max_entries=1000)
+
+
+class TestMemoryTierWithMaxTTL(TierContract):
+    @pytest.fixture
+    def make_tier(self) -> Callable[[], MemoryTier]:
+        return lambda: MemoryTier(max_entries=1000, max_ttl=30)

@@ -1,0 +1,103 @@
+"""The tier protocol: what the core asks of a storage layer, and the optional lease capability.
+
+A tier stores :class:`Entry` objects under full (namespaced) keys. It has sync and async faces
+because one cache serves both kinds of caller; an in-process tier's async methods simply call the
+sync ones. Everything a tier raises is caught by the core: a failed read is a miss, a failed write
+is a counted skip, and repeated failures open the tier's circuit breaker.
+
+Contract (checked by ``tiercache.testing.TierContract``):
+
+* ``get`` returns an entry stored under ``key`` that is not past ``stale_until``, or None;
+* ``set`` keeps the entry for at most ``min(max_ttl, stale_until - now)`` and never replaces a
+  stored entry of a *higher* version (a late result must not overwrite a newer write);
+* ``delete(key, version)`` removes the key; a tier that can should also refuse, for a short while,
+  a ``set`` of an entry older than ``version`` (a tombstone);
+* ``get_many``/``set_many`` behave as repeated ``get``/``set`` but may do it in one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from ._entry import Entry
+from ._events import Event, EventHook
+from ._serde import Codec, JsonCodec
+
+__all__ = ["LeaseTier", "Tier", "TierBinding"]
+
+
+def _no_events(event: Event) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class TierBinding:
+    """What a cache hands its tiers when it adopts them: one clock, one codec, the namespace."""
+
+    clock: Callable[[], float] = time.time
+    codec: Codec = field(default_factory=JsonCodec)
+    namespace: str = "tc"
+    on_event: EventHook = _no_events
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A storage layer of the chain. See the module docstring for the contract."""
+
+    name: str
+    in_process: bool  # read by every caller before single-flight (L1); must be cheap
+    shared: bool  # visible to other processes
+    max_ttl: float | None  # the longest this tier keeps anything, seconds (None: no limit)
+
+    def bind(self, binding: TierBinding) -> None: ...
+
+    def get(self, key: str) -> Entry | None: ...
+
+    def set(self, key: str, entry: Entry) -> None: ...
+
+    def delete(self, key: str, version: int) -> None: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]: ...
+
+    def set_many(self, items: Sequence[tuple[str, Entry]]) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def aget(self, key: str) -> Entry | None: ...
+
+    async def aset(self, key: str, entry: Entry) -> None: ...
+
+    async def adelete(self, key: str, version: int) -> None: ...
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]: ...
+
+    async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LeaseTier(Protocol):
+    """A shared tier that can arbitrate which process loads a key (distributed single-flight).
+
+    ``acquire_lease`` returns a token when this caller now holds the lease, None when someone else
+    does. ``wait_for_entry`` blocks (without busy-polling) until the key is written, the lease is
+    released, or ``timeout`` seconds pass, and returns what it then reads (or None).
+    """
+
+    offers_lease: bool
+
+    def acquire_lease(self, key: str, ttl: float) -> str | None: ...
+
+    def release_lease(self, key: str, token: str) -> None: ...
+
+    def wait_for_entry(self, key: str, timeout: float) -> Entry | None: ...
+
+    async def aacquire_lease(self, key: str, ttl: float) -> str | None: ...
+
+    async def arelease_lease(self, key: str, token: str) -> None: ...
+
+    async def await_for_entry(self, key: str, timeout: float) -> Entry | None: ...
