@@ -69,6 +69,8 @@ class MemoryTier:
         self._clock: Callable[[], float] = time.time
         # The dict is never rebound (the core's fast path keeps a reference to its ``get``).
         self._data: dict[str, _Slot] = {}
+        # The decorator's inline hit path: slot lookup with no call into this object.
+        self.fast_lookup: Callable[[str], _Slot | None] = self._data.get
         self._lock = threading.Lock()
         self._newest: _Slot | None = None
         self._oldest: _Slot | None = None

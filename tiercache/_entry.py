@@ -86,9 +86,7 @@ class Entry:
         """This entry as a tier that must drop it at ``until`` keeps it (never longer-lived)."""
         if until >= self.stale_until:
             return self
-        return self.replace(
-            fresh_until=min(self.fresh_until, until), stale_until=until, payload=self.payload
-        )
+        return self.replace(fresh_until=min(self.fresh_until, until), stale_until=until, payload=self.payload)
 
     def __repr__(self) -> str:
         return (
@@ -101,9 +99,7 @@ class Entry:
         if not isinstance(other, Entry):
             return NotImplemented
         return all(
-            getattr(self, n) == getattr(other, n)
-            for n in self.__slots__
-            if n not in ("payload", "typed")
+            getattr(self, n) == getattr(other, n) for n in self.__slots__ if n not in ("payload", "typed")
         )
 
     __hash__ = None  # type: ignore[assignment]

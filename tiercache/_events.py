@@ -46,5 +46,5 @@ def emit_safely(hook: EventHook, event: Event) -> None:
     """Call the user's hook; a hook that raises is logged, never allowed to break a request."""
     try:
         hook(event)
-    except Exception:  # noqa: BLE001 - the hook is user code; the request must go on
+    except Exception:
         logger.exception("tiercache event hook raised on %s", event.kind)

@@ -73,7 +73,8 @@ def encode_value(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=to_json_default, option=_DUMPS_OPTIONS)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-        raise SerializationError(f"cannot serialise value of type {type(value).__qualname__}: {exc}") from None
+        kind = type(value).__qualname__
+        raise SerializationError(f"cannot serialise value of type {kind}: {exc}") from None
 
 
 class JsonCodec:
@@ -283,11 +284,7 @@ def _class_converter(tp: type) -> Converter | None:
 
 def _dataclass_converter(tp: type) -> Converter:
     hints = typing.get_type_hints(tp)
-    fields = [
-        (f.name, converter_for(hints.get(f.name, Any)))
-        for f in dataclasses.fields(tp)
-        if f.init
-    ]
+    fields = [(f.name, converter_for(hints.get(f.name, Any))) for f in dataclasses.fields(tp) if f.init]
 
     def convert(v: Any) -> Any:
         if isinstance(v, tp):

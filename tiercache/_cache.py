@@ -1,0 +1,312 @@
+"""TieredCache: the public object, its async API and its sync mirror (``cache.sync``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from . import _async, _sync
+from ._errors import ConfigurationError
+from ._events import EventHook
+from ._keys import check_key
+from ._policy import Policy
+from ._runtime import Runtime
+from ._serde import Codec, JsonCodec, converter_for
+from ._tier import Tier, TierBinding
+
+__all__ = ["SyncTieredCache", "TieredCache"]
+
+T = TypeVar("T")
+
+_UNSET: Any = object()
+
+
+class TieredCache:
+    """A chain of tiers (fastest first) in front of your loaders.
+
+    ``ttl`` seconds an entry is fresh; ``stale_ttl`` seconds after that it is kept for
+    stale-while-revalidate (``swr=True``) and fail-safe (on by default: a failing loader is answered
+    with the stale value). ``namespace`` prefixes every key (``namespace:key``), so caches sharing a
+    Redis never see each other's keys. ``clock`` is a wall-clock function (inject a fake in tests).
+    Per-call keyword arguments override these defaults.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        ttl: float = 60.0,
+        stale_ttl: float = 0.0,
+        namespace: str = "tc",
+        swr: bool = False,
+        fail_safe: bool = True,
+        fail_safe_throttle: float = 5.0,
+        soft_timeout: float | None = None,
+        hard_timeout: float | None = None,
+        early_refresh_beta: float = 0.0,
+        early_refresh_ratio: float = 0.0,
+        jitter: float = 0.0,
+        lease_ttl: float = 10.0,
+        lease_wait: float = 5.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
+        clock: Callable[[], float] | None = None,
+        codec: Codec | None = None,
+        on_event: EventHook | None = None,
+    ) -> None:
+        tiers = list(tiers)
+        if not tiers:
+            raise ConfigurationError("a TieredCache needs at least one tier")
+        for tier in tiers:
+            if not isinstance(tier, Tier):
+                raise ConfigurationError(f"{tier!r} does not implement the Tier protocol")
+        if len({id(t) for t in tiers}) != len(tiers):
+            raise ConfigurationError("the same tier object appears twice in the chain")
+        if not isinstance(namespace, str) or not namespace or ":" in namespace:
+            raise ConfigurationError("namespace must be a non-empty str without ':'")
+        if breaker_threshold < 1 or breaker_cooldown < 0:
+            raise ConfigurationError("breaker_threshold must be >= 1 and breaker_cooldown >= 0")
+        self.namespace = namespace
+        self._prefix = namespace + ":"
+        self.clock: Callable[[], float] = clock if clock is not None else time.time
+        self.policy = Policy(
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            swr=swr,
+            fail_safe=fail_safe,
+            fail_safe_throttle=fail_safe_throttle,
+            soft_timeout=soft_timeout,
+            hard_timeout=hard_timeout,
+            early_refresh_beta=early_refresh_beta,
+            early_refresh_ratio=early_refresh_ratio,
+            jitter=jitter,
+            lease_ttl=lease_ttl,
+            lease_wait=lease_wait,
+        )
+        self._rt = Runtime(
+            tiers,
+            clock=self.clock,
+            codec=codec if codec is not None else JsonCodec(),
+            hook=on_event,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+        )
+        binding = TierBinding(
+            clock=self.clock, codec=self._rt.codec, namespace=namespace, on_event=self._rt._emit_event
+        )
+        for tier in tiers:
+            tier.bind(binding)
+        self.sync = SyncTieredCache(self)
+
+    def __repr__(self) -> str:
+        return f"TieredCache({list(self._rt.tiers)!r}, namespace={self.namespace!r}, ttl={self.policy.ttl})"
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return self._rt.tiers
+
+    # --- helpers shared with the sync mirror and the decorator ------------------------------
+
+    def full_key(self, key: str) -> str:
+        """The key as tiers see it: ``namespace:key`` (after validating ``key``)."""
+        return self._prefix + check_key(key)
+
+    def policy_for(
+        self,
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> Policy:
+        """The default policy with per-call overrides (None keeps the default)."""
+        if (
+            ttl is None
+            and stale_ttl is None
+            and tags is None
+            and value_type is _UNSET
+            and not any(v is not None for v in options.values())
+        ):
+            return self.policy
+        conv = None if value_type is _UNSET or value_type is None else converter_for(value_type)
+        tag_tuple = None if tags is None else _check_tags(tags)
+        return self.policy.with_overrides(
+            ttl=ttl, stale_ttl=stale_ttl, tags=tag_tuple, converter=conv, **options
+        )
+
+    # --- async API --------------------------------------------------------------------------
+
+    @overload
+    async def get_cached(  # type: ignore[overload-overlap]
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        ttl: float | None = ...,
+        stale_ttl: float | None = ...,
+        tags: Iterable[str] | None = ...,
+        value_type: Any = ...,
+        **options: Any,
+    ) -> T: ...
+
+    @overload
+    async def get_cached(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        *,
+        ttl: float | None = ...,
+        stale_ttl: float | None = ...,
+        tags: Iterable[str] | None = ...,
+        value_type: Any = ...,
+        **options: Any,
+    ) -> T: ...
+
+    async def get_cached(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> Any:
+        """The value for ``key``: from the first tier holding it fresh, else from ``loader()``
+        (sync or async, no arguments), called once per key however many callers are waiting.
+
+        ``options``: swr, fail_safe, fail_safe_throttle, soft_timeout, hard_timeout, jitter,
+        early_refresh_beta, early_refresh_ratio, lease_ttl, lease_wait.
+        """
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        return await _async.get_cached(self._rt, self.full_key(key), loader, policy)
+
+    async def get(
+        self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False
+    ) -> Any:
+        """The cached value for ``key`` or ``default``; never calls a loader."""
+        conv = None if value_type is None else converter_for(value_type)
+        return await _async.get(self._rt, self.full_key(key), default, conv, allow_stale)
+
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> None:
+        """Store ``value`` in every tier. Raises SerializationError (a TypeError) before touching
+        any tier if a remote tier cannot hold the value, ValueTooLargeError if no tier takes it."""
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        await _async.set_value(self._rt, self.full_key(key), value, policy)
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` from every tier; a load of it already running will not store its result."""
+        await _async.delete(self._rt, self.full_key(key))
+
+    async def aclose(self, grace: float = 1.0) -> None:
+        """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
+        the tiers."""
+        loop = asyncio.get_running_loop()
+        mine = [t for t in self._rt.tasks if t.get_loop() is loop and not t.done()]
+        if mine:
+            _, pending = await asyncio.wait(mine, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=grace)
+        for tier in self._rt.tiers:
+            await tier.aclose()
+
+    async def __aenter__(self) -> TieredCache:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class SyncTieredCache:
+    """The blocking mirror of a TieredCache's API (``cache.sync``), sharing its tiers and flights.
+
+    For threads and sync programs. Loaders must be plain functions here. Calling it from inside a
+    running event loop blocks that loop for the duration of the call (as any blocking call does).
+    """
+
+    def __init__(self, cache: TieredCache) -> None:
+        self._cache = cache
+        self._rt = cache._rt
+
+    def get_cached(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> T:
+        """As ``TieredCache.get_cached``, blocking; ``loader`` must not be a coroutine function."""
+        policy = self._cache.policy_for(
+            ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options
+        )
+        value: T = _sync.get_cached(self._rt, self._cache.full_key(key), loader, policy)
+        return value
+
+    def get(self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False) -> Any:
+        conv = None if value_type is None else converter_for(value_type)
+        return _sync.get(self._rt, self._cache.full_key(key), default, conv, allow_stale)
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> None:
+        policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        _sync.set_value(self._rt, self._cache.full_key(key), value, policy)
+
+    def delete(self, key: str) -> None:
+        _sync.delete(self._rt, self._cache.full_key(key))
+
+    def close(self, grace: float = 1.0) -> None:
+        """Wait up to ``grace`` seconds for background refresh threads, then close the tiers."""
+        deadline = time.monotonic() + grace
+        for thread in list(self._rt.threads):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        for tier in self._rt.tiers:
+            tier.close()
+
+    def __enter__(self) -> SyncTieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        raise ConfigurationError("tags must be an iterable of strings, not one string")
+    out = tuple(tags)
+    for tag in out:
+        if not isinstance(tag, str) or not tag:
+            raise ConfigurationError(f"tags must be non-empty strings, not {tag!r}")
+    return out

@@ -1,0 +1,150 @@
+"""In-process single-flight: one leader per key, joined by asyncio tasks and threads alike.
+
+A :class:`Flight` is resolved exactly once, from whichever thread the leader runs on. Thread
+joiners block on a ``threading.Event``; asyncio joiners await a future of their own loop, which
+the resolver completes directly when it runs on that loop and through ``call_soon_threadsafe``
+otherwise. A joiner that is cancelled only stops waiting; the flight goes on for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Any
+
+from ._entry import next_version
+
+__all__ = ["Flight", "FlightRegistry", "FlightAborted"]
+
+
+class FlightAborted(Exception):
+    """The leader went away without an outcome (its event loop shut down); joiners retry."""
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Flight:
+    """One in-progress fill of one key."""
+
+    __slots__ = (
+        "_async_waiters",
+        "_event",
+        "_lock",
+        "done",
+        "error",
+        "key",
+        "loop",
+        "outcome",
+        "superseded",
+        "version",
+    )
+
+    def __init__(self, key: str, version: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.key = key
+        self.version = version
+        self.loop = loop  # the leader's event loop (None for a thread leader)
+        self.done = False
+        self.outcome: Any = None
+        self.error: BaseException | None = None
+        # Set by delete() while the flight runs: its result must not reach the in-process tiers.
+        self.superseded = False
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def resolve(self, outcome: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.outcome = outcome
+            self.error = error
+            self.done = True
+            waiters, self._async_waiters = self._async_waiters, []
+        self._event.set()
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, fut in waiters:
+            if loop is current:
+                _wake(fut)
+            else:
+                with contextlib.suppress(RuntimeError):  # a closed loop: its waiter is gone too
+                    loop.call_soon_threadsafe(_wake, fut)
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+    def wait_sync(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until resolved; False if ``timeout`` passed first."""
+        return self._event.wait(timeout)
+
+    async def wait_async(self) -> None:
+        if self.done:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self.done:
+                return
+            self._async_waiters.append((loop, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock, contextlib.suppress(ValueError):
+                self._async_waiters.remove((loop, fut))
+            raise
+
+
+class FlightRegistry:
+    """The flights running in this process, by full key."""
+
+    __slots__ = ("_flights", "_lock")
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._lock = threading.Lock()
+
+    def join_or_lead(self, key: str, loop: asyncio.AbstractEventLoop | None) -> tuple[Flight, bool]:
+        """The running flight for ``key`` (False), or a new one this caller now leads (True)."""
+        flight = self._flights.get(key)
+        if flight is not None and not flight.done:
+            return flight, False
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None and not flight.done:
+                return flight, False
+            flight = Flight(key, next_version(), loop)
+            self._flights[key] = flight
+            return flight, True
+
+    def finish(self, flight: Flight, outcome: Any = None, error: BaseException | None = None) -> None:
+        """Unregister and resolve. Unregister first, so a caller arriving after it starts anew."""
+        with self._lock:
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]
+        flight.resolve(outcome, error)
+
+    def get(self, key: str) -> Flight | None:
+        return self._flights.get(key)
+
+    def supersede(self, key: str) -> None:
+        """Mark the running flight for ``key`` (if any) as overtaken by a delete."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.superseded = True
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a flight's result is written to in-process tiers (see Runtime.write)."""
+        return self._lock
+
+    def __len__(self) -> int:
+        return len(self._flights)

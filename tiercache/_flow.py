@@ -1,0 +1,249 @@
+"""The get_cached algorithm, once, as a sans-I/O generator that the sync and async drivers run.
+
+Theory of operation
+-------------------
+A cache is a chain of tiers, fastest first. The leading *in-process* tiers (L1) are read by every
+caller, inline, by the drivers (and by the decorator's fast path); nothing here runs on an L1 hit.
+When L1 has no fresh entry, exactly one caller per key per process -- the *flight leader* -- runs
+:func:`fill_flow`; every other caller (asyncio task or thread) joins its flight and shares its
+outcome (see ``_flight``). So 100 callers of a cold key cost one walk, one lease, one load.
+
+``fill_flow`` never touches I/O. It yields *operations* (:class:`Read`, :class:`Write`,
+:class:`Load`, lease operations) and is sent their results; the driver does the I/O, the timing,
+the error handling and the circuit breaking. A tier error therefore arrives here as a plain miss,
+and a write that fails is a skip the driver has already counted.
+
+Invariants this module keeps (tests/property checks them):
+
+1. Nothing past ``stale_until`` is ever returned: every candidate is checked against the clock.
+2. A stale entry is returned only when the policy asks for it (SWR, or fail-safe after a failed or
+   too-slow load); otherwise it is only remembered as a fail-safe candidate.
+3. Back-fill copies the entry *unchanged* into the tiers above the one it was found in, so its
+   absolute times come along and its life is never extended (tiers clamp, never extend).
+4. New entries are written bottom-up (shared tiers first, L1 last), so an L1 copy never exists
+   without the shared copy it came from, and readers in other processes never see L1-only data.
+5. A loaded entry carries the version taken when its flight *started*; a ``set`` or ``delete`` that
+   lands during the load has a larger version, and tiers refuse to let the older one overwrite it.
+6. A lease taken is released on every path out (value written, loader failed, driver error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._entry import Entry
+from ._policy import Policy
+from ._serde import Converter
+
+__all__ = [
+    "AcquireLease",
+    "FillPlan",
+    "Load",
+    "LoadOutcome",
+    "NO_LEASE",
+    "Outcome",
+    "Read",
+    "ReleaseLease",
+    "Source",
+    "WaitForEntry",
+    "Write",
+    "fill_flow",
+]
+
+
+class Source:
+    """Where a returned value came from (``Outcome.source``; tier names are used for tier hits)."""
+
+    LOADED = "LOADED"
+    JOINED = "JOINED"
+    STALE_SWR = "STALE_SWR"
+    STALE_FAILSAFE = "STALE_FAILSAFE"
+
+
+NO_LEASE = "<no lease>"  # AcquireLease's answer when the lease tier failed: load without one
+
+# --- operations the flow yields -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Read:
+    """Read tier ``index``; the driver sends back a typed Entry or None (miss, error, corrupt)."""
+
+    index: int
+    key: str
+    converter: Converter | None
+
+
+@dataclass(slots=True)
+class Write:
+    """Write ``entry`` into tiers ``indices`` in that order; the driver sends back None.
+
+    ``backfill`` writes copy an existing entry; the others are new values (their serialisation
+    errors propagate, back-fill errors are skipped). ``fence`` is the flight whose superseding
+    (by a ``delete`` during the load) must stop the in-process part of the write.
+    """
+
+    indices: Sequence[int]
+    key: str
+    entry: Entry
+    backfill: bool
+    fence: Any = None
+
+
+@dataclass(slots=True)
+class AcquireLease:
+    index: int
+    key: str
+    ttl: float
+
+
+@dataclass(slots=True)
+class ReleaseLease:
+    index: int
+    key: str
+    token: str
+
+
+@dataclass(slots=True)
+class WaitForEntry:
+    """Wait (bounded) for another process's load; the driver sends back a typed Entry or None."""
+
+    index: int
+    key: str
+    timeout: float
+    converter: Converter | None
+
+
+@dataclass(slots=True)
+class Load:
+    """Call the loader under the policy's timeouts; the driver sends back a LoadOutcome.
+
+    ``has_stale`` tells the driver a soft timeout may be applied (there is something to serve).
+    """
+
+    has_stale: bool
+
+
+@dataclass(slots=True)
+class LoadOutcome:
+    value: Any = None
+    error: BaseException | None = None
+    started_at: float = 0.0
+    duration: float = 0.0
+    soft_timed_out: bool = False
+
+
+Operation = Read | Write | AcquireLease | ReleaseLease | WaitForEntry | Load
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a flight produced: the value, its entry (None if not cached), and its source."""
+
+    value: Any
+    entry: Entry | None
+    source: str
+    refresh: bool = False  # the caller should start a background refresh (SWR)
+
+
+@dataclass(frozen=True, slots=True)
+class FillPlan:
+    """The shape of the chain as the flow needs it (built once per cache)."""
+
+    names: tuple[str, ...]
+    remote: tuple[int, ...]  # indices walked inside a flight (everything after the L1 prefix)
+    lease: int | None  # index of the first tier offering a lease, if any
+    write_order: tuple[int, ...]  # bottom-up: shared tiers first, L1 last
+    clock: Callable[[], float]
+
+
+# --- the flow -----------------------------------------------------------------------------------
+
+
+def fill_flow(
+    plan: FillPlan,
+    key: str,
+    policy: Policy,
+    *,
+    stale: Entry | None,
+    version: int,
+    fence: Any,
+    refresh: bool = False,
+    build: Callable[[str, Any, Policy, LoadOutcome, int], Entry | None],
+) -> Generator[Operation, Any, Outcome]:
+    """Walk the tiers below L1, then lease, load and store. See the module docstring.
+
+    ``stale`` is the best stale entry L1 held (or None). ``refresh`` marks a background refresh
+    (SWR or early refresh): it never answers with stale, and re-reads the shared tiers first.
+    ``build`` turns a load outcome into the entry to store (None: do not cache it).
+    """
+    clock = plan.clock
+    now = clock()
+    conv = policy.converter
+
+    for index in plan.remote:
+        entry = yield Read(index, key, conv)
+        if entry is None:
+            continue
+        if now < entry.fresh_until and not (refresh and stale is not None and entry.version <= stale.version):
+            if index > 0:
+                yield Write(range(index), key, entry, backfill=True)
+            return Outcome(entry.value, entry, plan.names[index])
+        if now < entry.stale_until and (stale is None or entry.version > stale.version):
+            stale = entry
+
+    if stale is not None and not refresh and policy.swr and clock() < stale.stale_until:
+        return Outcome(stale.value, stale, Source.STALE_SWR, refresh=True)
+
+    token: str | None = None
+    lease = plan.lease
+    if lease is not None:
+        token = yield AcquireLease(lease, key, policy.lease_ttl)
+        if token == NO_LEASE:
+            token = None
+        elif token is None:
+            # Another process is loading: wait for its value (the tier wakes us; never a spin).
+            entry = yield WaitForEntry(lease, key, policy.lease_wait, conv)
+            if entry is not None and clock() < entry.fresh_until:
+                if lease > 0:
+                    yield Write(range(lease), key, entry, backfill=True)
+                return Outcome(entry.value, entry, plan.names[lease])
+            if stale is not None and policy.fail_safe and clock() < stale.stale_until:
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
+            # Deadline passed with nothing usable: load ourselves, without the lease.
+        else:
+            try:
+                entry = yield Read(lease, key, conv)  # someone may have filled it just before
+            except BaseException:
+                yield ReleaseLease(lease, key, token)
+                raise
+            if (
+                entry is not None
+                and clock() < entry.fresh_until
+                and not (refresh and stale is not None and entry.version <= stale.version)
+            ):
+                yield ReleaseLease(lease, key, token)
+                if lease > 0:
+                    yield Write(range(lease), key, entry, backfill=True)
+                return Outcome(entry.value, entry, plan.names[lease])
+
+    try:
+        loaded: LoadOutcome = yield Load(has_stale=stale is not None)
+        if loaded.error is not None or loaded.soft_timed_out:
+            if stale is not None and policy.fail_safe and clock() < stale.stale_until:
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
+            assert loaded.error is not None
+            raise loaded.error
+        new = build(key, loaded.value, policy, loaded, version)
+        if new is not None:
+            yield Write(plan.write_order, key, new, backfill=False, fence=fence)
+        return Outcome(loaded.value, new, Source.LOADED)
+    except GeneratorExit:
+        token = None  # abandoned mid-flight (driver gone): the lease expires by its own TTL
+        raise
+    finally:
+        if token is not None and lease is not None:
+            # Runs on return, on error and on a thrown driver error; not on generator close.
+            yield ReleaseLease(lease, key, token)

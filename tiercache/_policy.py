@@ -1,0 +1,68 @@
+"""Per-call options resolved once: lifetimes, tags, value type, freshness and failure behaviour."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._serde import Converter
+
+__all__ = ["Policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one ``get_cached`` treats its key. Built by the cache from its defaults and overrides.
+
+    ``ttl`` seconds fresh, then ``stale_ttl`` seconds stale (kept for SWR and fail-safe).
+    ``swr``: serve a stale entry at once and refresh in the background.
+    ``fail_safe``: serve a stale entry when the loader fails or passes ``soft_timeout``, and do not
+    retry the loader for ``fail_safe_throttle`` seconds.
+    ``hard_timeout``: give up on the loader (cancel it when async) and raise LoaderTimeoutError.
+    ``early_refresh_beta``: XFetch's beta (0 disables); ``early_refresh_ratio``: refresh once this
+    fraction of the fresh period has passed (0 disables). ``jitter``: +-fraction applied to ``ttl``.
+    """
+
+    ttl: float
+    stale_ttl: float = 0.0
+    tags: tuple[str, ...] = ()
+    converter: Converter | None = None
+    swr: bool = False
+    fail_safe: bool = True
+    fail_safe_throttle: float = 5.0
+    soft_timeout: float | None = None
+    hard_timeout: float | None = None
+    early_refresh_beta: float = 0.0
+    early_refresh_ratio: float = 0.0
+    jitter: float = 0.0
+    lease_ttl: float = 10.0
+    lease_wait: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.ttl > 0:
+            raise ConfigurationError(f"ttl must be a positive number of seconds, not {self.ttl!r}")
+        if self.stale_ttl < 0:
+            raise ConfigurationError("stale_ttl must be >= 0")
+        if not 0 <= self.jitter < 1:
+            raise ConfigurationError("jitter must be in [0, 1)")
+        for name in ("soft_timeout", "hard_timeout"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigurationError(f"{name} must be positive")
+        if isinstance(self.tags, str):
+            raise ConfigurationError("tags must be a tuple of strings, not one string")
+
+    def with_overrides(self, **overrides: Any) -> Policy:
+        """A policy with the non-None ``overrides`` applied (None means: keep the default)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "tags" in changes:
+            changes["tags"] = tuple(changes["tags"])
+        return replace(self, **changes) if changes else self
+
+    def fresh_ttl(self) -> float:
+        """The fresh period for one new entry, with jitter applied."""
+        if self.jitter:
+            return self.ttl * (1.0 + random.uniform(-self.jitter, self.jitter))
+        return self.ttl

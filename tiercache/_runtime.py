@@ -1,0 +1,366 @@
+"""The state one cache shares between its drivers: tiers, breakers, events, flights, and tier I/O.
+
+Every call into a tier goes through here, so this is where tier failures stop: a failed read is a
+miss, a failed write a counted skip, and ``breaker_threshold`` failures in a row open that tier's
+breaker for ``breaker_cooldown`` seconds (calls skip it; the first call after the cool-down probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._entry import Entry
+from ._errors import SerializationError, ValueTooLargeError
+from ._events import Event, EventHook, EventKind, emit_safely
+from ._flight import Flight, FlightRegistry
+from ._flow import FillPlan, LoadOutcome, Write
+from ._policy import Policy
+from ._serde import Codec, Converter, convert_entry
+from ._tier import LeaseTier, Tier
+
+__all__ = ["Breaker", "Runtime"]
+
+logger = logging.getLogger("tiercache")
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker for one tier (thread-safe enough: plain stores)."""
+
+    __slots__ = ("_emit", "cooldown", "failures", "name", "open_until", "threshold")
+
+    def __init__(self, name: str, threshold: int, cooldown: float, emit: Callable[[Event], None]) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+        self._emit = emit
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def succeeded(self) -> None:
+        if self.failures:
+            was_open = self.failures >= self.threshold
+            self.failures = 0
+            self.open_until = 0.0
+            if was_open:
+                logger.info("tiercache: tier %s answers again; breaker closed", self.name)
+                self._emit(Event(EventKind.BREAKER_CLOSED, "", self.name))
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            first = self.open_until == 0.0
+            self.open_until = now + self.cooldown
+            if first:
+                logger.warning(
+                    "tiercache: tier %s failed %d times in a row; skipping it for %.1fs",
+                    self.name,
+                    self.failures,
+                    self.cooldown,
+                )
+                self._emit(Event(EventKind.BREAKER_OPEN, "", self.name))
+
+
+class Runtime:
+    """Tiers and shared machinery of one TieredCache. Drivers call the ``*_sync``/``*_async`` I/O."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        clock: Callable[[], float],
+        codec: Codec,
+        hook: EventHook | None,
+        breaker_threshold: int,
+        breaker_cooldown: float,
+    ) -> None:
+        self.tiers = tuple(tiers)
+        self.names = tuple(t.name for t in self.tiers)
+        self.clock = clock
+        self.codec = codec
+        self.hook = hook
+        self.flights = FlightRegistry()
+        self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
+        self.tasks: set[asyncio.Task[Any]] = set()  # background work of async callers
+        l1 = 0
+        while l1 < len(self.tiers) and self.tiers[l1].in_process:
+            l1 += 1
+        self.l1 = tuple(range(l1))  # the in-process prefix, read by every caller
+        self.remote = tuple(range(l1, len(self.tiers)))
+        lease = next(
+            (i for i in self.remote if getattr(self.tiers[i], "offers_lease", False)),
+            None,
+        )
+        self.plan = FillPlan(
+            names=self.names,
+            remote=self.remote,
+            lease=lease,
+            write_order=tuple(reversed(range(len(self.tiers)))),
+            clock=clock,
+        )
+        self.breakers: tuple[Breaker | None, ...] = tuple(
+            None if t.in_process else Breaker(t.name, breaker_threshold, breaker_cooldown, self._emit_event)
+            for t in self.tiers
+        )
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task referenced until done, and collect its exception."""
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("tiercache: background task failed: %r", task.exception())
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _emit_event(self, event: Event) -> None:
+        if self.hook is not None:
+            emit_safely(self.hook, event)
+
+    def emit(
+        self,
+        kind: str,
+        key: str,
+        tier: str | None = None,
+        duration: float | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if self.hook is not None:
+            emit_safely(self.hook, Event(kind, key, tier, duration, error))
+
+    def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
+        name = self.names[index]
+        logger.debug("tiercache: %s on tier %s failed: %r", what, name, exc)
+        breaker = self.breakers[index]
+        if breaker is not None:
+            breaker.failed(self.clock())
+        self.emit(EventKind.TIER_ERROR, key, name, error=exc)
+
+    def _tier_ok(self, index: int) -> None:
+        breaker = self.breakers[index]
+        if breaker is not None and breaker.failures:
+            breaker.succeeded()
+
+    def tier_usable(self, index: int, key: str) -> bool:
+        breaker = self.breakers[index]
+        if breaker is None or breaker.allows(self.clock()):
+            return True
+        self.emit(EventKind.TIER_SKIPPED, key, self.names[index])
+        return False
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def typed(self, index: int, key: str, entry: Entry | None, conv: Converter | None) -> Entry | None:
+        """Check a tier's answer: alive, really this key, converted to the caller's type."""
+        if entry is None:
+            self.emit(EventKind.MISS, key, self.names[index])
+            return None
+        if entry.key != key or not entry.stale_until > self.clock():
+            if entry.key != key:
+                self.emit(EventKind.CORRUPT, key, self.names[index])
+            return None
+        if not entry.typed:
+            try:
+                entry = convert_entry(entry, conv)
+            except SerializationError as exc:
+                self.emit(EventKind.CORRUPT, key, self.names[index], error=exc)
+                return None
+        if self.hook is not None:
+            fresh = self.clock() < entry.fresh_until
+            self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, self.names[index])
+        return entry
+
+    def read_sync(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+        if not self.tier_usable(index, key):
+            return None
+        try:
+            entry = self.tiers[index].get(key)
+        except Exception as exc:
+            self.tier_failed(index, key, exc, "get")
+            return None
+        self._tier_ok(index)
+        return self.typed(index, key, entry, conv)
+
+    async def read_async(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+        if not self.tier_usable(index, key):
+            return None
+        try:
+            entry = await self.tiers[index].aget(key)
+        except Exception as exc:
+            self.tier_failed(index, key, exc, "get")
+            return None
+        self._tier_ok(index)
+        return self.typed(index, key, entry, conv)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def prepare(self, entry: Entry, indices: Sequence[int]) -> None:
+        """Encode once for the remote tiers among ``indices`` (SerializationError if impossible)."""
+        if entry.payload is None and any(not self.tiers[i].in_process for i in indices):
+            entry.payload = self.codec.dumps(entry)
+
+    def fits(self, index: int, entry: Entry) -> bool:
+        limit = getattr(self.tiers[index], "max_value_bytes", None)
+        return limit is None or entry.payload is None or len(entry.payload) <= limit
+
+    def _too_large(self, index: int, key: str, entry: Entry) -> None:
+        size = len(entry.payload or b"")
+        self.emit(
+            EventKind.TIER_ERROR,
+            key,
+            self.names[index],
+            error=ValueTooLargeError(f"{self.names[index]}: {size} bytes is over this tier's limit"),
+        )
+
+    def write_sync(self, op: Write) -> int:
+        """Perform a Write; returns how many tiers took the entry (-1: every tier refused it as
+        too large)."""
+        entry, key = op.entry, op.key
+        try:
+            self.prepare(entry, op.indices)
+        except SerializationError:
+            if op.backfill:
+                return 0
+            raise
+        written = too_large = 0
+        fence: Flight | None = op.fence
+        for i in op.indices:
+            tier = self.tiers[i]
+            if tier.in_process and fence is not None:
+                with self.flights.lock:  # atomic with delete()'s supersede mark
+                    if fence.superseded:
+                        continue
+                    took = self._set_sync(i, key, entry, op.backfill)
+            else:
+                took = self._set_sync(i, key, entry, op.backfill)
+            if took < 0:
+                too_large += 1
+            else:
+                written += took
+        return -1 if too_large and too_large == len(op.indices) else written
+
+    def _set_sync(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
+        """1 written, 0 skipped (breaker, error), -1 refused as too large."""
+        if not self.fits(i, entry):
+            self._too_large(i, key, entry)
+            return -1
+        if not self.tier_usable(i, key):
+            return 0
+        try:
+            self.tiers[i].set(key, entry)
+        except ValueTooLargeError as exc:
+            self.emit(EventKind.TIER_ERROR, key, self.names[i], error=exc)
+            return -1
+        except Exception as exc:
+            self.tier_failed(i, key, exc, "set")
+            return 0
+        self._tier_ok(i)
+        if backfill:
+            self.emit(EventKind.BACKFILL, key, self.names[i])
+        return 1
+
+    async def write_async(self, op: Write) -> int:
+        entry, key = op.entry, op.key
+        try:
+            self.prepare(entry, op.indices)
+        except SerializationError:
+            if op.backfill:
+                return 0
+            raise
+        written = too_large = 0
+        fence: Flight | None = op.fence
+        for i in op.indices:
+            tier = self.tiers[i]
+            if tier.in_process:
+                if fence is not None:
+                    with self.flights.lock:
+                        if fence.superseded:
+                            continue
+                        took = self._set_sync(i, key, entry, op.backfill)
+                else:
+                    took = self._set_sync(i, key, entry, op.backfill)
+                if took < 0:
+                    too_large += 1
+                else:
+                    written += took
+                continue
+            if not self.fits(i, entry):
+                self._too_large(i, key, entry)
+                too_large += 1
+                continue
+            if not self.tier_usable(i, key):
+                continue
+            try:
+                await tier.aset(key, entry)
+            except ValueTooLargeError as exc:
+                self.emit(EventKind.TIER_ERROR, key, self.names[i], error=exc)
+                too_large += 1
+                continue
+            except Exception as exc:
+                self.tier_failed(i, key, exc, "set")
+                continue
+            self._tier_ok(i)
+            written += 1
+            if op.backfill:
+                self.emit(EventKind.BACKFILL, key, self.names[i])
+        return -1 if too_large and too_large == len(op.indices) else written
+
+    def delete_sync(self, key: str, version: int) -> None:
+        for i in self.plan.write_order:  # shared tiers first, so L1 cannot be re-filled from them
+            if self.tiers[i].in_process or self.tier_usable(i, key):
+                try:
+                    self.tiers[i].delete(key, version)
+                except Exception as exc:
+                    self.tier_failed(i, key, exc, "delete")
+                else:
+                    self._tier_ok(i)
+
+    async def delete_async(self, key: str, version: int) -> None:
+        for i in self.plan.write_order:
+            tier = self.tiers[i]
+            if tier.in_process:
+                tier.delete(key, version)
+                continue
+            if self.tier_usable(i, key):
+                try:
+                    await tier.adelete(key, version)
+                except Exception as exc:
+                    self.tier_failed(i, key, exc, "delete")
+                else:
+                    self._tier_ok(i)
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def lease_tier(self, index: int) -> LeaseTier:
+        tier: Any = self.tiers[index]
+        return tier  # type: ignore[no-any-return]
+
+    # --- entries --------------------------------------------------------------------------
+
+    def build_entry(
+        self, key: str, value: Any, policy: Policy, loaded: LoadOutcome, version: int
+    ) -> Entry | None:
+        now = self.clock()
+        fresh_until = now + policy.fresh_ttl()
+        return Entry(
+            key,
+            value,
+            created_at=loaded.started_at or now,
+            fresh_until=fresh_until,
+            stale_until=fresh_until + policy.stale_ttl,
+            tags=policy.tags,
+            version=version,
+            delta=loaded.duration,
+        )

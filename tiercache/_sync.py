@@ -1,0 +1,356 @@
+"""The sync driver: runs the flow with blocking tier calls, threads joining threads (and tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+from ._entry import Entry, next_version
+from ._errors import ConfigurationError, LoaderTimeoutError, ValueTooLargeError
+from ._events import EventKind
+from ._flight import Flight, FlightAborted
+from ._flow import (
+    NO_LEASE,
+    AcquireLease,
+    Load,
+    LoadOutcome,
+    Operation,
+    Outcome,
+    Read,
+    ReleaseLease,
+    Source,
+    WaitForEntry,
+    Write,
+    fill_flow,
+)
+from ._policy import Policy
+from ._runtime import Runtime
+from ._serde import Converter
+
+__all__ = ["delete", "get", "get_cached", "run_flow", "set_value"]
+
+logger = logging.getLogger("tiercache")
+
+
+def run_flow(
+    rt: Runtime,
+    gen: Generator[Operation, Any, Outcome],
+    loader: Callable[[], Any],
+    policy: Policy,
+    fence: Flight | None,
+) -> Outcome:
+    """Drive ``gen`` to its outcome, doing each operation with blocking calls."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = gen.send(send) if error is None else gen.throw(error)
+        except StopIteration as stop:
+            outcome: Outcome = stop.value
+            return outcome
+        error = None
+        try:
+            send = _execute(rt, op, loader, policy, fence)
+        except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
+            error, send = exc, None
+
+
+def _execute(
+    rt: Runtime, op: Operation, loader: Callable[[], Any], policy: Policy, fence: Flight | None
+) -> Any:
+    kind = type(op)
+    if kind is Read:
+        assert isinstance(op, Read)
+        return rt.read_sync(op.index, op.key, op.converter)
+    if kind is Write:
+        assert isinstance(op, Write)
+        return rt.write_sync(op)
+    if kind is Load:
+        assert isinstance(op, Load)
+        return _load(rt, loader, policy, op.has_stale, fence)
+    if kind is AcquireLease:
+        assert isinstance(op, AcquireLease)
+        if not rt.tier_usable(op.index, op.key):
+            return NO_LEASE
+        try:
+            return rt.lease_tier(op.index).acquire_lease(op.key, op.ttl)
+        except Exception as exc:
+            rt.tier_failed(op.index, op.key, exc, "acquire_lease")
+            return NO_LEASE
+    if kind is ReleaseLease:
+        assert isinstance(op, ReleaseLease)
+        try:
+            rt.lease_tier(op.index).release_lease(op.key, op.token)
+        except Exception as exc:
+            rt.tier_failed(op.index, op.key, exc, "release_lease")
+        return None
+    if kind is WaitForEntry:
+        assert isinstance(op, WaitForEntry)
+        started = time.perf_counter()
+        try:
+            raw = rt.lease_tier(op.index).wait_for_entry(op.key, op.timeout)
+        except Exception as exc:
+            rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+            return None
+        rt.emit("lease_wait", op.key, rt.names[op.index], time.perf_counter() - started)
+        return rt.typed(op.index, op.key, raw, op.converter)
+    raise AssertionError(f"unknown operation {op!r}")
+
+
+def _call_loader(loader: Callable[[], Any]) -> Any:
+    value = loader()
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()  # never awaited: close it so Python does not warn
+        raise ConfigurationError(
+            "the loader returned an awaitable; use the async API (await cache.get_cached) or a "
+            "sync loader with cache.sync"
+        )
+    return value
+
+
+class _Box:
+    """The result of a loader running in a helper thread (used only when timeouts are set)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.on_done: Callable[[_Box], None] | None = None
+        self.lock = threading.Lock()
+
+    def run(self, loader: Callable[[], Any]) -> None:
+        try:
+            self.value = _call_loader(loader)
+        except BaseException as exc:  # reported through the box
+            self.error = exc
+        with self.lock:
+            self.done.set()
+            callback = self.on_done
+        if callback is not None:
+            callback(self)
+
+
+def _load(
+    rt: Runtime, loader: Callable[[], Any], policy: Policy, has_stale: bool, fence: Flight | None
+) -> LoadOutcome:
+    started = rt.clock()
+    t0 = time.perf_counter()
+    soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
+    hard = policy.hard_timeout
+    if soft is None and hard is None:
+        try:
+            value = _call_loader(loader)
+        except Exception as exc:
+            rt.emit(EventKind.LOAD_ERROR, fence.key if fence else "", error=exc)
+            return LoadOutcome(error=exc, started_at=started, duration=time.perf_counter() - t0)
+        duration = time.perf_counter() - t0
+        if rt.hook is not None:
+            rt.emit(EventKind.LOAD, fence.key if fence else "", duration=duration)
+        return LoadOutcome(value, started_at=started, duration=duration)
+
+    # A sync function cannot be cancelled: run it in a daemon thread and stop *waiting* for it.
+    box = _Box()
+    threading.Thread(target=box.run, args=(loader,), name="tiercache-loader", daemon=True).start()
+    first = soft if soft is not None and (hard is None or soft < hard) else hard
+    if not box.done.wait(first):
+        if first == soft and soft is not None:
+            _finish_late(rt, box, policy, started, t0, fence)
+            return LoadOutcome(soft_timed_out=True, started_at=started)
+        exc = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
+        return LoadOutcome(error=exc, started_at=started)
+    if box.error is not None:
+        if not isinstance(box.error, Exception):
+            raise box.error
+        return LoadOutcome(error=box.error, started_at=started)
+    return LoadOutcome(box.value, started_at=started, duration=time.perf_counter() - t0)
+
+
+def _finish_late(
+    rt: Runtime, box: _Box, policy: Policy, started: float, t0: float, fence: Flight | None
+) -> None:
+    """After a soft timeout: store the loader's result when it arrives (fenced by version)."""
+    deadline = None if policy.hard_timeout is None else t0 + policy.hard_timeout
+
+    def store(b: _Box) -> None:
+        if b.error is not None or fence is None:
+            return
+        if deadline is not None and time.perf_counter() > deadline:
+            return
+        loaded = LoadOutcome(b.value, started_at=started, duration=time.perf_counter() - t0)
+        entry = rt.build_entry(fence.key, b.value, policy, loaded, fence.version)
+        if entry is not None:
+            try:
+                rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
+            except Exception:
+                logger.exception("tiercache: storing a late loader result for %r failed", fence.key)
+
+    with box.lock:
+        if not box.done.is_set():
+            box.on_done = store
+            return
+    store(box)
+
+
+# --- the public operations ----------------------------------------------------------------
+
+
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Any:
+    """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
+    now = rt.clock()
+    stale: Entry | None = None
+    tiers = rt.tiers
+    for i in rt.l1:
+        entry = tiers[i].get(key)
+        if entry is not None:
+            if now < entry.fresh_until:
+                if i:
+                    rt.write_sync(Write(range(i), key, entry, backfill=True))
+                return entry.value
+            if stale is None and now < entry.stale_until:
+                stale = entry
+    if stale is not None and policy.swr:
+        rt.emit(EventKind.STALE_SERVED, key, Source.STALE_SWR)
+        start_refresh(rt, key, loader, policy, stale)
+        return stale.value
+    while True:
+        flight, leader = rt.flights.join_or_lead(key, None)
+        if leader:
+            return lead(rt, flight, key, loader, policy, stale).value
+        if flight.loop is not None and flight.loop is _current_loop():
+            # Joining would block the very loop the leader runs on: fill on our own instead.
+            solo = Flight(key, next_version(), None)
+            return _run_leader_flow(rt, solo, key, loader, policy, stale).value
+        rt.emit(EventKind.JOIN, key)
+        flight.wait_sync()
+        if isinstance(flight.error, FlightAborted):
+            continue
+        outcome: Outcome = flight.result()
+        return outcome.value
+
+
+def _run_leader_flow(
+    rt: Runtime,
+    flight: Flight,
+    key: str,
+    loader: Callable[[], Any],
+    policy: Policy,
+    stale: Entry | None,
+    refresh: bool = False,
+) -> Outcome:
+    gen = fill_flow(
+        rt.plan,
+        key,
+        policy,
+        stale=stale,
+        version=flight.version,
+        fence=flight,
+        refresh=refresh,
+        build=rt.build_entry,
+    )
+    outcome = run_flow(rt, gen, loader, policy, flight)
+    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
+        rt.emit(EventKind.STALE_SERVED, key, outcome.source)
+    return outcome
+
+
+def lead(
+    rt: Runtime,
+    flight: Flight,
+    key: str,
+    loader: Callable[[], Any],
+    policy: Policy,
+    stale: Entry | None,
+    refresh: bool = False,
+) -> Outcome:
+    """Run the flow as this flight's leader, then resolve the flight for everyone who joined."""
+    try:
+        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh)
+    except BaseException as exc:
+        rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
+        raise
+    rt.flights.finish(flight, outcome)
+    if outcome.refresh:
+        start_refresh(rt, key, loader, policy, outcome.entry)
+    return outcome
+
+
+def start_refresh(
+    rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy, current: Entry | None
+) -> None:
+    """Refresh ``key`` in a background thread, unless a flight for it is already running."""
+    flight, leader = rt.flights.join_or_lead(key, None)
+    if not leader:
+        return
+
+    def refresh() -> None:
+        try:
+            lead(rt, flight, key, loader, policy, current, refresh=True)
+        except Exception as exc:
+            logger.debug("tiercache: background refresh of %r failed: %r", key, exc)
+        finally:
+            rt.threads.discard(threading.current_thread())
+
+    thread = threading.Thread(target=refresh, name="tiercache-refresh", daemon=True)
+    rt.threads.add(thread)
+    thread.start()
+
+
+def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
+    """Read through every tier without loading; back-fills what it finds."""
+    now = rt.clock()
+    stale: Entry | None = None
+    for i, tier in enumerate(rt.tiers):
+        entry = tier.get(key) if tier.in_process else rt.read_sync(i, key, conv)
+        if entry is None:
+            continue
+        if now < entry.fresh_until:
+            if i:
+                rt.write_sync(Write(range(i), key, entry, backfill=True))
+            return entry.value
+        if now < entry.stale_until and (stale is None or entry.version > stale.version):
+            stale = entry
+    if allow_stale and stale is not None:
+        return stale.value
+    return default
+
+
+def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
+    now = rt.clock()
+    fresh_until = now + policy.fresh_ttl()
+    entry = Entry(
+        key,
+        value,
+        created_at=now,
+        fresh_until=fresh_until,
+        stale_until=fresh_until + policy.stale_ttl,
+        tags=policy.tags,
+        version=next_version(),
+    )
+    rt.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
+    return entry
+
+
+def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
+    entry = new_entry(rt, key, value, policy)
+    if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
+        raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
+
+
+def delete(rt: Runtime, key: str) -> None:
+    version = next_version()
+    rt.flights.supersede(key)
+    rt.delete_sync(key, version)
