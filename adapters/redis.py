@@ -1,0 +1,952 @@
+"""RedisTier: the shared L2 on Redis (standalone, Cluster, Sentinel), version-fenced, with a stampede lease.
+
+Stored format
+=============
+
+For a full cache key ``K`` (already namespaced by the core, e.g. ``app:user:42``) the tier uses:
+
+* the *name* ``N``: ``K`` itself; or, when ``K`` is longer than ``max_key_bytes`` UTF-8 bytes,
+  ``tiercache._keys.hashed_key(K, max_key_bytes)``; or, when that contains ``}`` (which would cut a
+  Cluster hash tag short), ``#b:<sha256(K)>``. The entry carries ``K``, so a record whose key is not
+  the requested one (a collision, or a foreign writer) is a miss, never a wrong answer;
+* the value key ``<prefix>:{N}`` and the lease key ``<prefix>:{N}:lease``. Both hash on the tag
+  ``N``, so they live in one Cluster slot and a Lua script may touch both;
+* the wake channel ``<prefix>:wake`` (one per prefix; the message is the value key).
+
+A value key holds a *record*: a 24-byte ASCII header followed by a body::
+
+    b"tc1"          format marker (3 bytes)
+    b"v" | b"d"     kind: a value, or a tombstone left by a versioned delete (1 byte)
+    b"%020d"        the entry's version, zero-padded to 20 digits (20 bytes)
+    body            kind "v": the codec's envelope (default: the JSON envelope of
+                    ``tiercache._serde``); kind "d": empty
+
+The header lets a Lua script compare versions with one ``GETRANGE key 0 23`` instead of decoding
+the envelope (and equal-width digit strings compare exactly, which Lua's double-precision numbers
+cannot do for 19-digit versions: see ``_LUA_NEWER``). The physical TTL (``PX``) of a value is
+``stale_until - now`` of the entry (after clamping to ``max_ttl``), in milliseconds; dead entries
+are not written at all. A tombstone lives ``tombstone_ttl`` seconds.
+
+Writes and reads
+================
+
+* ``set`` runs a Lua *set-if-newer*: the stored record is replaced only if it is absent, foreign, or
+  of a lower version (a tombstone also refuses an equal version), so a late loader result never
+  overwrites a newer ``set`` or a ``delete``.
+* ``delete(key, version)`` writes a tombstone of ``version`` unless a newer record is there.
+* ``get`` decodes the record and checks the entry's times with the bound clock; bytes that are not
+  a record, or not a valid envelope, are a miss reported as an ``EventKind.CORRUPT`` event.
+* ``get_many``: one ``MGET`` (Cluster: ``mget_nonatomic``, one MGET per slot, pipelined per node);
+  ``set_many``: one pipeline of set-if-newer scripts (Cluster: grouped per node by redis-py).
+
+The lease
+=========
+
+``acquire_lease`` is ``SET <lease key> <token> NX PX``; ``release_lease`` and ``extend_lease`` are
+Lua compare-and-delete / compare-and-pexpire on the token. A crashed holder's lease just expires.
+``set`` publishes the value key on the wake channel when a lease is held for the key, and
+``release_lease`` publishes when it deletes the lease. ``wait_for_entry`` registers with one
+subscriber connection per tier (a thread for the sync face, a task per event loop for the async
+face) that multiplexes all waiting keys on that single channel, so a wait costs no SUBSCRIBE of its
+own. Each waiter reads value and lease TTL in one script call, then sleeps until a wake message,
+the lease's expiry (a crashed leader), or its deadline; while the subscriber is not connected it
+polls with jittered backoff (10 ms doubling to 100 ms) instead. It never busy-polls.
+
+Failure policy
+==============
+
+Every redis-py error propagates (the core turns it into a miss or a skipped write and runs the
+circuit breaker). Connections use short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no
+blind retries), bounded blocking pools, RESP2 by default (redis-py 8 would speak RESP3), and no
+``CLIENT SETINFO`` round trips on connect. Secrets in the URL never appear in ``repr``.
+
+Event loops: the async face keeps one client per running loop (weakly keyed by the loop). A loop
+that ``asyncio.run`` shuts down cancels the tier's keeper task, which closes that loop's client, so a
+handler calling ``asyncio.run`` on every invocation (AWS Lambda) works on every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import math
+import os
+import random
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tiercache._entry import Entry
+from tiercache._errors import ConfigurationError
+from tiercache._events import Event, EventKind, emit_safely
+from tiercache._keys import hashed_key
+from tiercache._serde import Codec, JsonCodec
+from tiercache._tier import TierBinding
+
+__all__ = ["RedisTier"]
+
+_MAGIC = b"tc1"
+_VALUE = b"v"
+_TOMBSTONE = b"d"
+_HEADER_LEN = 24
+_MAX_VERSION = 10**20 - 1
+
+# Lua: is the 24-byte header ``h`` ours, and is version string ``a`` newer than ``b``? Versions are
+# 20-digit strings; they are compared as two 10-digit halves, each exact in a double (a whole
+# 19-digit nanosecond version is not), and independent of the server's collation locale.
+_LUA_NEWER = """
+local function ours(h)
+  return string.len(h) == 24 and string.sub(h, 1, 3) == 'tc1' and not string.find(h, '%D', 5)
+end
+local function newer(a, b)
+  local ah, bh = tonumber(string.sub(a, 1, 10)), tonumber(string.sub(b, 1, 10))
+  if ah ~= bh then return ah > bh end
+  return tonumber(string.sub(a, 11, 20)) > tonumber(string.sub(b, 11, 20))
+end
+"""
+
+# KEYS: value, lease. ARGV: record, ttl ms, wake channel, value key. 1 = written, 0 = refused.
+_LUA_SET = (
+    _LUA_NEWER
+    + """
+local h = redis.call('GETRANGE', KEYS[1], 0, 23)
+if ours(h) then
+  local old, new = string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)
+  if newer(old, new) then return 0 end
+  if string.sub(h, 4, 4) == 'd' and old == new then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
+)
+
+# KEYS: value. ARGV: tombstone record, tombstone ttl ms (0: plain delete). 1 = deleted, 0 = kept.
+_LUA_DELETE = (
+    _LUA_NEWER
+    + """
+local h = redis.call('GETRANGE', KEYS[1], 0, 23)
+if ours(h) and newer(string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)) then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+)
+
+# KEYS: lease. ARGV: token, wake channel, value key.
+_LUA_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token, ttl ms.
+_LUA_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: value, lease. Returns {record or nil, lease PTTL in ms (-2: no lease)}.
+_LUA_PEEK = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[2])}
+"""
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by SHA-1
+
+
+_SCRIPTS = {
+    name: (body, _sha(body))
+    for name, body in (
+        ("set", _LUA_SET),
+        ("delete", _LUA_DELETE),
+        ("release", _LUA_RELEASE),
+        ("extend", _LUA_EXTEND),
+        ("peek", _LUA_PEEK),
+    )
+}
+
+_INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache[redis]'"
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.asyncio
+    except ImportError:
+        raise ImportError(_INSTALL_HINT) from None
+    return redis
+
+
+def _redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _version_bytes(version: int) -> bytes:
+    if type(version) is not int or not 0 <= version <= _MAX_VERSION:
+        raise ValueError(f"RedisTier stores versions from 0 to 10**20-1, not {version!r}")
+    return b"%020d" % version
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class _Hub:
+    """Who waits for which value key: wake callbacks, fed by the subscriber(s). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[Callable[[], None]]] = {}
+
+    def add(self, vkey: str, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiters.setdefault(vkey, set()).add(wake)
+
+    def remove(self, vkey: str, wake: Callable[[], None]) -> None:
+        with self._lock:
+            group = self._waiters.get(vkey)
+            if group is not None:
+                group.discard(wake)
+                if not group:
+                    del self._waiters[vkey]
+
+    def notify(self, vkey: str) -> None:
+        with self._lock:
+            wakes = list(self._waiters.get(vkey, ()))
+        for wake in wakes:
+            wake()
+
+    def notify_all(self) -> None:
+        """A subscriber (re)connected or dropped: messages may be lost, so everyone re-reads."""
+        with self._lock:
+            wakes = [w for group in self._waiters.values() for w in group]
+        for wake in wakes:
+            wake()
+
+
+class _SyncSubscriber:
+    """The sync face's subscriber: one daemon thread and one pub/sub connection per tier."""
+
+    def __init__(self, tier: RedisTier) -> None:
+        self._tier = tier
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self.pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="tiercache-redis-wake", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        tier = self._tier
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = tier._sync_client().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(tier._channel)
+                self.ready.set()
+                tier._hub.notify_all()
+                backoff = 0.05
+                while not self._stop.is_set():
+                    # A short read timeout only so that close() is noticed; it sends no command.
+                    msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                    if msg is not None and msg.get("type") == "message":
+                        tier._hub.notify(_text(msg["data"]))
+            except Exception:  # any failure: drop, tell waiters, reconnect later
+                self.ready.clear()
+                tier._hub.notify_all()
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+        self.ready.clear()
+
+    def stop(self, wait: bool) -> None:
+        self._stop.set()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+
+class _LoopState:
+    """What the tier keeps per event loop: its client, its subscriber task, the keeper task."""
+
+    __slots__ = ("__weakref__", "client", "closed", "keeper", "loop_ref", "ready", "subscriber")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
+        self.loop_ref = weakref.ref(loop)
+        self.client = client
+        self.keeper: asyncio.Task[None] | None = None
+        self.subscriber: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self.closed = False
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+
+
+class RedisTier:
+    """A shared tier on Redis. See the module docstring for the stored format and the guarantees.
+
+    Give exactly one of: ``url`` (``redis://``, ``rediss://``, ``unix://``; ``redis+cluster://`` or
+    ``cluster=True`` for Cluster), ``client``/``async_client`` (your own redis-py clients; the tier
+    does not close them), or ``sentinels`` with ``service_name``.
+    """
+
+    in_process = False
+    shared = True
+    offers_lease = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        async_client: Any = None,
+        cluster: bool = False,
+        sentinels: Sequence[tuple[str, int]] | None = None,
+        service_name: str | None = None,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        protocol: int = 2,
+        socket_timeout: float = 0.05,
+        connect_timeout: float = 0.1,
+        max_connections: int = 32,
+        pool_timeout: float | None = None,
+        prefix: str = "tc",
+        max_ttl: float | None = None,
+        max_key_bytes: int = 256,
+        tombstone_ttl: float = 10.0,
+        name: str = "redis",
+        client_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        given = [url is not None, client is not None or async_client is not None, sentinels is not None]
+        if sum(given) != 1:
+            raise ConfigurationError("RedisTier needs exactly one of url=, client=/async_client=, sentinels=")
+        if "{" in prefix or "}" in prefix or not prefix:
+            raise ConfigurationError("RedisTier.prefix must be non-empty and free of '{' and '}'")
+        if socket_timeout <= 0 or connect_timeout <= 0:
+            raise ConfigurationError("RedisTier timeouts must be positive")
+        if max_connections < 2:
+            raise ConfigurationError("RedisTier.max_connections must be at least 2")
+        if max_ttl is not None and max_ttl <= 0:
+            raise ConfigurationError("RedisTier.max_ttl must be positive")
+        if max_key_bytes < 80:
+            raise ConfigurationError("RedisTier.max_key_bytes must be at least 80")
+        if tombstone_ttl < 0:
+            raise ConfigurationError("RedisTier.tombstone_ttl must not be negative")
+        if sentinels is not None and not service_name:
+            raise ConfigurationError("RedisTier(sentinels=...) needs service_name=")
+        self._redis = _import_redis()
+        self.name = name
+        self.max_ttl = max_ttl
+        self.prefix = prefix
+        self.max_key_bytes = max_key_bytes
+        self.tombstone_ttl = tombstone_ttl
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self._protocol = protocol
+        self._max_connections = max_connections
+        self._pool_timeout = pool_timeout if pool_timeout is not None else connect_timeout
+        self._extra = dict(client_kwargs or {})
+        self._sentinels = [(str(h), int(p)) for h, p in sentinels] if sentinels is not None else None
+        self._service_name = service_name
+        self._sentinel_kwargs = sentinel_kwargs
+        self._url: str | None = None
+        self._cluster = cluster
+        if url is not None:
+            scheme = urlsplit(url).scheme.lower()
+            if scheme in ("redis+cluster", "rediss+cluster"):
+                self._cluster = True
+                url = scheme.split("+", 1)[0] + url[len(scheme) :]
+            elif scheme not in ("redis", "rediss", "unix"):
+                raise ConfigurationError(f"RedisTier: unsupported URL scheme {scheme!r}")
+            self._url = url
+        self._user_sync = client if client is not None and not self._is_async(client) else None
+        self._user_async = (
+            async_client
+            if async_client is not None
+            else (client if client is not None and self._is_async(client) else None)
+        )
+        if client is not None and async_client is not None and self._is_async(client):
+            raise ConfigurationError("RedisTier: client= is an asyncio client; pass a sync client there")
+        if self._user_async is not None and not self._is_async(self._user_async):
+            raise ConfigurationError("RedisTier: async_client= must be a redis.asyncio client")
+        for c in (self._user_sync, self._user_async):
+            if c is not None and self._is_cluster(c):
+                self._cluster = True
+            if c is not None and self._decodes(c):
+                raise ConfigurationError("RedisTier needs a client with decode_responses=False")
+        self._channel = f"{prefix}:wake"
+        self._fast_len = max_key_bytes // 4  # this many characters always fit in max_key_bytes
+        self._clock: Callable[[], float] = time.time
+        self._codec: Codec = JsonCodec()
+        self._on_event: Callable[[Event], None] = lambda event: None
+        self._lock = threading.Lock()
+        self._sync: Any = None
+        self._sync_sub: _SyncSubscriber | None = None
+        self._hub = _Hub()
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last: _LoopState | None = None
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        if self._url is not None:
+            target = f"url={_redact(self._url)!r}"
+        elif self._sentinels is not None:
+            target = f"sentinels={self._sentinels!r}, service_name={self._service_name!r}"
+        else:
+            target = "client=<given>"
+        return f"RedisTier(name={self.name!r}, {target}, cluster={self._cluster}, prefix={self.prefix!r})"
+
+    def bind(self, binding: TierBinding) -> None:
+        self._clock = binding.clock
+        self._codec = binding.codec
+        hook = binding.on_event
+        self._on_event = lambda event: emit_safely(hook, event)
+
+    @staticmethod
+    def _is_async(client: Any) -> bool:
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
+
+        return isinstance(client, (Redis, RedisCluster))
+
+    @staticmethod
+    def _is_cluster(client: Any) -> bool:
+        from redis.asyncio.cluster import RedisCluster as AsyncCluster
+        from redis.cluster import RedisCluster
+
+        return isinstance(client, (RedisCluster, AsyncCluster))
+
+    @staticmethod
+    def _decodes(client: Any) -> bool:
+        pool = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        if isinstance(kwargs, dict):
+            return bool(kwargs.get("decode_responses"))
+        encoder = getattr(client, "encoder", None)
+        return bool(getattr(encoder, "decode_responses", False))
+
+    def _conn_kwargs(self, retry_cls: Any) -> dict[str, Any]:
+        from redis.backoff import NoBackoff
+
+        kwargs: dict[str, Any] = {
+            "protocol": self._protocol,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "retry": retry_cls(NoBackoff(), 0),  # a failed call fails; the core decides what next
+        }
+        if "driver_info" in inspect.signature(self._redis.connection.AbstractConnection.__init__).parameters:
+            kwargs["driver_info"] = None  # no CLIENT SETINFO round trips on every new connection
+        kwargs.update(self._extra)
+        return kwargs
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def _sync_client(self) -> Any:
+        client = self._sync
+        if client is not None:
+            return client
+        with self._lock:
+            if self._sync is None:
+                self._sync = self._user_sync if self._user_sync is not None else self._make_sync()
+            return self._sync
+
+    def _make_sync(self) -> Any:
+        redis = self._redis
+        from redis.retry import Retry
+
+        kwargs = self._conn_kwargs(Retry)
+        if self._sentinels is not None:
+            if self._user_async is not None:
+                raise ConfigurationError("RedisTier: this tier has only an async client")
+            from redis.sentinel import Sentinel as SyncSentinel
+
+            sentinel_cls: Any = SyncSentinel  # untyped in redis-py
+            sentinel = sentinel_cls(self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **kwargs)
+            return sentinel.master_for(self._service_name, max_connections=self._max_connections, **kwargs)
+        if self._url is None:
+            raise ConfigurationError("RedisTier: the sync face needs client= (a sync redis-py client)")
+        if self._cluster:
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
+        pool = redis.BlockingConnectionPool.from_url(
+            self._url, max_connections=self._max_connections, timeout=self._pool_timeout, **kwargs
+        )
+        return redis.Redis.from_pool(pool)
+
+    def _make_async(self) -> Any:
+        redis = self._redis
+        from redis.asyncio.retry import Retry
+
+        kwargs = self._conn_kwargs(Retry)
+        if self._sentinels is not None:
+            from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+            sentinel_cls: Any = AsyncSentinel  # untyped in redis-py
+            sentinel = sentinel_cls(self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **kwargs)
+            return sentinel.master_for(self._service_name, max_connections=self._max_connections, **kwargs)
+        if self._url is None:
+            raise ConfigurationError("RedisTier: the async face needs async_client= (a redis.asyncio client)")
+        if self._cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self._url, max_connections=self._max_connections, timeout=self._pool_timeout, **kwargs
+        )
+        return redis.asyncio.Redis.from_pool(pool)
+
+    def _state(self) -> _LoopState:
+        """This loop's state (client, subscriber), created on first use in the loop."""
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last.loop_ref() is loop and not last.closed:
+            return last
+        with self._lock:
+            state = self._states.get(loop)
+            if state is None or state.closed:
+                for old_loop in [lp for lp in self._states if lp.is_closed()]:
+                    # Its keeper could not run (the loop was closed without cancelling tasks):
+                    # forget it; the sockets are closed when the garbage collector takes them.
+                    del self._states[old_loop]
+                client = self._user_async if self._user_async is not None else self._make_async()
+                state = _LoopState(loop, client)
+                if self._user_async is None:
+                    state.keeper = loop.create_task(self._keep(state))
+                self._states[loop] = state
+            self._last = state
+            return state
+
+    def _aclient(self) -> Any:
+        if self._user_async is not None:
+            return self._user_async
+        return self._state().client
+
+    async def _keep(self, state: _LoopState) -> None:
+        """Sleeps until the loop shuts down (``asyncio.run`` cancels it), then closes the loop's client."""
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            await self._close_state(state)
+            raise
+
+    async def _close_state(self, state: _LoopState) -> None:
+        if state.closed:
+            return
+        state.closed = True
+        sub = state.subscriber
+        if sub is not None and sub is not asyncio.current_task():
+            sub.cancel()
+            with contextlib.suppress(BaseException):
+                await sub
+        if state.client is not self._user_async:
+            with contextlib.suppress(Exception):
+                await state.client.aclose()
+
+    # --- keys and records -------------------------------------------------------------------
+
+    def _vkey(self, key: str) -> str:
+        name = key
+        if len(key) > self._fast_len:
+            name = hashed_key(key, self.max_key_bytes)
+        if "}" in name:  # a '}' would end the hash tag early; value and lease keys could split
+            name = "#b:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.prefix}:{{{name}}}"
+
+    def _encode(self, entry: Entry, now: float) -> tuple[bytes, int] | None:
+        """The record to store and its TTL in ms, or None when the entry is already dead."""
+        if self.max_ttl is not None:
+            clamped = entry.clamped(now + self.max_ttl)
+            if clamped is not entry:
+                # Entry.clamped keeps the old payload, which encodes the unclamped times.
+                clamped.payload = None
+                entry = clamped
+        remaining = entry.stale_until - now
+        if not math.isfinite(remaining):
+            raise ValueError(f"RedisTier: entry for {entry.key!r} has no finite lifetime")
+        if remaining <= 0:
+            return None
+        header = _MAGIC + _VALUE + _version_bytes(entry.version)
+        payload = entry.payload
+        if payload is None:
+            payload = self._codec.dumps(entry)
+            entry.payload = payload
+        return header + payload, math.ceil(remaining * 1000)
+
+    def _decode(self, key: str, data: Any, now: float | None = None) -> Entry | None:
+        """The live entry in ``data`` (a record) for ``key``, or None. Never raises for bad bytes."""
+        if data is None:
+            return None
+        if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
+            return self._corrupt(key, "not a tiercache record")
+        kind = data[3:4]
+        if kind == _TOMBSTONE:
+            return None
+        try:
+            version = int(data[4:_HEADER_LEN])
+        except ValueError:
+            return self._corrupt(key, "bad record header")
+        if kind != _VALUE:
+            return self._corrupt(key, "unknown record kind")
+        payload = data[_HEADER_LEN:]
+        try:
+            entry = self._codec.loads(payload)
+        except Exception as exc:  # any codec failure means the bytes are unusable
+            return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})")
+        if entry.key != key or entry.version != version:
+            return self._corrupt(key, "record belongs to another key or version")
+        if entry.stale_until <= (self._clock() if now is None else now):
+            return None
+        entry.payload = payload
+        return entry
+
+    def _corrupt(self, key: str, why: str) -> Entry | None:
+        self._on_event(Event(EventKind.CORRUPT, key, tier=self.name, error=ValueError(why)))
+        return None
+
+    def _set_args(self, key: str, entry: Entry, now: float) -> tuple[Any, ...] | None:
+        encoded = self._encode(entry, now)
+        if encoded is None:
+            return None
+        record, ttl_ms = encoded
+        vkey = self._vkey(key)
+        return (vkey, vkey + ":lease", record, ttl_ms, self._channel, vkey)
+
+    def _delete_args(self, key: str, version: int) -> tuple[Any, ...]:
+        record = _MAGIC + _TOMBSTONE + _version_bytes(version)
+        return (self._vkey(key), record, _ms(self.tombstone_ttl) if self.tombstone_ttl > 0 else 0)
+
+    # --- script helpers ---------------------------------------------------------------------
+
+    def _eval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        body, sha = _SCRIPTS[script]
+        try:
+            return client.evalsha(sha, numkeys, *args)
+        except self._redis.exceptions.NoScriptError:
+            return client.eval(body, numkeys, *args)
+
+    async def _aeval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        body, sha = _SCRIPTS[script]
+        try:
+            return await client.evalsha(sha, numkeys, *args)
+        except self._redis.exceptions.NoScriptError:
+            return await client.eval(body, numkeys, *args)
+
+    def _check_pipeline(self, results: Sequence[Any]) -> list[int]:
+        """Indexes of pipeline results that failed with NOSCRIPT; raises any other error."""
+        retry = []
+        for i, res in enumerate(results):
+            if isinstance(res, self._redis.exceptions.NoScriptError):
+                retry.append(i)
+            elif isinstance(res, BaseException):
+                raise res
+        return retry
+
+    # --- the sync face ----------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        return self._decode(key, self._sync_client().get(self._vkey(key)))
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        if not keys:
+            return []
+        client = self._sync_client()
+        names = [self._vkey(k) for k in keys]
+        raw = client.mget_nonatomic(names) if self._cluster else client.mget(names)
+        now = self._clock()
+        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+
+    def set(self, key: str, entry: Entry) -> None:
+        args = self._set_args(key, entry, self._clock())
+        if args is not None:
+            self._eval(self._sync_client(), "set", 2, *args)
+
+    def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        now = self._clock()
+        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        if not calls:
+            return
+        client = self._sync_client()
+        body, sha = _SCRIPTS["set"]
+        pipe = client.pipeline(transaction=False)
+        for args in calls:
+            pipe.execute_command("EVALSHA", sha, 2, *args)
+        for i in self._check_pipeline(pipe.execute(raise_on_error=False)):
+            client.eval(body, 2, *calls[i])  # the script cache was flushed (e.g. a restart)
+
+    def delete(self, key: str, version: int) -> None:
+        self._eval(self._sync_client(), "delete", 1, *self._delete_args(key, version))
+
+    def acquire_lease(self, key: str, ttl: float) -> str | None:
+        token = secrets.token_hex(16)
+        ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        return token if ok else None
+
+    def release_lease(self, key: str, token: str) -> None:
+        vkey = self._vkey(key)
+        self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+
+    def extend_lease(self, key: str, token: str, ttl: float) -> bool:
+        """Push the lease's expiry to ``ttl`` seconds from now; False if we no longer hold it."""
+        vkey = self._vkey(key)
+        return bool(self._eval(self._sync_client(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+
+    def _peek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
+        data, pttl = self._eval(self._sync_client(), "peek", 2, vkey, vkey + ":lease")
+        return self._decode(key, data), int(pttl)
+
+    def _sync_subscriber(self) -> _SyncSubscriber:
+        with self._lock:
+            sub = self._sync_sub
+            if sub is None or sub.pid != os.getpid():  # a forked child has no subscriber thread
+                sub = self._sync_sub = _SyncSubscriber(self)
+            return sub
+
+    def wait_for_entry(self, key: str, timeout: float) -> Entry | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        vkey = self._vkey(key)
+        sub = self._sync_subscriber()
+        woken = threading.Event()
+        self._hub.add(vkey, woken.set)
+        try:
+            if not sub.ready.is_set():
+                sub.ready.wait(min(self._ready_wait, max(0.0, deadline - time.monotonic())))
+            waits = _Backoff()
+            while True:
+                subscribed = sub.ready.is_set()  # read before the peek: later wakes are not lost
+                woken.clear()
+                entry, lease_ms = self._peek(key, vkey)
+                pause = self._next_pause(entry, lease_ms, subscribed, waits)
+                remaining = deadline - time.monotonic()
+                if pause is None or remaining <= 0:
+                    return entry
+                woken.wait(min(pause, remaining))
+        finally:
+            self._hub.remove(vkey, woken.set)
+
+    @property
+    def _ready_wait(self) -> float:
+        """How long a first waiter lets the subscriber connect before falling back to polling."""
+        return self.connect_timeout + 2 * self.socket_timeout
+
+    def _next_pause(
+        self, entry: Entry | None, lease_ms: int, subscribed: bool, waits: _Backoff
+    ) -> float | None:
+        """How long to sleep before the next peek, or None to return ``entry`` now."""
+        if entry is not None and entry.is_fresh(self._clock()):
+            return None
+        if lease_ms < 0:  # no lease (released, expired, never taken): nobody is loading
+            return None
+        if subscribed:
+            # The holder's write or release wakes us; if it crashed, its lease runs out: look then.
+            return lease_ms / 1000 + 0.002
+        return waits.next()
+
+    def close(self) -> None:
+        with self._lock:
+            sub, self._sync_sub = self._sync_sub, None
+            client, self._sync = self._sync, None
+            states = list(self._states.values())
+            self._states.clear()
+            self._last = None
+        if sub is not None:
+            sub.stop(wait=True)
+        if client is not None and client is not self._user_sync:
+            client.close()
+        for state in states:
+            self._drop_state(state)
+
+    def _drop_state(self, state: _LoopState) -> None:
+        loop = state.loop_ref()
+        if loop is None or loop.is_closed() or state.closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop and state.keeper is not None:
+            state.keeper.cancel()  # closes the client on this loop, soon
+        # Otherwise the loop lives on elsewhere; its keeper closes the client when the loop ends.
+
+    # --- the async face ---------------------------------------------------------------------
+
+    async def aget(self, key: str) -> Entry | None:
+        return self._decode(key, await self._aclient().get(self._vkey(key)))
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        if not keys:
+            return []
+        client = self._aclient()
+        names = [self._vkey(k) for k in keys]
+        raw = await (client.mget_nonatomic(names) if self._cluster else client.mget(names))
+        now = self._clock()
+        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+
+    async def aset(self, key: str, entry: Entry) -> None:
+        args = self._set_args(key, entry, self._clock())
+        if args is not None:
+            await self._aeval(self._aclient(), "set", 2, *args)
+
+    async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        now = self._clock()
+        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        if not calls:
+            return
+        client = self._aclient()
+        body, sha = _SCRIPTS["set"]
+        pipe = client.pipeline(transaction=False)
+        for args in calls:
+            pipe.execute_command("EVALSHA", sha, 2, *args)
+        for i in self._check_pipeline(await pipe.execute(raise_on_error=False)):
+            await client.eval(body, 2, *calls[i])
+
+    async def adelete(self, key: str, version: int) -> None:
+        await self._aeval(self._aclient(), "delete", 1, *self._delete_args(key, version))
+
+    async def aacquire_lease(self, key: str, ttl: float) -> str | None:
+        token = secrets.token_hex(16)
+        ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        return token if ok else None
+
+    async def arelease_lease(self, key: str, token: str) -> None:
+        vkey = self._vkey(key)
+        await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+
+    async def aextend_lease(self, key: str, token: str, ttl: float) -> bool:
+        vkey = self._vkey(key)
+        return bool(await self._aeval(self._aclient(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+
+    async def _apeek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
+        data, pttl = await self._aeval(self._aclient(), "peek", 2, vkey, vkey + ":lease")
+        return self._decode(key, data), int(pttl)
+
+    def _async_subscriber(self) -> _LoopState:
+        state = self._state()
+        if state.subscriber is None or state.subscriber.done():
+            state.subscriber = asyncio.get_running_loop().create_task(self._subscribe(state))
+        return state
+
+    async def _subscribe(self, state: _LoopState) -> None:
+        """This loop's subscriber: one pub/sub connection multiplexing every waiting key."""
+        backoff = 0.05
+        while not state.closed:
+            pubsub = None
+            try:
+                pubsub = state.client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._channel)
+                state.ready.set()
+                self._hub.notify_all()
+                backoff = 0.05
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if msg is not None and msg.get("type") == "message":
+                        self._hub.notify(_text(msg["data"]))
+            except asyncio.CancelledError:
+                state.ready.clear()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                raise
+            except Exception:  # connection lost or refused: tell waiters, retry later
+                state.ready.clear()
+                self._hub.notify_all()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 2.0)
+
+    async def await_for_entry(self, key: str, timeout: float) -> Entry | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        vkey = self._vkey(key)
+        state = self._async_subscriber()
+        woken = asyncio.Event()
+
+        def wake() -> None:  # called from this loop's subscriber, or another thread's
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(woken.set)
+
+        self._hub.add(vkey, wake)
+        try:
+            if not state.ready.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        state.ready.wait(), min(self._ready_wait, max(0.0, deadline - loop.time()))
+                    )
+            waits = _Backoff()
+            while True:
+                subscribed = state.ready.is_set()  # read before the peek: later wakes are not lost
+                woken.clear()
+                entry, lease_ms = await self._apeek(key, vkey)
+                pause = self._next_pause(entry, lease_ms, subscribed, waits)
+                remaining = deadline - loop.time()
+                if pause is None or remaining <= 0:
+                    return entry
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(pause, remaining))
+        finally:
+            self._hub.remove(vkey, wake)
+
+    async def aclose(self) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            state = self._states.pop(loop, None) if loop is not None else None
+            if self._last is state:
+                self._last = None
+        if state is not None:
+            if state.keeper is not None:
+                state.keeper.cancel()
+            await self._close_state(state)
+        with self._lock:
+            sub, self._sync_sub = self._sync_sub, None
+            client, self._sync = self._sync, None
+        if sub is not None:
+            sub.stop(wait=False)  # the thread notices within its 0.2 s read timeout
+        if client is not None and client is not self._user_sync:
+            client.close()
+
+
+class _Backoff:
+    """Jittered exponential pauses for polling while no subscriber is connected: 10 ms to 100 ms."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0.01
+
+    def next(self) -> float:
+        pause = self._next * random.uniform(0.5, 1.0)
+        self._next = min(self._next * 2, 0.1)
+        return pause
