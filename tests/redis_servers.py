@@ -294,6 +294,8 @@ class TcpProxy:
                     continue
                 if not data:
                     break
+                while self.mode == "stall" and not self._closed:
+                    time.sleep(0.01)  # received just as the stall began: hold it, too
                 dst.sendall(data)
         except OSError:
             pass
