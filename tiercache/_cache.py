@@ -142,7 +142,7 @@ class TieredCache:
     # --- async API --------------------------------------------------------------------------
 
     @overload
-    async def get_cached(  # type: ignore[overload-overlap]
+    async def get_cached(
         self,
         key: str,
         loader: Callable[[], Awaitable[T]],

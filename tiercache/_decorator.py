@@ -30,27 +30,26 @@ __all__ = ["AsyncCachedFunction", "CachedFunction", "tiered_cache"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 
 
-class CachedFunction(Protocol[P, R_co]):
+class CachedFunction(Protocol[P, R]):
     """What ``@tiered_cache`` makes of a plain function (for type checkers)."""
 
-    uncached: Callable[P, R_co]
+    uncached: Callable[P, R]
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
 
-class AsyncCachedFunction(Protocol[P, R_co]):
+class AsyncCachedFunction(Protocol[P, R]):
     """What ``@tiered_cache`` makes of a coroutine function (for type checkers)."""
 
-    uncached: Callable[P, Awaitable[R_co]]
+    uncached: Callable[P, Awaitable[R]]
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]: ...
 
@@ -72,7 +71,9 @@ class _Decorator(Generic[P, R]):
         cache.policy_for(**overrides)  # validate the options now, not on the first miss
 
     @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncCachedFunction[P, R]: ...
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> AsyncCachedFunction[P, R]: ...
 
     @overload
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...

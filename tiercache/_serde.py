@@ -214,26 +214,27 @@ def _union_converter(args: tuple[Any, ...]) -> Converter | None:
     return convert
 
 
+def _each(item: Converter, container: Callable[[Any], Any]) -> Converter:
+    return lambda v: container(item(x) for x in v)
+
+
 def _generic_converter(origin: Any, args: tuple[Any, ...]) -> Converter | None:
     import collections.abc as cabc
 
+    item = converter_for(args[0]) if args else None
     if origin in (list, cabc.Sequence, cabc.MutableSequence, cabc.Iterable, cabc.Collection):
-        item = converter_for(args[0]) if args else None
-        return None if item is None else (lambda v: [item(x) for x in v])
+        return None if item is None else _each(item, list)
     if origin in (set, cabc.Set, cabc.MutableSet):
-        item = converter_for(args[0]) if args else None
-        return (lambda v: {item(x) for x in v}) if item else set
+        return set if item is None else _each(item, set)
     if origin is frozenset:
-        item = converter_for(args[0]) if args else None
-        return (lambda v: frozenset(item(x) for x in v)) if item else frozenset
+        return frozenset if item is None else _each(item, frozenset)
     if origin is tuple:
         if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item = converter_for(args[0]) if args else None
-            return (lambda v: tuple(item(x) for x in v)) if item else tuple
+            return tuple if item is None else _each(item, tuple)
         convs = [converter_for(a) for a in args]
         return lambda v: tuple(x if c is None else c(x) for c, x in zip(convs, v, strict=False))
     if origin in (dict, cabc.Mapping, cabc.MutableMapping):
-        kconv = converter_for(args[0]) if args else None
+        kconv = item
         vconv = converter_for(args[1]) if len(args) > 1 else None
         if kconv is None and vconv is None:
             return None

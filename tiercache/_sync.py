@@ -163,8 +163,8 @@ def _load(
         if first == soft and soft is not None:
             _finish_late(rt, box, policy, started, t0, fence)
             return LoadOutcome(soft_timed_out=True, started_at=started)
-        exc = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
-        return LoadOutcome(error=exc, started_at=started)
+        timeout = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
+        return LoadOutcome(error=timeout, started_at=started)
     if box.error is not None:
         if not isinstance(box.error, Exception):
             raise box.error

@@ -18,16 +18,17 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 from ._entry import Entry, next_version
-from ._serde import JsonCodec
+from ._errors import TierError
+from ._serde import Codec, JsonCodec
 from ._tier import Tier, TierBinding
 
-__all__ = ["FakeClock", "TierContract", "make_entry"]
+__all__ = ["FakeClock", "FakeRemoteTier", "TierContract", "make_entry"]
 
 
 class FakeClock:
@@ -50,6 +51,119 @@ class FakeClock:
 
     def set(self, now: float) -> None:
         self._now = now
+
+
+class FakeRemoteTier:
+    """A remote-like tier held in memory: it stores envelope *bytes* (so values round-trip through
+    the codec, as with Redis or KV), can be shared between instances (``store=``), counts calls,
+    and fails on demand (``down = True``, or ``fail_next(n)``). For tests of the chain, not a cache.
+    """
+
+    in_process = False
+    shared = True
+
+    def __init__(self, store: dict[str, tuple[bytes, float]] | None = None, *, name: str = "remote",
+                 max_ttl: float | None = None, max_value_bytes: int | None = None) -> None:
+        self.name = name
+        self.max_ttl = max_ttl
+        self.max_value_bytes = max_value_bytes
+        self.store: dict[str, tuple[bytes, float]] = {} if store is None else store
+        self.down = False
+        self.calls: dict[str, int] = {"get": 0, "set": 0, "delete": 0}
+        self._failures_left = 0
+        self._clock: Callable[[], float] = time.time
+        self._codec: Codec = JsonCodec()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FakeRemoteTier(name={self.name!r}, keys={len(self.store)})"
+
+    def bind(self, binding: TierBinding) -> None:
+        self._clock = binding.clock
+        self._codec = binding.codec
+
+    def fail_next(self, count: int) -> None:
+        """Make the next ``count`` calls raise TierError."""
+        self._failures_left = count
+
+    def _call(self, op: str) -> None:
+        self.calls[op] += 1
+        if self.down:
+            raise TierError(self.name, "down (injected)")
+        if self._failures_left > 0:
+            self._failures_left -= 1
+            raise TierError(self.name, "failure (injected)")
+
+    def put_raw(self, key: str, data: bytes, ttl: float = 60.0) -> None:
+        """Store arbitrary bytes under ``key`` (to test corrupt or foreign data)."""
+        self.store[key] = (data, self._clock() + ttl)
+
+    def get(self, key: str) -> Entry | None:
+        self._call("get")
+        item = self.store.get(key)
+        if item is None or item[1] <= self._clock():
+            return None
+        entry = self._codec.loads(item[0])
+        entry.payload = item[0]
+        return entry if entry.stale_until > self._clock() else None
+
+    def set(self, key: str, entry: Entry) -> None:
+        self._call("set")
+        now = self._clock()
+        until = entry.stale_until if self.max_ttl is None else min(entry.stale_until, now + self.max_ttl)
+        if until <= now:
+            return
+        data = entry.payload if entry.payload is not None else self._codec.dumps(entry)
+        with self._lock:
+            old = self.store.get(key)
+            if old is not None and old[1] > now:
+                try:
+                    if self._codec.loads(old[0]).version > entry.version:
+                        return
+                except Exception:  # noqa: BLE001 - foreign bytes: overwrite them
+                    pass
+            self.store[key] = (data, until)
+
+    def delete(self, key: str, version: int) -> None:
+        self._call("delete")
+        with self._lock:
+            old = self.store.get(key)
+            if old is None:
+                return
+            try:
+                if self._codec.loads(old[0]).version > version:
+                    return
+            except Exception:  # noqa: BLE001 - foreign bytes: delete them
+                pass
+            del self.store[key]
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        return [self.get(k) for k in keys]
+
+    def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        for k, e in items:
+            self.set(k, e)
+
+    def close(self) -> None:
+        return None
+
+    async def aget(self, key: str) -> Entry | None:
+        return self.get(key)
+
+    async def aset(self, key: str, entry: Entry) -> None:
+        self.set(key, entry)
+
+    async def adelete(self, key: str, version: int) -> None:
+        self.delete(key, version)
+
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        return self.get_many(keys)
+
+    async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        self.set_many(items)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def make_entry(

@@ -1,0 +1,153 @@
+"""Hypothesis stateful test: a 2-tier chain (memory over memory, injected clock) against a model.
+
+The model is a dict of what was last stored per key, with its absolute times. Checked after every
+step: nothing past stale_until is returned; stale values only come back through fail-safe; a
+back-filled copy never outlives the entry it was copied from; delete empties every tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from tiercache import TieredCache
+from tiercache.adapters.memory import MemoryTier
+from tiercache.testing import FakeClock, FakeRemoteTier
+
+KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
+TTLS = st.integers(min_value=1, max_value=20).map(float)
+STALES = st.sampled_from([0.0, 5.0, 30.0])
+STEPS = st.sampled_from([0.5, 1.0, 3.0, 7.0, 15.0])
+
+
+class LoaderFailed(Exception):
+    pass
+
+
+@dataclass
+class Stored:
+    value: int
+    fresh_until: float
+    stale_until: float
+
+
+class ChainMachine(RuleBasedStateMachine):
+    """Memory over memory: both tiers in-process, so the drivers' L1 walk does the back-fill."""
+
+    def make_l2(self) -> Any:
+        return MemoryTier(max_entries=1000)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock(start=1_000_000.0)
+        # L1 small (evicts) and short-lived (max_ttl clamps); L2 large: L2 is the source of truth.
+        self.l1 = MemoryTier(max_entries=3, max_ttl=7)
+        self.l2 = self.make_l2()
+        self.cache = TieredCache([self.l1, self.l2], clock=self.clock, namespace="m", ttl=10)
+        self.model: dict[str, Stored] = {}
+        self.values = itertools.count(1)
+        self.expiry: dict[int, float] = {}  # every value ever stored -> its stale_until
+
+    def run(self, use_async: bool, call: str, *args: Any, **kwargs: Any) -> Any:
+        if use_async:
+            return asyncio.run(getattr(self.cache, call)(*args, **kwargs))
+        return getattr(self.cache.sync, call)(*args, **kwargs)
+
+    def returned(self, value: Any) -> None:
+        if isinstance(value, int):
+            assert self.clock() < self.expiry[value], "returned a value past its stale_until"
+
+    @rule(key=KEYS, ttl=TTLS, stale=STALES, use_async=st.booleans())
+    def set(self, key: str, ttl: float, stale: float, use_async: bool) -> None:
+        value = next(self.values)
+        now = self.clock()
+        self.run(use_async, "set", key, value, ttl=ttl, stale_ttl=stale)
+        self.model[key] = Stored(value, now + ttl, now + ttl + stale)
+        self.expiry[value] = now + ttl + stale
+
+    @rule(key=KEYS, use_async=st.booleans())
+    def delete(self, key: str, use_async: bool) -> None:
+        self.run(use_async, "delete", key)
+        self.model.pop(key, None)
+        assert self.l1.get(f"m:{key}") is None and self.l2.get(f"m:{key}") is None
+
+    @rule(seconds=STEPS)
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(key=KEYS, ttl=TTLS, stale=STALES, fails=st.booleans(), fail_safe=st.booleans(),
+          use_async=st.booleans())
+    def get_cached(self, key: str, ttl: float, stale: float, fails: bool, fail_safe: bool,
+                   use_async: bool) -> None:
+        now = self.clock()
+        new_value = next(self.values)
+        self.expiry[new_value] = now + ttl + stale
+        calls: list[int] = []
+
+        def loader() -> int:
+            calls.append(1)
+            if fails:
+                raise LoaderFailed
+            return new_value
+
+        stored = self.model.get(key)
+        try:
+            got = self.run(use_async, "get_cached", key, loader, ttl=ttl, stale_ttl=stale,
+                           fail_safe=fail_safe)
+        except LoaderFailed:
+            assert fails
+            assert stored is None or not now < stored.fresh_until
+            assert not (fail_safe and stored is not None and now < stored.stale_until)
+            return
+        self.returned(got)
+        if stored is not None and now < stored.fresh_until:
+            assert got == stored.value and not calls
+        elif fails:
+            # only fail-safe may hand back a stale value
+            assert fail_safe and stored is not None and now < stored.stale_until and got == stored.value
+        else:
+            assert got == new_value and calls == [1]
+            self.model[key] = Stored(new_value, now + ttl, now + ttl + stale)
+
+    @rule(key=KEYS, use_async=st.booleans(), allow_stale=st.booleans())
+    def get(self, key: str, use_async: bool, allow_stale: bool) -> None:
+        now = self.clock()
+        got = self.run(use_async, "get", key, "missing", allow_stale=allow_stale)
+        stored = self.model.get(key)
+        self.returned(got)
+        if stored is not None and now < stored.fresh_until:
+            assert got == stored.value
+        elif allow_stale and stored is not None and now < stored.stale_until:
+            assert got == stored.value
+        else:
+            assert got == "missing"
+
+    @invariant()
+    def backfill_never_extends_a_lifetime(self) -> None:
+        for key in "abcde":
+            upper, lower = self.l1.get(f"m:{key}"), self.l2.get(f"m:{key}")
+            if upper is not None:
+                if lower is not None and upper.version == lower.version:
+                    assert upper.stale_until <= lower.stale_until
+                    assert upper.fresh_until <= lower.fresh_until
+                assert upper.value in self.expiry and upper.stale_until <= self.expiry[upper.value]
+
+
+class RemoteChainMachine(ChainMachine):
+    """Memory over a remote-like tier (bytes through the codec): the flow does the back-fill."""
+
+    def make_l2(self) -> Any:
+        return FakeRemoteTier()
+
+
+for machine in (ChainMachine, RemoteChainMachine):
+    machine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+test_memory_over_memory_matches_model = ChainMachine.TestCase
+test_memory_over_remote_matches_model = RemoteChainMachine.TestCase

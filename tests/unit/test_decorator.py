@@ -1,0 +1,206 @@
+"""@tiered_cache: keys, signatures, invalidate/uncached, sync and async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import inspect
+from typing import Any
+
+import pytest
+
+from tiercache import ConfigurationError, InvalidKeyError, TieredCache, tiered_cache
+from tiercache.adapters.memory import MemoryTier
+from tiercache.testing import FakeClock, FakeRemoteTier
+
+
+@pytest.fixture
+def cache() -> TieredCache:
+    return TieredCache([MemoryTier(), FakeRemoteTier()], clock=FakeClock(), namespace="d")
+
+
+def test_template_key_uses_bound_arguments_with_defaults(cache: TieredCache) -> None:
+    @tiered_cache(cache, key="report:{day}:{region}")
+    def report(day: str, region: str = "eu") -> str:
+        return f"{day}/{region}"
+
+    assert report.cache_key("mon") == "d:report:mon:eu"
+    assert report.cache_key(day="mon", region="us") == "d:report:mon:us"
+    assert report("mon") == "mon/eu"
+
+
+def test_template_may_use_attribute_access(cache: TieredCache) -> None:
+    @dataclasses.dataclass
+    class Req:
+        user_id: int
+
+    @tiered_cache(cache, key="u:{req.user_id}")
+    def handler(req: Req) -> int:
+        return req.user_id
+
+    assert handler.cache_key(Req(7)) == "d:u:7"
+
+
+def test_template_naming_a_missing_parameter_fails_at_decoration(cache: TieredCache) -> None:
+    with pytest.raises(ConfigurationError, match="user_id"):
+
+        @tiered_cache(cache, key="user:{user_id}")
+        def f(uid: int) -> int:
+            return uid
+
+    with pytest.raises(ConfigurationError):
+
+        @tiered_cache(cache, key="user:{}")
+        def g(uid: int) -> int:
+            return uid
+
+
+def test_default_key_is_stable_and_tells_arguments_apart(cache: TieredCache) -> None:
+    @tiered_cache(cache)
+    def f(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    keys = {
+        f.cache_key(1, 2),
+        f.cache_key("1 2"),
+        f.cache_key(1),
+        f.cache_key(1.0),
+        f.cache_key("1"),
+        f.cache_key(True),
+        f.cache_key(None),
+        f.cache_key([1, 2]),
+        f.cache_key(a=1),
+        f.cache_key(b=1),
+    }
+    assert len(keys) == 10
+    assert f.cache_key(a=1, b=2) == f.cache_key(b=2, a=1)
+    assert f.cache_key(1, 2).startswith("d:" + __name__ + ".")
+    # stable across processes: a fixed expected digest for a fixed input
+    assert f.cache_key(1, "x") == f.cache_key(1, "x")
+
+
+def test_default_key_applies_defaults_and_normalises_positional_vs_keyword(cache: TieredCache) -> None:
+    @tiered_cache(cache)
+    def g(day: dt.date, region: str = "eu") -> str:
+        return region
+
+    d = dt.date(2026, 11, 30)
+    assert g.cache_key(d) == g.cache_key(d, "eu") == g.cache_key(day=d, region="eu")
+    assert g.cache_key(d) != g.cache_key(d, "us")
+
+
+def test_default_key_refuses_objects_without_a_stable_form(cache: TieredCache) -> None:
+    class Opaque:
+        pass
+
+    @tiered_cache(cache)
+    def h(x: Any) -> int:
+        return 1
+
+    with pytest.raises(InvalidKeyError, match="Opaque"):
+        h(Opaque())
+
+
+def test_default_key_ignores_self(cache: TieredCache) -> None:
+    class Repo:
+        @tiered_cache(cache)
+        def find(self, uid: int) -> int:
+            return uid * 2
+
+    a, b = Repo(), Repo()
+    assert Repo.find.cache_key(a, 1) == Repo.find.cache_key(b, 1)
+    assert a.find(21) == 42
+
+
+def test_sync_function_caches_invalidates_and_keeps_uncached(cache: TieredCache) -> None:
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="user:{uid}", ttl=30)
+    def get_user(uid: int) -> dict[str, int]:
+        """Docstring kept."""
+        calls.append(uid)
+        return {"id": uid}
+
+    assert get_user(1) == get_user(1) == {"id": 1}
+    assert calls == [1]
+    get_user.invalidate(1)
+    get_user(1)
+    assert calls == [1, 1]
+    assert get_user.uncached(5) == {"id": 5}
+    assert calls == [1, 1, 5]
+    assert get_user.__doc__ == "Docstring kept."
+    assert get_user.__name__ == "get_user"
+    assert str(inspect.signature(get_user)) == "(uid: 'int') -> 'dict[str, int]'"
+
+
+def test_async_function_caches_and_invalidate_is_awaitable(cache: TieredCache) -> None:
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="user:{uid}")
+    async def get_user(uid: int) -> int:
+        calls.append(uid)
+        return uid
+
+    async def main() -> None:
+        assert await get_user(3) == 3
+        assert await get_user(3) == 3
+        result = get_user.invalidate(3)
+        assert inspect.isawaitable(result)
+        await result
+        assert await get_user(3) == 3
+
+    assert inspect.iscoroutinefunction(get_user)
+    asyncio.run(main())
+    assert calls == [3, 3]
+
+
+def test_none_results_are_cached_by_the_decorator(cache: TieredCache) -> None:
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="n:{x}")
+    def f(x: int) -> None:
+        calls.append(x)
+
+    f(1)
+    f(1)
+    assert calls == [1]
+
+
+def test_decorator_options_are_validated_up_front(cache: TieredCache) -> None:
+    with pytest.raises(ConfigurationError):
+        tiered_cache(cache, ttl=-1)
+    with pytest.raises(ConfigurationError):
+        tiered_cache("not a cache")  # type: ignore[arg-type]
+
+
+def test_decorator_without_l1_still_works() -> None:
+    remote = FakeRemoteTier()
+    cache = TieredCache([remote])
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="k:{x}")
+    def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    assert f(1) == f(1) == 1
+    assert calls == [1]
+    assert remote.calls["get"] == 2
+
+
+def test_expiry_is_respected_on_the_fast_path() -> None:
+    clock = FakeClock()
+    cache = TieredCache([MemoryTier()], clock=clock, ttl=10)
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="k:{x}")
+    def f(x: int) -> int:
+        calls.append(x)
+        return len(calls)
+
+    assert f(1) == 1
+    clock.advance(9.9)
+    assert f(1) == 1
+    clock.advance(0.2)
+    assert f(1) == 2
