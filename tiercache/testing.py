@@ -62,8 +62,14 @@ class FakeRemoteTier:
     in_process = False
     shared = True
 
-    def __init__(self, store: dict[str, tuple[bytes, float]] | None = None, *, name: str = "remote",
-                 max_ttl: float | None = None, max_value_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        store: dict[str, tuple[bytes, float]] | None = None,
+        *,
+        name: str = "remote",
+        max_ttl: float | None = None,
+        max_value_bytes: int | None = None,
+    ) -> None:
         self.name = name
         self.max_ttl = max_ttl
         self.max_value_bytes = max_value_bytes
@@ -120,7 +126,7 @@ class FakeRemoteTier:
                 try:
                     if self._codec.loads(old[0]).version > entry.version:
                         return
-                except Exception:  # noqa: BLE001 - foreign bytes: overwrite them
+                except Exception:  # foreign bytes: overwrite them
                     pass
             self.store[key] = (data, until)
 
@@ -133,7 +139,7 @@ class FakeRemoteTier:
             try:
                 if self._codec.loads(old[0]).version > version:
                     return
-            except Exception:  # noqa: BLE001 - foreign bytes: delete them
+            except Exception:  # foreign bytes: delete them
                 pass
             del self.store[key]
 

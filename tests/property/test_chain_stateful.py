@@ -81,10 +81,17 @@ class ChainMachine(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
-    @rule(key=KEYS, ttl=TTLS, stale=STALES, fails=st.booleans(), fail_safe=st.booleans(),
-          use_async=st.booleans())
-    def get_cached(self, key: str, ttl: float, stale: float, fails: bool, fail_safe: bool,
-                   use_async: bool) -> None:
+    @rule(
+        key=KEYS,
+        ttl=TTLS,
+        stale=STALES,
+        fails=st.booleans(),
+        fail_safe=st.booleans(),
+        use_async=st.booleans(),
+    )
+    def get_cached(
+        self, key: str, ttl: float, stale: float, fails: bool, fail_safe: bool, use_async: bool
+    ) -> None:
         now = self.clock()
         new_value = next(self.values)
         self.expiry[new_value] = now + ttl + stale
@@ -98,8 +105,9 @@ class ChainMachine(RuleBasedStateMachine):
 
         stored = self.model.get(key)
         try:
-            got = self.run(use_async, "get_cached", key, loader, ttl=ttl, stale_ttl=stale,
-                           fail_safe=fail_safe)
+            got = self.run(
+                use_async, "get_cached", key, loader, ttl=ttl, stale_ttl=stale, fail_safe=fail_safe
+            )
         except LoaderFailed:
             assert fails
             assert stored is None or not now < stored.fresh_until
@@ -121,10 +129,10 @@ class ChainMachine(RuleBasedStateMachine):
         got = self.run(use_async, "get", key, "missing", allow_stale=allow_stale)
         stored = self.model.get(key)
         self.returned(got)
-        if stored is not None and now < stored.fresh_until:
-            assert got == stored.value
-        elif allow_stale and stored is not None and now < stored.stale_until:
-            assert got == stored.value
+        fresh = stored is not None and now < stored.fresh_until
+        stale_ok = allow_stale and stored is not None and now < stored.stale_until
+        if fresh or stale_ok:
+            assert stored is not None and got == stored.value
         else:
             assert got == "missing"
 

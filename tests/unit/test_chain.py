@@ -47,7 +47,7 @@ def test_loader_result_is_written_to_every_tier_and_served_from_l1(clock: FakeCl
 
 
 def test_l2_hit_backfills_l1_with_the_remaining_lifetime_only(clock: FakeClock) -> None:
-    cache, l1, l2 = chain(clock, ttl=60)
+    cache, l1, _ = chain(clock, ttl=60)
     cache.sync.set("k", "v")
     l1.delete("t:k", 2**62)
     clock.advance(50)  # 10 s of freshness left
@@ -283,8 +283,17 @@ class Order(pydantic.BaseModel):
 
 
 SAMPLES: list[tuple[Any, Any]] = [
-    (User, User(uuid.uuid4(), "Ada", Decimal("10.25"), dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
-                Color.RED, [Address("Paris", dt.date(2020, 5, 1))])),
+    (
+        User,
+        User(
+            uuid.uuid4(),
+            "Ada",
+            Decimal("10.25"),
+            dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+            Color.RED,
+            [Address("Paris", dt.date(2020, 5, 1))],
+        ),
+    ),
     (Order, Order(id=1, total=Decimal("9.99"), at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))),
     (dt.datetime, dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc)),
     (uuid.UUID, uuid.uuid4()),

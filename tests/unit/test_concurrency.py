@@ -92,8 +92,9 @@ def test_threads_and_tasks_join_one_flight() -> None:
         release.set()
         return await asyncio.gather(*waiting)
 
-    threaded = [threading.Thread(target=lambda: results.append(cache.sync.get_cached("k", load)))
-                for _ in range(5)]
+    threaded = [
+        threading.Thread(target=lambda: results.append(cache.sync.get_cached("k", load))) for _ in range(5)
+    ]
     for t in threaded:
         t.start()
     assert asyncio.run(tasks()) == ["v"] * 20
@@ -118,8 +119,12 @@ def test_async_leader_with_thread_joiners() -> None:
     async def main() -> str:
         task = asyncio.ensure_future(cache.get_cached("k", load))
         await asyncio.sleep(0.01)
-        threads = [threading.Thread(target=lambda: thread_results.append(
-            cache.sync.get_cached("k", lambda: "thread-load"))) for _ in range(10)]
+        threads = [
+            threading.Thread(
+                target=lambda: thread_results.append(cache.sync.get_cached("k", lambda: "thread-load"))
+            )
+            for _ in range(10)
+        ]
         for t in threads:
             t.start()
         value = await task
@@ -146,8 +151,9 @@ def test_loader_exception_reaches_every_joined_caller_and_the_next_call_retries(
         return "recovered"
 
     async def main() -> None:
-        results = await asyncio.gather(*(cache.get_cached("k", load) for _ in range(200)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(cache.get_cached("k", load) for _ in range(200)), return_exceptions=True
+        )
         assert all(r is boom for r in results)
         assert calls == 1
         assert await cache.get_cached("k", load) == "recovered"
