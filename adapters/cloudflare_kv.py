@@ -207,6 +207,8 @@ class CloudflareKVTier:
     ``api_token`` defaults to ``$CLOUDFLARE_API_TOKEN``; it needs "Workers KV Storage Write".
     ``budget`` should be this process's share of the account-wide 1,200 requests per 5 minutes
     (it is counted per tier object; divide it when several processes or tools share the token).
+    ``write_interval`` paces writes to one key; KV allows one per second, so keep it above 1 s
+    (the default leaves 0.1 s for network jitter) except against a test server.
     """
 
     in_process = False
@@ -247,8 +249,8 @@ class CloudflareKVTier:
             raise ConfigurationError(f"max_value_bytes must be between 1 and {MAX_VALUE_BYTES}")
         if budget < 1 or budget_window <= 0:
             raise ConfigurationError("budget and budget_window must be positive")
-        if timeout <= 0 or deadline <= 0 or retries < 0 or write_interval < 1.0:
-            raise ConfigurationError("timeout/deadline must be positive, retries >= 0, write_interval >= 1")
+        if timeout <= 0 or deadline <= 0 or retries < 0 or write_interval <= 0:
+            raise ConfigurationError("timeout, deadline and write_interval must be positive, retries >= 0")
         self.name = name
         self.max_value_bytes = max_value_bytes
         self.account_id = account_id
