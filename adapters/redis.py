@@ -412,6 +412,7 @@ class RedisTier:
             weakref.WeakKeyDictionary()
         )
         self._last: _LoopState | None = None
+        self._sent: set[str] = set()  # scripts this tier has sent in full (EVAL) at least once
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -646,8 +647,15 @@ class RedisTier:
 
     # --- script helpers ---------------------------------------------------------------------
 
+    # A script's first call from this tier is an EVAL, which also caches it on the server, so a
+    # cold server costs no NOSCRIPT round trip; later calls send only the SHA. A NOSCRIPT (server
+    # restarted, SCRIPT FLUSH, another Cluster node) falls back to EVAL for that call.
+
     def _eval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
+        if script not in self._sent:
+            self._sent.add(script)
+            return client.eval(body, numkeys, *args)
         try:
             return client.evalsha(sha, numkeys, *args)
         except self._redis.exceptions.NoScriptError:
@@ -655,6 +663,9 @@ class RedisTier:
 
     async def _aeval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
+        if script not in self._sent:
+            self._sent.add(script)
+            return await client.eval(body, numkeys, *args)
         try:
             return await client.evalsha(sha, numkeys, *args)
         except self._redis.exceptions.NoScriptError:

@@ -340,3 +340,57 @@ def purge_prefix(url: str, prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+class CommandMonitor:
+    """Counts the commands clients send to one server, via MONITOR on a raw socket.
+
+    Unlike INFO commandstats, it can tell a client's own commands from those a Lua script runs
+    (MONITOR tags those ``[0 lua]``), so ``client_commands()`` is exactly what went over the wire.
+    """
+
+    def __init__(self, port: int) -> None:
+        self._sock = socket.create_connection((HOST, port), timeout=2)
+        self._sock.sendall(b"*1\r\n$7\r\nMONITOR\r\n")
+        self._buf = b""
+        while b"\r\n" not in self._buf:
+            self._buf += self._sock.recv(4096)
+        ok, _, self._buf = self._buf.partition(b"\r\n")
+        if ok != b"+OK":
+            raise RuntimeError(f"MONITOR refused: {ok!r}")
+        self.lines: list[str] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        self._sock.settimeout(0.05)
+        while not self._stop:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self._buf += data
+            *done, self._buf = self._buf.split(b"\r\n")
+            self.lines += [line.decode("utf-8", "replace") for line in done]
+
+    def stop(self, settle: float = 0.1) -> None:
+        time.sleep(settle)  # let the last lines arrive
+        self._stop = True
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def client_commands(self) -> list[str]:
+        """Upper-cased command names sent by clients (script-internal calls left out)."""
+        out = []
+        for line in self.lines:
+            head, sep, rest = line.partition("] ")
+            if not sep or head.endswith(" lua"):
+                continue
+            name = rest.split(" ", 1)[0].strip('"').upper()
+            out.append(name)
+        return out

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import redis
 from redis.crc import key_slot
-from tiercache.adapters.redis import RedisTier
 
 from tests.redis_servers import RedisClusterProcesses, RedisServer, TcpProxy, purge_prefix
 from tiercache._entry import Entry, next_version
 from tiercache._events import Event, EventKind
 from tiercache._serde import JsonCodec
 from tiercache._tier import TierBinding
+from tiercache.adapters.redis import RedisTier
 from tiercache.testing import FakeClock, make_entry
 
 pytestmark = pytest.mark.redis
