@@ -79,11 +79,8 @@ class _Decorator(Generic[P, R]):
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
-        make_key = build_key_function(fn, self._template, self._cache.namespace + ":")
-        resolve_policy = _policy_resolver(self._cache, fn, self._overrides, self._value_type)
-        if inspect.iscoroutinefunction(fn):
-            return _async_wrapper(fn, self._cache, make_key, resolve_policy)
-        return _sync_wrapper(fn, self._cache, make_key, resolve_policy)
+        resolve = _policy_resolver(self._cache, fn, self._overrides, self._value_type)
+        return build_cached_function(fn, self._cache, self._template, resolve)
 
 
 def tiered_cache(
@@ -131,83 +128,93 @@ def _policy_resolver(
     return resolve
 
 
-def _sync_wrapper(
-    fn: Callable[..., Any],
-    cache: TieredCache,
-    make_key: Callable[..., str],
-    resolve_policy: Callable[[], Policy],
+_SYNC_TEMPLATE = """
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+    def {name}({header}):
+        __tc_key = {key_expr}
+        __tc_slot = __tc_lookup(__tc_key)
+        if __tc_slot is not None:
+            __tc_entry = __tc_slot.entry
+            if __tc_entry.fresh_until > __tc_clock():
+                __tc_slot.visited = True
+                return __tc_entry.value
+        return __tc_slow(__tc_key, lambda: __tc_fn({call}))
+    return {name}
+"""
+
+_ASYNC_TEMPLATE = """
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+    async def {name}({header}):
+        __tc_key = {key_expr}
+        __tc_slot = __tc_lookup(__tc_key)
+        if __tc_slot is not None:
+            __tc_entry = __tc_slot.entry
+            if __tc_entry.fresh_until > __tc_clock():
+                __tc_slot.visited = True
+                return __tc_entry.value
+        return await __tc_slow(__tc_key, lambda: __tc_fn({call}))
+    return {name}
+"""
+
+_NO_L1_SYNC_TEMPLATE = """
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+    def {name}({header}):
+        return __tc_slow({key_expr}, lambda: __tc_fn({call}))
+    return {name}
+"""
+
+_NO_L1_ASYNC_TEMPLATE = """
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+    async def {name}({header}):
+        return await __tc_slow({key_expr}, lambda: __tc_fn({call}))
+    return {name}
+"""
+
+_KEY_TEMPLATE = """
+def __tc_build({defaults_only}):
+    def cache_key({header}):
+        return {key_expr}
+    return cache_key
+"""
+
+
+def build_cached_function(
+    fn: Callable[..., Any], cache: TieredCache, template: str | None, resolve_policy: Callable[[], Policy]
 ) -> Any:
+    """Generate the wrapper: the decorated function's own parameters, the key built inline, the L1
+    lookup inline, and a call into the shared driver only on a miss."""
+    spec = _Signature(fn, cache.namespace + ":", template)
     rt = cache._rt
-    clock = rt.clock
     lookup = getattr(rt.tiers[0], "fast_lookup", None) if rt.l1 else None
+    is_async = inspect.iscoroutinefunction(fn)
+    if is_async:
+        source = _ASYNC_TEMPLATE if lookup is not None else _NO_L1_ASYNC_TEMPLATE
 
-    if lookup is not None:
+        async def slow_async(key: str, loader: Callable[[], Any]) -> Any:
+            return await _async.get_cached(rt, check_key(key), loader, resolve_policy())
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key = make_key(*args, **kwargs)
-            slot = lookup(key)
-            if slot is not None:
-                entry = slot.entry
-                if entry.fresh_until > clock():
-                    slot.visited = True
-                    return entry.value
-            return _sync.get_cached(
-                rt, check_key(key), functools.partial(fn, *args, **kwargs), resolve_policy()
-            )
+        slow: Callable[[str, Callable[[], Any]], Any] = slow_async
+    else:
+        source = _SYNC_TEMPLATE if lookup is not None else _NO_L1_SYNC_TEMPLATE
+
+        def slow_sync(key: str, loader: Callable[[], Any]) -> Any:
+            return _sync.get_cached(rt, check_key(key), loader, resolve_policy())
+
+        slow = slow_sync
+    wrapper = spec.compile(source, lookup, rt.clock, slow, fn)
+    make_key = spec.compile(_KEY_TEMPLATE)
+
+    if is_async:
+
+        async def ainvalidate(*args: Any, **kwargs: Any) -> None:
+            await _async.delete(rt, check_key(make_key(*args, **kwargs)))
+
+        invalidate: Callable[..., Any] = ainvalidate
     else:
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key = make_key(*args, **kwargs)
-            return _sync.get_cached(
-                rt, check_key(key), functools.partial(fn, *args, **kwargs), resolve_policy()
-            )
+        def invalidate(*args: Any, **kwargs: Any) -> None:
+            _sync.delete(rt, check_key(make_key(*args, **kwargs)))
 
-    def invalidate(*args: Any, **kwargs: Any) -> None:
-        _sync.delete(rt, check_key(make_key(*args, **kwargs)))
-
-    return _finish(wrapper, fn, make_key, invalidate)
-
-
-def _async_wrapper(
-    fn: Callable[..., Any],
-    cache: TieredCache,
-    make_key: Callable[..., str],
-    resolve_policy: Callable[[], Policy],
-) -> Any:
-    rt = cache._rt
-    clock = rt.clock
-    lookup = getattr(rt.tiers[0], "fast_lookup", None) if rt.l1 else None
-
-    if lookup is not None:
-
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key = make_key(*args, **kwargs)
-            slot = lookup(key)
-            if slot is not None:
-                entry = slot.entry
-                if entry.fresh_until > clock():
-                    slot.visited = True
-                    return entry.value
-            return await _async.get_cached(
-                rt, check_key(key), functools.partial(fn, *args, **kwargs), resolve_policy()
-            )
-    else:
-
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key = make_key(*args, **kwargs)
-            return await _async.get_cached(
-                rt, check_key(key), functools.partial(fn, *args, **kwargs), resolve_policy()
-            )
-
-    async def invalidate(*args: Any, **kwargs: Any) -> None:
-        await _async.delete(rt, check_key(make_key(*args, **kwargs)))
-
-    return _finish(wrapper, fn, make_key, invalidate)
-
-
-def _finish(
-    wrapper: Any, fn: Callable[..., Any], make_key: Callable[..., str], invalidate: Callable[..., Any]
-) -> Any:
     functools.update_wrapper(wrapper, fn)
     wrapper.uncached = fn
     wrapper.invalidate = invalidate
@@ -215,75 +222,136 @@ def _finish(
     return wrapper
 
 
-# --- key functions ------------------------------------------------------------------------------
+# --- code generation for keys and wrappers --------------------------------------------------------
 
 _FIELD_ROOT = re.compile(r"[.\[]")
+_SAFE_SPEC = re.compile(r"[^'\"\\{}\n\r]*")  # a format spec that can sit in an f-string
 
 
-def build_key_function(fn: Callable[..., Any], template: str | None, prefix: str) -> Callable[..., str]:
-    """Generate ``def _key(<fn's parameters>): return <full key>`` so that calling it binds the
-    arguments exactly as calling ``fn`` would (defaults applied, errors identical)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read the signature of {fn!r}: {exc}") from None
-    params = list(sig.parameters.values())
-    namespace: dict[str, Any] = {"__tc_prefix": prefix}
-    header: list[str] = []
-    star_seen = False
-    last_positional_only = max((i for i, p in enumerate(params) if p.kind is p.POSITIONAL_ONLY), default=-1)
-    for i, p in enumerate(params):
-        default = ""
-        if p.default is not p.empty:
-            namespace[f"__tc_default_{i}"] = p.default
-            default = f"=__tc_default_{i}"
-        if p.kind is p.VAR_POSITIONAL:
-            header.append(f"*{p.name}")
-            star_seen = True
-        elif p.kind is p.VAR_KEYWORD:
-            header.append(f"**{p.name}")
-        elif p.kind is p.KEYWORD_ONLY:
-            if not star_seen:
-                header.append("*")
+class _Signature:
+    """The decorated function's parameters as source text, and its key expression."""
+
+    def __init__(self, fn: Callable[..., Any], prefix: str, template: str | None) -> None:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the signature of {fn!r}: {exc}") from None
+        params = list(sig.parameters.values())
+        if any(p.name.startswith("__tc_") for p in params):
+            raise ConfigurationError("parameter names starting with '__tc_' are reserved")
+        self.name = fn.__name__ if getattr(fn, "__name__", "").isidentifier() else "cached"
+        self.names = [p.name for p in params]
+        self.defaults: dict[str, Any] = {}
+        self.env: dict[str, Any] = {"__tc_prefix": prefix}
+        header: list[str] = []
+        call: list[str] = []
+        star_seen = False
+        positional_only = [i for i, p in enumerate(params) if p.kind is p.POSITIONAL_ONLY]
+        last_positional_only = positional_only[-1] if positional_only else -1
+        for i, p in enumerate(params):
+            default = ""
+            if p.default is not p.empty:
+                self.defaults[f"__tc_default_{i}"] = p.default
+                default = f"=__tc_default_{i}"
+            if p.kind is p.VAR_POSITIONAL:
+                header.append(f"*{p.name}")
+                call.append(f"*{p.name}")
                 star_seen = True
-            header.append(p.name + default)
+            elif p.kind is p.VAR_KEYWORD:
+                header.append(f"**{p.name}")
+                call.append(f"**{p.name}")
+            elif p.kind is p.KEYWORD_ONLY:
+                if not star_seen:
+                    header.append("*")
+                    star_seen = True
+                header.append(p.name + default)
+                call.append(f"{p.name}={p.name}")
+            else:
+                header.append(p.name + default)
+                call.append(p.name)  # positionally: valid whatever follows (even *args)
+            if i == last_positional_only:
+                header.append("/")
+        self.header = ", ".join(header)
+        self.call = ", ".join(call)
+        if template is not None:
+            self.key_expr = self._template_expression(fn, sig, template)
         else:
-            header.append(p.name + default)
-        if i == last_positional_only:
-            header.append("/")
-    names = [p.name for p in params]
+            hashed = [p for p in params if not (p is params[0] and p.name in ("self", "cls"))]
+            qualified = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:"
+            self.env["__tc_prefix"] = prefix + qualified
+            self.env["__tc_hash"] = stable_hash
+            self.key_expr = "__tc_prefix + __tc_hash((" + "".join(f"{p.name}, " for p in hashed) + "))"
 
-    if template is not None:
+    def _template_expression(self, fn: Callable[..., Any], sig: inspect.Signature, template: str) -> str:
+        """The template as an f-string (fast), or a ``str.format`` call when it cannot be one."""
         if not isinstance(template, str) or not template:
             raise ConfigurationError("key must be a non-empty template string")
+        pieces = [repr(self.env["__tc_prefix"])]
         used: list[str] = []
-        for _, field, _, _ in string.Formatter().parse(template):
+        as_fstring = True
+        for literal, field, spec, conversion in string.Formatter().parse(template):
+            if literal:
+                pieces.append("f" + repr(literal.replace("{", "{{").replace("}", "}}")))
             if field is None:
                 continue
             root = _FIELD_ROOT.split(field, 1)[0]
             if not root or root.isdigit():
                 raise ConfigurationError(f"key template {template!r}: use parameter names, not {{{field}}}")
-            if root not in names:
+            if root not in self.names:
                 raise ConfigurationError(
                     f"key template {template!r} names {root!r}, which is not a parameter of "
-                    f"{fn.__qualname__}{sig}"
+                    f"{getattr(fn, '__qualname__', fn)}{sig}"
                 )
             if root not in used:
                 used.append(root)
-        namespace["__tc_format"] = template.format
-        body = "__tc_prefix + __tc_format(" + ", ".join(f"{n}={n}" for n in used) + ")"
-    else:
-        hashed = [p for p in params if not (p is params[0] and p.name in ("self", "cls"))]
-        base = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:"
-        namespace["__tc_prefix"] = prefix + base
-        namespace["__tc_hash"] = stable_hash
-        body = "__tc_prefix + __tc_hash((" + "".join(f"{p.name}, " for p in hashed) + "))"
+            expr = _field_expression(field)
+            if expr is None or not _SAFE_SPEC.fullmatch(spec or ""):
+                as_fstring = False
+                continue
+            conv = f"!{conversion}" if conversion else ""
+            pieces.append('f"{' + expr + conv + (":" + spec if spec else "") + '}"')
+        if as_fstring:
+            return " ".join(pieces)
+        self.env["__tc_format"] = template.format
+        return "__tc_prefix + __tc_format(" + ", ".join(f"{n}={n}" for n in used) + ")"
 
-    source = f"def __tc_key({', '.join(header)}):\n    return {body}\n"
-    exec(source, namespace)
-    key_fn: Callable[..., str] = namespace["__tc_key"]
-    key_fn.__qualname__ = f"{getattr(fn, '__qualname__', 'fn')}.cache_key"
-    return key_fn
+    def compile(self, source: str, *args: Any) -> Any:
+        text = source.format(
+            name=self.name,
+            header=self.header,
+            call=self.call,
+            key_expr=self.key_expr,
+            defaults="".join(f", {d}" for d in self.defaults),
+            defaults_only=", ".join(self.defaults),
+        )
+        env = dict(self.env)
+        exec(text, env)  # the source is built from parameter names and a parsed template only
+        return env["__tc_build"](*args, *self.defaults.values())
+
+
+_FIELD_PART = re.compile(r"\.([^.\[]+)|\[([^\]]+)\]")
+
+
+def _field_expression(field: str) -> str | None:
+    """``a.b[0][k]`` (str.format syntax: ``[k]`` is the string 'k') as a Python expression, or
+    None when it cannot be written inside a double-quoted f-string (then str.format is used)."""
+    root = _FIELD_ROOT.split(field, 1)[0]
+    expr, pos = root, len(root)
+    while pos < len(field):
+        match = _FIELD_PART.match(field, pos)
+        if match is None:
+            return None
+        attr, index = match.groups()
+        if attr is not None:
+            if not attr.isidentifier():
+                return None
+            expr += f".{attr}"
+        else:
+            expr += f"[{int(index)}]" if index.isdigit() else f"[{index!r}]"
+        pos = match.end()
+    if '"' in expr or "\\" in expr:
+        return None
+    return expr
 
 
 def _key_default(obj: Any) -> Any:
@@ -303,10 +371,12 @@ _KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 def stable_hash(args: tuple[Any, ...]) -> str:
-    """A hash of the arguments that is the same in every process and on every run.
+    """A digest of the arguments that is the same in every process and on every run.
 
-    Built from their JSON form (so ``f(1, 2)`` and ``f("1 2")`` differ, as do 1, 1.0, "1" and
-    True), never from ``repr``/``hash`` (memory addresses, per-process string hashing).
+    Built from their canonical JSON form (so ``f(1, 2)`` and ``f("1 2")`` differ, as do 1, 1.0,
+    "1" and True), never from ``repr``/``hash`` (memory addresses, per-process string hashing).
+    Short forms (up to 48 bytes) are used as they are -- readable in Redis, and cheaper than a
+    hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
     """
     try:
         raw = orjson.dumps(args, default=_key_default, option=_KEY_OPTIONS)
@@ -315,4 +385,6 @@ def stable_hash(args: tuple[Any, ...]) -> str:
             f"cannot build a stable cache key from an argument of type {exc}; give the decorator "
             "a key= template, or pass JSON-like arguments"
         ) from None
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+    if len(raw) <= 48:
+        return raw.decode()
+    return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()

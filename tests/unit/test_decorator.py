@@ -204,3 +204,32 @@ def test_expiry_is_respected_on_the_fast_path() -> None:
     assert f(1) == 1
     clock.advance(0.2)
     assert f(1) == 2
+
+
+def test_template_index_and_format_spec_follow_str_format_rules(cache: TieredCache) -> None:
+    @tiered_cache(cache, key="r:{req[user]}:{req[ids][0]}:{price:.2f}:{name!r}")
+    def handler(req: dict[str, Any], price: float, name: str) -> int:
+        return 1
+
+    req = {"user": "ada", "ids": [7, 8]}
+    expected = "d:" + "r:{req[user]}:{req[ids][0]}:{price:.2f}:{name!r}".format(
+        req=req, price=3.14159, name="x"
+    )
+    assert handler.cache_key(req, 3.14159, "x") == expected
+
+
+def test_keyword_only_positional_only_and_varargs_are_bound_like_the_function(cache: TieredCache) -> None:
+    seen: list[Any] = []
+
+    @tiered_cache(cache, key="v:{a}:{b}:{args}:{c}:{kw}")
+    def f(a: int, /, b: int = 2, *args: int, c: int = 3, **kw: int) -> int:
+        seen.append((a, b, args, c, kw))
+        return a
+
+    assert f(1) == 1
+    assert f.cache_key(1) == "d:v:1:2:():3:{}"
+    assert f.cache_key(1, 5, 6, 7, c=9, z=1) == "d:v:1:5:(6, 7):9:{'z': 1}"
+    f(1, 5, 6, 7, c=9, z=1)
+    assert seen == [(1, 2, (), 3, {}), (1, 5, (6, 7), 9, {"z": 1})]
+    with pytest.raises(TypeError):
+        f(a=1)  # type: ignore[call-arg]
