@@ -520,9 +520,8 @@ class RedisTier:
             from redis.asyncio.cluster import RedisCluster
 
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            self._url, max_connections=self._max_connections, timeout=self._pool_timeout, **kwargs
-        )
+        pool = _async_pool_class().from_url(self._url, max_connections=self._max_connections, **kwargs)
+        pool.wait_timeout = self._pool_timeout
         return redis.asyncio.Redis.from_pool(pool)
 
     def _state(self) -> _LoopState:
@@ -947,6 +946,60 @@ class RedisTier:
             sub.stop(wait=False)  # the thread notices within its 0.2 s read timeout
         if client is not None and client is not self._user_sync:
             client.close()
+
+
+_POOL_CLASS: Any = None
+
+
+def _async_pool_class() -> Any:
+    """A bounded asyncio pool that waits (up to ``wait_timeout``) only when it is exhausted.
+
+    redis-py's BlockingConnectionPool takes a Condition and starts a timeout on *every* checkout,
+    which measured ~15% of a loopback GET; this pool takes the plain pool's path while a connection
+    is free and only then waits for a release. Built on first use (redis is imported lazily).
+    """
+    global _POOL_CLASS
+    if _POOL_CLASS is not None:
+        return _POOL_CLASS
+    from redis.asyncio import ConnectionPool
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import MaxConnectionsError
+
+    plain: Any = ConnectionPool  # its get_connection is untyped
+
+    class BoundedPool(ConnectionPool):
+        wait_timeout: float = 0.1
+        _freed: asyncio.Event | None = None
+
+        async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await plain.get_connection(self, *args, **kwargs)
+            except MaxConnectionsError:
+                pass
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.wait_timeout
+            while True:
+                if self._freed is None:
+                    self._freed = asyncio.Event()
+                freed = self._freed
+                freed.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RedisConnectionError("no Redis connection free within the pool timeout")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(freed.wait(), remaining)
+                try:
+                    return await plain.get_connection(self, *args, **kwargs)
+                except MaxConnectionsError:
+                    continue
+
+        async def release(self, connection: Any) -> None:
+            await super().release(connection)
+            if self._freed is not None:
+                self._freed.set()
+
+    _POOL_CLASS = BoundedPool
+    return BoundedPool
 
 
 class _Backoff:

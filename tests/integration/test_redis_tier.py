@@ -527,3 +527,21 @@ def test_stalled_connection_is_bounded_by_the_socket_timeout(redis_server: Redis
     finally:
         tier.close()
         proxy.close()
+
+
+def test_async_pool_is_bounded_and_callers_wait_for_a_free_connection(redis_server: RedisServer) -> None:
+    tier = bound(RedisTier(url=redis_server.url, max_connections=2, socket_timeout=0.5, connect_timeout=0.5))
+    raw = redis.Redis(port=redis_server.port)
+    try:
+        tier.set("app:pool", make_entry("app:pool", "v", time.time()))
+
+        async def scenario() -> tuple[list[Any], int]:
+            got = await asyncio.gather(*(tier.aget("app:pool") for _ in range(50)))
+            return [g.value if g else None for g in got], len(raw.client_list())
+
+        values, clients = asyncio.run(scenario())
+        assert values == ["v"] * 50  # nobody failed with "too many connections"
+        assert clients <= 1 + 1 + 2  # raw + the sync client + at most two async connections
+    finally:
+        tier.close()
+        raw.close()
