@@ -101,7 +101,7 @@ def test_ratio(setup: Setup) -> None:
     """Interleaved rounds of the three (so drift hits all alike); prints median µs per hit."""
     runs: dict[str, list[float]] = {"raw": [], "tier.aget": [], "get_cached": []}
     fns = {"raw": setup.raw_get, "tier.aget": setup.tier_get, "get_cached": setup.cached_get}
-    for name, fn in fns.items():  # warm up
+    for fn in fns.values():  # warm up
         setup.batch(fn)()
     for _ in range(25):
         for name, fn in fns.items():
