@@ -45,7 +45,8 @@ class Setup:
         await self.raw.set(self.raw_key, record[24:], ex=600)  # the same envelope, plain
 
     async def raw_get(self) -> Any:
-        return orjson.loads(await self.raw.get(self.raw_key))
+        data: bytes = await self.raw.get(self.raw_key)
+        return orjson.loads(data)
 
     async def tier_get(self) -> Any:
         return await self.tier.aget("bench:user")
