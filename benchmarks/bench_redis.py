@@ -45,7 +45,8 @@ class Setup:
         await self.raw.set(self.raw_key, record[24:], ex=600)  # the same envelope, plain
 
     async def raw_get(self) -> Any:
-        data: bytes = await self.raw.get(self.raw_key)
+        data = await self.raw.get(self.raw_key)
+        assert isinstance(data, bytes)
         return orjson.loads(data)
 
     async def tier_get(self) -> Any:
