@@ -95,7 +95,7 @@ _MAGIC = b"tc1"
 _VALUE = b"v"
 _TOMBSTONE = b"d"
 _HEADER_LEN = 24
-_MAX_VERSION = 10**20 - 1
+_MAX_VERSION = 2**64 - 1  # the envelope (orjson) holds unsigned 64-bit ints; 20 digits fit it
 
 # Lua: is the 24-byte header ``h`` ours, and is version string ``a`` newer than ``b``? Versions are
 # 20-digit strings; they are compared as two 10-digit halves, each exact in a double (a whole
@@ -205,7 +205,7 @@ def _redact(url: str) -> str:
 
 def _version_bytes(version: int) -> bytes:
     if type(version) is not int or not 0 <= version <= _MAX_VERSION:
-        raise ValueError(f"RedisTier stores versions from 0 to 10**20-1, not {version!r}")
+        raise ValueError(f"RedisTier stores versions from 0 to 2**64-1, not {version!r}")
     return b"%020d" % version
 
 

@@ -394,3 +394,43 @@ class CommandMonitor:
             name = rest.split(" ", 1)[0].strip('"').upper()
             out.append(name)
         return out
+
+
+class RedisSentinelProcess:
+    """One Sentinel (``redis-server <conf> --sentinel``) watching ``master_port`` as ``service``."""
+
+    def __init__(self, master_port: int, service: str = "mymaster") -> None:
+        self.port = free_port()
+        self.service = service
+        self.dir = tempfile.mkdtemp(prefix=f"tc-sentinel-{self.port}-")
+        self.conf = os.path.join(self.dir, "sentinel.conf")
+        with open(self.conf, "w") as f:  # Sentinel rewrites this file, so it lives in our temp dir
+            f.write(
+                f"port {self.port}\nbind {HOST}\ndir {self.dir}\n"
+                f"sentinel monitor {service} {HOST} {master_port} 1\n"
+                f"sentinel down-after-milliseconds {service} 5000\n"
+            )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: float = 5.0) -> RedisSentinelProcess:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, self.conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + wait
+        while not ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.cleanup()
+                raise RuntimeError("redis sentinel did not start")
+            time.sleep(0.01)
+        return self
+
+    def cleanup(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)

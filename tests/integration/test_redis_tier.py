@@ -14,7 +14,13 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from tests.redis_servers import RedisClusterProcesses, RedisServer, TcpProxy, purge_prefix
+from tests.redis_servers import (
+    RedisClusterProcesses,
+    RedisSentinelProcess,
+    RedisServer,
+    TcpProxy,
+    purge_prefix,
+)
 from tiercache._entry import Entry, next_version
 from tiercache._events import Event, EventKind
 from tiercache._serde import JsonCodec
@@ -545,3 +551,22 @@ def test_async_pool_is_bounded_and_callers_wait_for_a_free_connection(redis_serv
     finally:
         tier.close()
         raw.close()
+
+
+def test_sentinel_constructor_finds_the_master(redis_server: RedisServer) -> None:
+    sentinel = RedisSentinelProcess(redis_server.port).start()
+    tier = bound(RedisTier(sentinels=[("127.0.0.1", sentinel.port)], service_name=sentinel.service))
+    try:
+        entry = make_entry("app:sentinel", "via-sentinel", time.time())
+        tier.set("app:sentinel", entry)
+        got = asyncio.run(tier.aget("app:sentinel"))
+        assert got is not None and got.value == "via-sentinel"
+        raw = redis.Redis(port=redis_server.port)
+        assert raw.exists(tier._vkey("app:sentinel")) == 1  # it really went to the monitored master
+        raw.close()
+        token = tier.acquire_lease("app:sentinel:l", 5)
+        assert token is not None
+        tier.release_lease("app:sentinel:l", token)
+    finally:
+        tier.close()
+        sentinel.cleanup()
