@@ -717,11 +717,11 @@ class CloudflareKVTier:
             with self._lock:
                 self._remember(op.name, op.version, self._mono() + ttl)
 
-    def _flow_list(self, prefix: str | None) -> _Flow[list[str]]:
+    def _flow_list(self, prefix: str | None, page_size: int = 1000) -> _Flow[list[str]]:
         names: list[str] = []
         cursor: str | None = None
         while True:
-            req = self._proto.list_keys(prefix=prefix, cursor=cursor)
+            req = self._proto.list_keys(prefix=prefix, cursor=cursor, limit=page_size)
             status, headers, body = yield from self._call(req)
             page = parse_list_keys(status, headers, body, tier=self.name, now=time.time())
             names.extend(page.names)
@@ -810,9 +810,9 @@ class CloudflareKVTier:
         locations may serve the old value until the delete propagates (up to ~60 s)."""
         self._run(self._flow_delete(key, version))
 
-    def list_keys(self, prefix: str | None = None) -> list[str]:
+    def list_keys(self, prefix: str | None = None, *, page_size: int = 1000) -> list[str]:
         """KV key names starting with ``prefix`` (every page; costs one request per page)."""
-        return self._run(self._flow_list(prefix))
+        return self._run(self._flow_list(prefix, page_size))
 
     def clear(self, prefix: str | None = None) -> int:
         """Delete every key under ``prefix`` (default: this cache's namespace); returns how many."""
@@ -845,8 +845,8 @@ class CloudflareKVTier:
     async def adelete(self, key: str, version: int) -> None:
         await self._arun(self._flow_delete(key, version))
 
-    async def alist_keys(self, prefix: str | None = None) -> list[str]:
-        return await self._arun(self._flow_list(prefix))
+    async def alist_keys(self, prefix: str | None = None, *, page_size: int = 1000) -> list[str]:
+        return await self._arun(self._flow_list(prefix, page_size))
 
     async def aclear(self, prefix: str | None = None) -> int:
         return await self._arun(self._flow_clear(prefix))

@@ -173,6 +173,8 @@ class FakeKV:
         return [body]
 
     def _handle(self, environ: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        # Limits are judged on arrival time, before validation (which takes a variable while).
+        arrival = time.monotonic()
         method = environ["REQUEST_METHOD"].upper()
         raw_uri = environ.get("REQUEST_URI") or environ.get("RAW_URI") or environ["PATH_INFO"]
         raw_path, _, raw_query = raw_uri.partition("?")
@@ -207,7 +209,7 @@ class FakeKV:
             self._violation(f"request {method} {route}: {problem}")
             # The real API would answer 400; so does the fake (after recording the violation).
             return self._respond(spec_req, _failure(400, 10001, f"request does not match the API: {problem}"))
-        reply = self._serve(method, route, params, dict(query), headers, body)
+        reply = self._serve(method, route, params, dict(query), headers, body, arrival)
         return self._respond(spec_req, reply)
 
     def _respond(
@@ -234,7 +236,7 @@ class FakeKV:
 
     def _gate(self, record: Record) -> tuple[int, dict[str, str], bytes] | None:
         """Retry-After, budget and fault injection, in that order. None: serve the request."""
-        now = time.monotonic()
+        now = record.t
         with self._lock:
             self.stats.requests += 1
             if now < self._blocked_until:
@@ -286,13 +288,14 @@ class FakeKV:
         query: dict[str, str],
         headers: dict[str, str],
         body: bytes,
+        arrival: float,
     ) -> tuple[int, dict[str, str], bytes]:
         if headers.get("Authorization") != f"Bearer {self.token}":
             return _failure(403, 10000, "Authentication error")
         if params["account_id"] != self.account_id or params["namespace_id"] != self.namespace_id:
             return _failure(404, 10013, "namespace not found")
         key = params.get("key_name")
-        record = Record(time.monotonic(), method, route, (key,) if key is not None else ())
+        record = Record(arrival, method, route, (key,) if key is not None else ())
         with self._lock:
             self.records.append(record)
         gated = self._gate(record)
@@ -313,7 +316,7 @@ class FakeKV:
         body: bytes,
         record: Record,
     ) -> tuple[int, dict[str, str], bytes]:
-        now = time.monotonic()
+        now = record.t
         with self._lock:
             if key is not None:
                 problem = _key_problem(key)
