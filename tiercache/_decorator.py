@@ -16,7 +16,7 @@ import string
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from decimal import Decimal
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 import orjson
 
@@ -56,7 +56,7 @@ class AsyncCachedFunction(Protocol[P, R]):
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
 
-class _Decorator(Generic[P, R]):
+class _Decorator:
     """The decorator returned by ``tiered_cache(...)``."""
 
     def __init__(
@@ -92,7 +92,7 @@ def tiered_cache(
     stale_ttl: float | None = None,
     value_type: Any = _UNSET,
     **options: Any,
-) -> _Decorator[Any, Any]:
+) -> _Decorator:
     """Cache a function's results in ``cache``; works on ``def`` and ``async def`` alike.
 
     ``key`` is a template over the function's parameters (``"user:{user_id}"``, defaults applied;

@@ -309,7 +309,7 @@ class TierContract:
         self, tier: Tier, key: str, clock: FakeClock
     ) -> None:
         if tier.max_ttl is not None and tier.max_ttl < 120:
-            pytest.skip("tier keeps nothing that long")
+            pytest.skip("not applicable: tier keeps nothing that long")
         entry = make_entry(key, "v", clock(), ttl=60, stale_ttl=60)
         tier.set(key, entry)
         clock.advance(90)  # stale, not dead: the tier still returns it; the core decides
@@ -324,7 +324,7 @@ class TierContract:
 
     def test_max_ttl_caps_the_stored_lifetime(self, tier: Tier, key: str, clock: FakeClock) -> None:
         if tier.max_ttl is None:
-            pytest.skip("tier has no max_ttl")
+            pytest.skip("not applicable: tier has no max_ttl")
         entry = make_entry(key, "v", clock(), ttl=tier.max_ttl * 10)
         tier.set(key, entry)
         clock.advance(tier.max_ttl + 1)
@@ -350,7 +350,7 @@ class TierContract:
 
     def test_tombstone_refuses_a_late_older_write(self, tier: Tier, key: str, clock: FakeClock) -> None:
         if not self.keeps_tombstones:
-            pytest.skip("tier keeps no tombstones")
+            pytest.skip("not applicable: tier keeps no tombstones")
         late = make_entry(key, "late", clock())
         tier.delete(key, next_version())
         tier.set(key, late)
@@ -374,7 +374,7 @@ class TierContract:
         self, make_tier: Callable[[], Tier], tier: Tier, key: str, clock: FakeClock
     ) -> None:
         if not self.shared_storage:
-            pytest.skip("in-process tier")
+            pytest.skip("not applicable: in-process tier")
         other = make_tier()
         other.bind(TierBinding(clock=clock, codec=JsonCodec(), namespace="contract"))
         try:
