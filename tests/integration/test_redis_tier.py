@@ -570,3 +570,32 @@ def test_sentinel_constructor_finds_the_master(redis_server: RedisServer) -> Non
     finally:
         tier.close()
         sentinel.cleanup()
+
+
+def test_cluster_waiter_is_woken_by_the_write(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    leader = bound(RedisTier(url=redis_cluster.url, prefix=redis_prefix))
+    waiter = bound(RedisTier(url=redis_cluster.url, prefix=redis_prefix))
+    try:
+        token = leader.acquire_lease("app:cw", 10)
+        assert token is not None
+        written_at: list[float] = []
+
+        def lead() -> None:
+            time.sleep(0.3)
+            leader.set("app:cw", make_entry("app:cw", "cluster", time.time()))
+            written_at.append(time.monotonic())
+            leader.release_lease("app:cw", token)
+
+        thread = threading.Thread(target=lead)
+        thread.start()
+        got = asyncio.run(waiter.await_for_entry("app:cw", 5.0))
+        returned_at = time.monotonic()
+        thread.join()
+        assert got is not None and got.value == "cluster"
+        assert returned_at - written_at[0] < 0.05  # the PUBLISH from the script reached our node
+    finally:
+        leader.close()
+        waiter.close()
+        purge_prefix(redis_cluster.url, redis_prefix)
