@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from tiercache.adapters.redis import RedisTier
 
 from tests.redis_servers import RedisClusterProcesses, purge_prefix
+from tiercache.adapters.redis import RedisTier
 from tiercache.testing import TierContract
 
 pytestmark = pytest.mark.redis
