@@ -67,7 +67,8 @@ class Stats:
     requests: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {"429": 0, "500": 0, "timeout": 0})
     budget_exceeded: int = 0  # requests past the budget (each answered 429 and blocking)
-    retry_after_violations: int = 0  # requests that arrived while a Retry-After we sent ran
+    retry_after_violations: int = 0  # requests sent although a Retry-After we sent still ran
+    in_flight_during_block: int = 0  # arrived within ``in_flight_grace`` of a 429: sent before it
     write_rate_violations: int = 0  # writes to a key less than 1 s after the previous one
 
 
@@ -120,6 +121,10 @@ class FakeKV:
         self._lock = threading.RLock()
         self._admitted: list[float] = []  # monotonic times of requests counted against the budget
         self._blocked_until = 0.0  # monotonic; while it runs every request gets 429
+        self._blocked_from = 0.0  # when the current block began
+        # Requests arriving this soon after a 429 was issued were in flight before the client
+        # could read it (concurrent callers); they get 429 too but are not counted as violations.
+        self.in_flight_grace = 0.25
         self._last_write: dict[str, float] = {}
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -240,12 +245,15 @@ class FakeKV:
         with self._lock:
             self.stats.requests += 1
             if now < self._blocked_until:
-                self.stats.retry_after_violations += 1
+                if now - self._blocked_from < self.in_flight_grace:
+                    self.stats.in_flight_during_block += 1
+                else:
+                    self.stats.retry_after_violations += 1
                 return _rate_limited(self._blocked_until - now)
             if self._window_count(now) >= self.budget:
                 # Cloudflare: over 1,200 requests in 5 minutes blocks every call for 5 minutes.
                 self.stats.budget_exceeded += 1
-                self._blocked_until = now + self.block_seconds
+                self._blocked_from, self._blocked_until = now, now + self.block_seconds
                 return _rate_limited(self.block_seconds)
             self._admitted.append(now)
             if self.fault_rate and self._rng.random() < self.fault_rate:
@@ -253,7 +261,7 @@ class FakeKV:
                 self.stats.faults[kind] += 1
                 record.fault = kind
                 if kind == "429":
-                    self._blocked_until = now + self.fault_retry_after
+                    self._blocked_from, self._blocked_until = now, now + self.fault_retry_after
                     return _rate_limited(self.fault_retry_after)
                 if kind == "500":
                     return _failure(500, 10002, "injected internal error")
