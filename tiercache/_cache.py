@@ -100,6 +100,10 @@ class TieredCache:
         )
         for tier in tiers:
             tier.bind(binding)
+        # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
+        self._lookup: Callable[[str], Any] | None = (
+            getattr(tiers[0], "fast_lookup", None) if self._rt.l1 else None
+        )
         self.sync = SyncTieredCache(self)
 
     def __repr__(self) -> str:
@@ -184,6 +188,12 @@ class TieredCache:
         ``options``: swr, fail_safe, fail_safe_throttle, soft_timeout, hard_timeout, jitter,
         early_refresh_beta, early_refresh_ratio, lease_ttl, lease_wait.
         """
+        lookup = self._lookup
+        if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
+            slot = lookup(self._prefix + key)
+            if slot is not None and slot.entry.fresh_until > self.clock():
+                slot.visited = True
+                return slot.entry.value
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         return await _async.get_cached(self._rt, self.full_key(key), loader, policy)
 
@@ -261,10 +271,16 @@ class SyncTieredCache:
         **options: Any,
     ) -> T:
         """As ``TieredCache.get_cached``, blocking; ``loader`` must not be a coroutine function."""
-        policy = self._cache.policy_for(
-            ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options
-        )
-        value: T = _sync.get_cached(self._rt, self._cache.full_key(key), loader, policy)
+        cache = self._cache
+        lookup = cache._lookup
+        if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
+            slot = lookup(cache._prefix + key)
+            if slot is not None and slot.entry.fresh_until > cache.clock():
+                slot.visited = True
+                hit: T = slot.entry.value
+                return hit
+        policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
         return value
 
     def get(self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False) -> Any:
