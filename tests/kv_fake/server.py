@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import functools
 import json
 import math
 import random
@@ -112,7 +113,7 @@ class FakeKV:
         self.timeout_delay = timeout_delay
         self.empty_list_pages = empty_list_pages
         self.clock = clock
-        self.validator = Validator(spec if spec is not None else load_spec())
+        self.validator = Validator(spec) if spec is not None else _default_validator()
         self.store: dict[str, Item] = {}
         self.records: list[Record] = []
         self.violations: list[str] = []
@@ -459,7 +460,9 @@ class FakeKV:
         prefix = query.get("prefix", "")
         limit = int(float(query.get("limit", "1000")))
         cursor = query.get("cursor") or ""
-        state = json.loads(base64.urlsafe_b64decode(cursor)) if cursor else {"after": None, "empty": False}
+        state: dict[str, Any] = (
+            json.loads(base64.urlsafe_b64decode(cursor)) if cursor else {"after": None, "empty": False}
+        )
         if self.empty_list_pages and not state["empty"]:
             # A page with nothing on it but a cursor, as tombstones of expired keys can cause.
             nxt = {"after": state["after"], "empty": True}
@@ -485,6 +488,12 @@ class FakeKV:
         return _ok(result, result_info={"count": len(result), "cursor": nxt_cursor})
 
 
+@functools.cache
+def _default_validator() -> Validator:
+    """Parsing the description takes most of a second: do it once per test session."""
+    return Validator(load_spec())
+
+
 def _cursor(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state).encode()).decode("ascii")
 
@@ -505,10 +514,10 @@ def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
     )
     parts: dict[str, bytes] = {}
-    for part in message.iter_parts():  # type: ignore[attr-defined]
+    for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
-        if name and payload is not None:
+        if isinstance(name, str) and isinstance(payload, bytes):
             parts[name] = payload
     return parts
 
