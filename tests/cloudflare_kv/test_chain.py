@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
 import time
@@ -64,7 +65,7 @@ def test_memory_kv_loader_chain_with_30_percent_faults(faulty_fake: FakeKV) -> N
             try:
                 roll = rng.random()
                 if roll < 0.8:
-                    check(key, cache.sync.get_cached(key, lambda key=key: expected(key)))
+                    check(key, cache.sync.get_cached(key, functools.partial(expected, key)))
                 elif roll < 0.95:
                     cache.sync.set(key, expected(key))
                     calls[0] += 1
@@ -151,7 +152,7 @@ def test_three_tier_chain_backfills_with_the_kv_60s_floor(
     )
     loads: list[str] = []
 
-    def loader() -> str:
+    def loader() -> object:
         loads.append("x")
         return "loaded"
 

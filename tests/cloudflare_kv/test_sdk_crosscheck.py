@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import cloudflare  # the official SDK (a dev dependency: the cross-check never skips)
 import pytest
 
 from tests.cloudflare_kv.conftest import tier_factory
@@ -20,8 +21,6 @@ from tiercache._tier import TierBinding
 from tiercache.adapters._kv_protocol import kv_key_for
 from tiercache.adapters.cloudflare_kv import CloudflareKVTier
 from tiercache.testing import FakeClock, make_entry
-
-cloudflare = pytest.importorskip("cloudflare", reason="the cross-check needs the official SDK (dev extra)")
 
 IDS = {"account_id": ACCOUNT_ID, "namespace_id": NAMESPACE_ID}
 SUFFIXES = ["plain", "a/b/c", "ключ/键/🔑", "with space", "q?x=1#frag%", "."]
