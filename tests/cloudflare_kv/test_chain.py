@@ -110,7 +110,7 @@ def test_memory_kv_loader_chain_with_30_percent_faults(faulty_fake: FakeKV) -> N
         f"{stats.deferred_writes}"
     )
     assert errors == [] and wrong == []
-    assert calls[0] > 200
+    assert calls[0] > 50  # the run did real work (hundreds of calls on an idle machine)
     assert all(fake.faults[kind] > 0 for kind in faulty_fake.faults)  # every kind really happened
     assert fake.budget_exceeded == 0 and faulty_fake.budget_used() <= BUDGET
     assert fake.retry_after_violations == 0

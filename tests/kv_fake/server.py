@@ -125,7 +125,7 @@ class FakeKV:
         self._blocked_from = 0.0  # when the current block began
         # Requests arriving this soon after a 429 was issued were in flight before the client
         # could read it (concurrent callers); they get 429 too but are not counted as violations.
-        self.in_flight_grace = 0.25
+        self.in_flight_grace = 0.5
         self._last_write: dict[str, float] = {}
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
