@@ -112,8 +112,14 @@ async def _demo() -> None:
     before = loads
     started = time.perf_counter()
     await asyncio.gather(*(get_user_a(7) for _ in range(100)))
-    rows.append(("100 concurrent callers, cold key", "A", f"loader x{loads - before}",
-                 (time.perf_counter() - started) * 1000))
+    rows.append(
+        (
+            "100 concurrent callers, cold key",
+            "A",
+            f"loader x{loads - before}",
+            (time.perf_counter() - started) * 1000,
+        )
+    )
 
     width = max(len(r[0]) for r in rows)
     print(f"{'call':<{width}}  proc  {'served from':<12}  time")

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from ._entry import Entry, next_version
@@ -32,148 +32,179 @@ from ._runtime import Runtime
 from ._serde import Converter
 from ._sync import new_entry
 
-__all__ = ["delete", "get", "get_cached", "run_flow", "set_value"]
+__all__ = ["FlowRun", "delete", "get", "get_cached", "set_value"]
 
 logger = logging.getLogger("tiercache")
 
 Loader = Callable[[], Any]
 
 
-async def run_flow(
-    rt: Runtime, gen: Generator[Operation, Any, Outcome], loader: Loader, policy: Policy, fence: Flight | None
-) -> Outcome:
-    """Drive ``gen`` to its outcome, awaiting each operation."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            op = gen.send(send) if error is None else gen.throw(error)
-        except StopIteration as stop:
-            outcome: Outcome = stop.value
-            return outcome
-        error = None
-        try:
-            send = await _execute(rt, op, loader, policy, fence)
-        except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
-            error, send = exc, None
+class FlowRun:
+    """One run of the flow, resumable: if the task driving it is cancelled mid-operation, the
+    pending operation is kept and :meth:`run` can be called again (from another task) to redo it
+    and go on. A loader already started is never called twice: its task is kept and re-awaited."""
 
+    __slots__ = (
+        "_load_started",
+        "_load_t0",
+        "_load_task",
+        "_pending",
+        "fence",
+        "gen",
+        "loader",
+        "policy",
+        "rt",
+    )
 
-async def _execute(rt: Runtime, op: Operation, loader: Loader, policy: Policy, fence: Flight | None) -> Any:
-    kind = type(op)
-    if kind is Read:
-        assert isinstance(op, Read)
-        if rt.tiers[op.index].in_process:
-            return rt.read_sync(op.index, op.key, op.converter)
-        return await rt.read_async(op.index, op.key, op.converter)
-    if kind is Write:
-        assert isinstance(op, Write)
-        return await rt.write_async(op)
-    if kind is Load:
-        assert isinstance(op, Load)
-        return await _load(rt, loader, policy, op.has_stale, fence)
-    if kind is AcquireLease:
-        assert isinstance(op, AcquireLease)
-        if not rt.tier_usable(op.index, op.key):
-            return NO_LEASE
-        try:
-            return await rt.lease_tier(op.index).aacquire_lease(op.key, op.ttl)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "acquire_lease")
-            return NO_LEASE
-    if kind is ReleaseLease:
-        assert isinstance(op, ReleaseLease)
-        try:
-            await rt.lease_tier(op.index).arelease_lease(op.key, op.token)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "release_lease")
-        return None
-    if kind is WaitForEntry:
-        assert isinstance(op, WaitForEntry)
-        started = time.perf_counter()
-        try:
-            raw = await rt.lease_tier(op.index).await_for_entry(op.key, op.timeout)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+    def __init__(
+        self,
+        rt: Runtime,
+        gen: Generator[Operation, Any, Outcome],
+        loader: Loader,
+        policy: Policy,
+        fence: Flight | None,
+    ) -> None:
+        self.rt = rt
+        self.gen = gen
+        self.loader = loader
+        self.policy = policy
+        self.fence = fence
+        self._pending: Operation | None = None
+        self._load_task: asyncio.Future[Any] | None = None
+        self._load_started = 0.0
+        self._load_t0 = 0.0
+
+    def abort(self) -> None:
+        """Give up for good: cancel a loader still running."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+
+    async def run(self) -> Outcome:
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            if self._pending is None:
+                try:
+                    self._pending = self.gen.send(send) if error is None else self.gen.throw(error)
+                except StopIteration as stop:
+                    outcome: Outcome = stop.value
+                    return outcome
+            error = None
+            try:
+                send = await self._execute(self._pending)
+            except asyncio.CancelledError:
+                raise  # the operation stays pending: a resumed run redoes it
+            except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
+                error, send = exc, None
+            self._pending = None
+
+    async def _execute(self, op: Operation) -> Any:
+        rt = self.rt
+        kind = type(op)
+        if kind is Read:
+            assert isinstance(op, Read)
+            if rt.tiers[op.index].in_process:
+                return rt.read_sync(op.index, op.key, op.converter)
+            return await rt.read_async(op.index, op.key, op.converter)
+        if kind is Write:
+            assert isinstance(op, Write)
+            return await rt.write_async(op)
+        if kind is Load:
+            assert isinstance(op, Load)
+            return await self._load(op.has_stale)
+        if kind is AcquireLease:
+            assert isinstance(op, AcquireLease)
+            if not rt.tier_usable(op.index, op.key):
+                return NO_LEASE
+            try:
+                return await rt.lease_tier(op.index).aacquire_lease(op.key, op.ttl)
+            except Exception as exc:
+                rt.tier_failed(op.index, op.key, exc, "acquire_lease")
+                return NO_LEASE
+        if kind is ReleaseLease:
+            assert isinstance(op, ReleaseLease)
+            try:
+                await rt.lease_tier(op.index).arelease_lease(op.key, op.token)
+            except Exception as exc:
+                rt.tier_failed(op.index, op.key, exc, "release_lease")
             return None
-        rt.emit("lease_wait", op.key, rt.names[op.index], time.perf_counter() - started)
-        return rt.typed(op.index, op.key, raw, op.converter)
-    raise AssertionError(f"unknown operation {op!r}")
+        if kind is WaitForEntry:
+            assert isinstance(op, WaitForEntry)
+            started = time.perf_counter()
+            try:
+                raw = await rt.lease_tier(op.index).await_for_entry(op.key, op.timeout)
+            except Exception as exc:
+                rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+                return None
+            rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
+            return rt.typed(op.index, op.key, raw, op.converter)
+        raise AssertionError(f"unknown operation {op!r}")
 
-
-async def _load(
-    rt: Runtime, loader: Loader, policy: Policy, has_stale: bool, fence: Flight | None
-) -> LoadOutcome:
-    key = fence.key if fence is not None else ""
-    started = rt.clock()
-    t0 = time.perf_counter()
-    try:
-        result = loader()
-        if inspect.isawaitable(result):
-            soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
-            hard = policy.hard_timeout
-            if soft is None and hard is None:
-                value = await result
-            else:
-                timed = await _await_with_timeouts(rt, result, policy, soft, hard, started, t0, fence)
-                if timed is None:
-                    return LoadOutcome(soft_timed_out=True, started_at=started)
-                value = timed[0]
-        else:
-            value = result
-    except Exception as exc:
-        rt.emit(EventKind.LOAD_ERROR, key, error=exc)
-        return LoadOutcome(error=exc, started_at=started, duration=time.perf_counter() - t0)
-    duration = time.perf_counter() - t0
-    if rt.hook is not None:
-        rt.emit(EventKind.LOAD, key, duration=duration)
-    return LoadOutcome(value, started_at=started, duration=duration)
-
-
-async def _await_with_timeouts(
-    rt: Runtime,
-    awaitable: Awaitable[Any],
-    policy: Policy,
-    soft: float | None,
-    hard: float | None,
-    started: float,
-    t0: float,
-    fence: Flight | None,
-) -> tuple[Any] | None:
-    """Await the loader under its timeouts: (value,) when it finished, None on a soft timeout
-    (it goes on in the background and stores its result), LoaderTimeoutError on the hard one."""
-    task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
-    first = soft if soft is not None and (hard is None or soft < hard) else hard
-    try:
-        done, _ = await asyncio.wait({task}, timeout=first)
-    except asyncio.CancelledError:
+    async def _load(self, has_stale: bool) -> LoadOutcome:
+        rt, policy = self.rt, self.policy
+        key = self.fence.key if self.fence is not None else ""
+        if self._load_task is None:
+            self._load_started = rt.clock()
+            self._load_t0 = time.perf_counter()
+            try:
+                result = self.loader()
+            except Exception as exc:
+                return self._failed(key, exc)
+            if not inspect.isawaitable(result):
+                return self._loaded(key, result)
+            self._load_task = asyncio.ensure_future(result)
+        task, t0 = self._load_task, self._load_t0
+        soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
+        hard = policy.hard_timeout
+        first = soft if soft is not None and (hard is None or soft < hard) else hard
+        remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
+        await asyncio.wait({task}, timeout=remaining)  # never cancels the loader itself
+        if task.done():
+            if task.cancelled():
+                return self._failed(key, LoaderTimeoutError("the loader was cancelled"))
+            failure = task.exception()
+            if failure is not None:
+                if not isinstance(failure, Exception):
+                    raise failure
+                return self._failed(key, failure)
+            return self._loaded(key, task.result())
+        if first == soft and soft is not None:
+            # Soft timeout with something stale to serve: the load goes on and stores its result.
+            rt.track(asyncio.get_running_loop().create_task(self._finish_late(task)))
+            return LoadOutcome(soft_timed_out=True, started_at=self._load_started)
         task.cancel()
-        raise
-    if done:
-        return (task.result(),)
-    if first == soft and soft is not None:
-        rt.track(asyncio.get_running_loop().create_task(_finish_late(rt, task, policy, started, t0, fence)))
-        return None
-    task.cancel()
-    raise LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s; it was cancelled")
+        return self._failed(
+            key, LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s; it was cancelled")
+        )
 
+    def _loaded(self, key: str, value: Any) -> LoadOutcome:
+        duration = time.perf_counter() - self._load_t0
+        self.rt.emit(EventKind.LOAD, key, duration=duration)
+        return LoadOutcome(value, started_at=self._load_started, duration=duration)
 
-async def _finish_late(
-    rt: Runtime, task: asyncio.Future[Any], policy: Policy, started: float, t0: float, fence: Flight | None
-) -> None:
-    """After a soft timeout: wait (up to the hard timeout) and store the result, fenced."""
-    hard = policy.hard_timeout
-    remaining = None if hard is None else max(0.0, t0 + hard - time.perf_counter())
-    try:
-        value = await asyncio.wait_for(task, remaining)
-    except Exception as exc:  # the caller already got stale; a late failure is only logged
-        logger.debug("tiercache: late loader for %r failed: %r", fence.key if fence else "", exc)
-        return
-    if fence is None:
-        return
-    loaded = LoadOutcome(value, started_at=started, duration=time.perf_counter() - t0)
-    entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
-    if entry is not None:
-        await rt.write_async(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
+    def _failed(self, key: str, exc: Exception) -> LoadOutcome:
+        duration = time.perf_counter() - self._load_t0
+        self.rt.emit(EventKind.LOAD_ERROR, key, duration=duration, error=exc)
+        return LoadOutcome(error=exc, started_at=self._load_started, duration=duration)
+
+    async def _finish_late(self, task: asyncio.Future[Any]) -> None:
+        """After a soft timeout: wait (up to the hard timeout) and store the result, fenced."""
+        rt, policy, fence = self.rt, self.policy, self.fence
+        hard = policy.hard_timeout
+        remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
+        try:
+            value = await asyncio.wait_for(task, remaining)
+        except Exception as exc:  # the caller already got stale; a late failure is only logged
+            logger.debug("tiercache: late loader for %r failed: %r", fence.key if fence else "", exc)
+            return
+        if fence is None:
+            return
+        loaded = LoadOutcome(
+            value, started_at=self._load_started, duration=time.perf_counter() - self._load_t0
+        )
+        entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
+        if entry is not None:
+            await rt.write_async(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
 
 
 # --- the public operations ----------------------------------------------------------------
@@ -188,28 +219,28 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> A
         entry = tiers[i].get(key)
         if entry is not None:
             if now < entry.fresh_until:
+                rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
                 return entry.value
             if stale is None and now < entry.stale_until:
                 stale = entry
     if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, Source.STALE_SWR)
+        rt.emit(EventKind.STALE_SERVED, key)
         start_refresh(rt, key, loader, policy, stale)
         return stale.value
     return await fill(rt, key, loader, policy, stale)
 
 
 async def fill(rt: Runtime, key: str, loader: Loader, policy: Policy, stale: Entry | None) -> Any:
-    """Join the key's flight or lead a new one; the flight itself runs as its own task, so a
-    cancelled caller (leader or not) only stops waiting."""
+    """Join the key's flight, or lead it inline (no task is created unless the leader is
+    cancelled: then a task takes over the pending operation and finishes for the joiners)."""
     loop = asyncio.get_running_loop()
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
-            rt.track(loop.create_task(lead(rt, flight, key, loader, policy, stale)))
-        else:
-            rt.emit(EventKind.JOIN, key)
+            return (await lead(rt, flight, key, loader, policy, stale)).value
+        rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
         if isinstance(flight.error, FlightAborted):
             continue
@@ -225,9 +256,8 @@ async def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
-) -> None:
-    """Run the flow as this flight's leader and resolve the flight (never raises an Exception:
-    the outcome or error goes to the flight's waiters)."""
+) -> Outcome:
+    """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
     gen = fill_flow(
         rt.plan,
         key,
@@ -238,17 +268,48 @@ async def lead(
         refresh=refresh,
         build=rt.build_entry,
     )
+    run = FlowRun(rt, gen, loader, policy, flight)
     try:
-        outcome = await run_flow(rt, gen, loader, policy, flight)
+        outcome = await run.run()
+    except asyncio.CancelledError:
+        if rt.closing:  # aclose(): abandon the flight, stop the loader
+            run.abort()
+            rt.flights.finish(flight, error=FlightAborted("cache closed"))
+            raise
+        # The caller gave up, the others have not: a task finishes the flight for them.
+        rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
+        raise
+    except Exception as exc:
+        rt.flights.finish(flight, error=exc)
+        raise
+    except BaseException as exc:
+        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        raise
+    _finished(rt, flight, key, loader, policy, outcome)
+    return outcome
+
+
+async def _take_over(
+    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy
+) -> None:
+    try:
+        outcome = await run.run()
     except Exception as exc:
         rt.flights.finish(flight, error=exc)
         return
-    except BaseException as exc:  # cancelled (loop shutting down, aclose): joiners start anew
+    except BaseException as exc:  # cancelled again (loop shutting down, aclose): joiners start anew
+        run.abort()
         rt.flights.finish(flight, error=FlightAborted(repr(exc)))
         raise
+    _finished(rt, flight, key, loader, policy, outcome)
+
+
+def _finished(
+    rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, outcome: Outcome
+) -> None:
     rt.flights.finish(flight, outcome)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, outcome.source)
+        rt.emit(EventKind.STALE_SERVED, key)
     if outcome.refresh:
         start_refresh(rt, key, loader, policy, outcome.entry)
 
@@ -258,7 +319,16 @@ def start_refresh(rt: Runtime, key: str, loader: Loader, policy: Policy, current
     loop = asyncio.get_running_loop()
     flight, leader = rt.flights.join_or_lead(key, loop)
     if leader:
-        rt.track(loop.create_task(lead(rt, flight, key, loader, policy, current, refresh=True)))
+        rt.track(loop.create_task(_refresh(rt, flight, key, loader, policy, current)))
+
+
+async def _refresh(
+    rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, current: Entry | None
+) -> None:
+    try:
+        await lead(rt, flight, key, loader, policy, current, refresh=True)
+    except Exception as exc:  # nobody waits on a refresh; its failure is only logged
+        logger.debug("tiercache: background refresh of %r failed: %r", key, exc)
 
 
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:

@@ -16,6 +16,7 @@ from ._keys import check_key
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Codec, JsonCodec, converter_for
+from ._stats import CacheStats
 from ._tier import Tier, TierBinding
 
 __all__ = ["SyncTieredCache", "TieredCache"]
@@ -32,7 +33,8 @@ class TieredCache:
     stale-while-revalidate (``swr=True``) and fail-safe (on by default: a failing loader is answered
     with the stale value). ``namespace`` prefixes every key (``namespace:key``), so caches sharing a
     Redis never see each other's keys. ``clock`` is a wall-clock function (inject a fake in tests).
-    Per-call keyword arguments override these defaults.
+    Per-call keyword arguments override these defaults. ``metrics=False`` removes even the one
+    counter increment from the L1 hit path (``cache.stats`` then misses inline L1 hits).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class TieredCache:
         clock: Callable[[], float] | None = None,
         codec: Codec | None = None,
         on_event: EventHook | None = None,
+        metrics: bool = True,
     ) -> None:
         tiers = list(tiers)
         if not tiers:
@@ -100,6 +103,8 @@ class TieredCache:
         )
         for tier in tiers:
             tier.bind(binding)
+        # Inline L1 hits are counted in one list cell (None: metrics off, nothing on the hit path).
+        self._hit_cell: list[int] | None = self._rt.stats.l1_hit_cell if metrics else None
         # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
         self._lookup: Callable[[str], Any] | None = (
             getattr(tiers[0], "fast_lookup", None) if self._rt.l1 else None
@@ -112,6 +117,11 @@ class TieredCache:
     @property
     def tiers(self) -> tuple[Tier, ...]:
         return self._rt.tiers
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters per tier and per cache (see ``CacheStats``)."""
+        return self._rt.stats
 
     # --- helpers shared with the sync mirror and the decorator ------------------------------
 
@@ -193,6 +203,8 @@ class TieredCache:
             slot = lookup(self._prefix + key)
             if slot is not None and slot.entry.fresh_until > self.clock():
                 slot.visited = True
+                if self._hit_cell is not None:
+                    self._hit_cell[0] += 1
                 return slot.entry.value
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         return await _async.get_cached(self._rt, self.full_key(key), loader, policy)
@@ -229,10 +241,14 @@ class TieredCache:
         mine = [t for t in self._rt.tasks if t.get_loop() is loop and not t.done()]
         if mine:
             _, pending = await asyncio.wait(mine, timeout=grace)
-            for task in pending:
-                task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=grace)
+                self._rt.closing = True
+                try:
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending, timeout=grace)
+                finally:
+                    self._rt.closing = False
         for tier in self._rt.tiers:
             await tier.aclose()
 
@@ -277,6 +293,8 @@ class SyncTieredCache:
             slot = lookup(cache._prefix + key)
             if slot is not None and slot.entry.fresh_until > cache.clock():
                 slot.visited = True
+                if cache._hit_cell is not None:
+                    cache._hit_cell[0] += 1
                 hit: T = slot.entry.value
                 return hit
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)

@@ -129,7 +129,7 @@ def _policy_resolver(
 
 
 _SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
     def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -137,13 +137,14 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
             __tc_entry = __tc_slot.entry
             if __tc_entry.fresh_until > __tc_clock():
                 __tc_slot.visited = True
+                {count_hit}
                 return __tc_entry.value
         return __tc_slow(__tc_key, lambda: __tc_fn({call}))
     return {name}
 """
 
 _ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
     async def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -151,20 +152,21 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
             __tc_entry = __tc_slot.entry
             if __tc_entry.fresh_until > __tc_clock():
                 __tc_slot.visited = True
+                {count_hit}
                 return __tc_entry.value
         return await __tc_slow(__tc_key, lambda: __tc_fn({call}))
     return {name}
 """
 
 _NO_L1_SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
     def {name}({header}):
         return __tc_slow({key_expr}, lambda: __tc_fn({call}))
     return {name}
 """
 
 _NO_L1_ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
     async def {name}({header}):
         return await __tc_slow({key_expr}, lambda: __tc_fn({call}))
     return {name}
@@ -201,7 +203,16 @@ def build_cached_function(
             return _sync.get_cached(rt, check_key(key), loader, resolve_policy())
 
         slow = slow_sync
-    wrapper = spec.compile(source, lookup, rt.clock, slow, fn)
+    hits = cache._hit_cell
+    # One specialised body per option set: with metrics off the hit path has no counter at all.
+    wrapper = spec.compile(
+        source.replace("{count_hit}", "__tc_hits[0] += 1" if hits else "pass"),
+        lookup,
+        rt.clock,
+        slow,
+        fn,
+        hits,
+    )
     make_key = spec.compile(_KEY_TEMPLATE)
 
     if is_async:

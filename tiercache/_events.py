@@ -27,6 +27,9 @@ class EventKind:
     BREAKER_CLOSED = "breaker_closed"  # ``tier`` answered again after a cool-down
     CORRUPT = "corrupt"  # ``tier`` held bytes under our key that are not a valid entry
     STALE_SERVED = "stale_served"  # a stale entry was returned (fail-safe or SWR)
+    LEASE_WAIT = "lease_wait"  # waited ``duration`` s at ``tier`` for another process's load
+    BUS_MESSAGE = "bus_message"  # an invalidation message from another process was applied
+    BUS_GAP = "bus_gap"  # messages were lost (sequence gap, reconnect): L1 was cleared
 
 
 class Event(NamedTuple):

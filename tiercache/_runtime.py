@@ -20,6 +20,7 @@ from ._flight import Flight, FlightRegistry
 from ._flow import FillPlan, LoadOutcome, Write
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
+from ._stats import CacheStats, TierStats
 from ._tier import LeaseTier, Tier
 
 __all__ = ["Breaker", "Runtime"]
@@ -90,8 +91,11 @@ class Runtime:
         self.codec = codec
         self.hook = hook
         self.flights = FlightRegistry()
+        self.stats = CacheStats([TierStats(t.name, i + 1) for i, t in enumerate(self.tiers)])
+        self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
         self.tasks: set[asyncio.Task[Any]] = set()  # background work of async callers
+        self.closing = False  # set by aclose(): cancelled flights are abandoned, not taken over
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
             l1 += 1
@@ -126,6 +130,9 @@ class Runtime:
     # --- events ---------------------------------------------------------------------------
 
     def _emit_event(self, event: Event) -> None:
+        """Events raised by tiers and breakers (they name their tier)."""
+        index = self._index_by_name.get(event.tier) if event.tier is not None else None
+        self.stats.count(event.kind, index, event.duration)
         if self.hook is not None:
             emit_safely(self.hook, event)
 
@@ -133,12 +140,15 @@ class Runtime:
         self,
         kind: str,
         key: str,
-        tier: str | None = None,
+        tier: int | None = None,
         duration: float | None = None,
         error: BaseException | None = None,
     ) -> None:
+        """Count an event and hand it to the hook; ``tier`` is the tier's index."""
+        self.stats.count(kind, tier, duration)
         if self.hook is not None:
-            emit_safely(self.hook, Event(kind, key, tier, duration, error))
+            name = None if tier is None else self.names[tier]
+            emit_safely(self.hook, Event(kind, key, name, duration, error))
 
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
@@ -146,7 +156,7 @@ class Runtime:
         breaker = self.breakers[index]
         if breaker is not None:
             breaker.failed(self.clock())
-        self.emit(EventKind.TIER_ERROR, key, name, error=exc)
+        self.emit(EventKind.TIER_ERROR, key, index, error=exc)
 
     def _tier_ok(self, index: int) -> None:
         breaker = self.breakers[index]
@@ -157,7 +167,7 @@ class Runtime:
         breaker = self.breakers[index]
         if breaker is None or breaker.allows(self.clock()):
             return True
-        self.emit(EventKind.TIER_SKIPPED, key, self.names[index])
+        self.emit(EventKind.TIER_SKIPPED, key, index)
         return False
 
     # --- reads ----------------------------------------------------------------------------
@@ -165,21 +175,20 @@ class Runtime:
     def typed(self, index: int, key: str, entry: Entry | None, conv: Converter | None) -> Entry | None:
         """Check a tier's answer: alive, really this key, converted to the caller's type."""
         if entry is None:
-            self.emit(EventKind.MISS, key, self.names[index])
+            self.emit(EventKind.MISS, key, index)
             return None
         if entry.key != key or not entry.stale_until > self.clock():
             if entry.key != key:
-                self.emit(EventKind.CORRUPT, key, self.names[index])
+                self.emit(EventKind.CORRUPT, key, index)
             return None
         if not entry.typed:
             try:
                 entry = convert_entry(entry, conv)
             except SerializationError as exc:
-                self.emit(EventKind.CORRUPT, key, self.names[index], error=exc)
+                self.emit(EventKind.CORRUPT, key, index, error=exc)
                 return None
-        if self.hook is not None:
-            fresh = self.clock() < entry.fresh_until
-            self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, self.names[index])
+        fresh = self.clock() < entry.fresh_until
+        self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, index)
         return entry
 
     def read_sync(self, index: int, key: str, conv: Converter | None) -> Entry | None:
@@ -220,7 +229,7 @@ class Runtime:
         self.emit(
             EventKind.TIER_ERROR,
             key,
-            self.names[index],
+            index,
             error=ValueTooLargeError(f"{self.names[index]}: {size} bytes is over this tier's limit"),
         )
 
@@ -261,14 +270,14 @@ class Runtime:
         try:
             self.tiers[i].set(key, entry)
         except ValueTooLargeError as exc:
-            self.emit(EventKind.TIER_ERROR, key, self.names[i], error=exc)
+            self.emit(EventKind.TIER_ERROR, key, i, error=exc)
             return -1
         except Exception as exc:
             self.tier_failed(i, key, exc, "set")
             return 0
         self._tier_ok(i)
         if backfill:
-            self.emit(EventKind.BACKFILL, key, self.names[i])
+            self.emit(EventKind.BACKFILL, key, i)
         return 1
 
     async def write_async(self, op: Write) -> int:
@@ -305,7 +314,7 @@ class Runtime:
             try:
                 await tier.aset(key, entry)
             except ValueTooLargeError as exc:
-                self.emit(EventKind.TIER_ERROR, key, self.names[i], error=exc)
+                self.emit(EventKind.TIER_ERROR, key, i, error=exc)
                 too_large += 1
                 continue
             except Exception as exc:
@@ -314,7 +323,7 @@ class Runtime:
             self._tier_ok(i)
             written += 1
             if op.backfill:
-                self.emit(EventKind.BACKFILL, key, self.names[i])
+                self.emit(EventKind.BACKFILL, key, i)
         return -1 if too_large and too_large == len(op.indices) else written
 
     def delete_sync(self, key: str, version: int) -> None:

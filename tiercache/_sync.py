@@ -97,7 +97,7 @@ def _execute(
         except Exception as exc:
             rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
             return None
-        rt.emit("lease_wait", op.key, rt.names[op.index], time.perf_counter() - started)
+        rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
         return rt.typed(op.index, op.key, raw, op.converter)
     raise AssertionError(f"unknown operation {op!r}")
 
@@ -151,8 +151,7 @@ def _load(
             rt.emit(EventKind.LOAD_ERROR, fence.key if fence else "", error=exc)
             return LoadOutcome(error=exc, started_at=started, duration=time.perf_counter() - t0)
         duration = time.perf_counter() - t0
-        if rt.hook is not None:
-            rt.emit(EventKind.LOAD, fence.key if fence else "", duration=duration)
+        rt.emit(EventKind.LOAD, fence.key if fence else "", duration=duration)
         return LoadOutcome(value, started_at=started, duration=duration)
 
     # A sync function cannot be cancelled: run it in a daemon thread and stop *waiting* for it.
@@ -217,13 +216,14 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
         entry = tiers[i].get(key)
         if entry is not None:
             if now < entry.fresh_until:
+                rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
                 return entry.value
             if stale is None and now < entry.stale_until:
                 stale = entry
     if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, Source.STALE_SWR)
+        rt.emit(EventKind.STALE_SERVED, key)
         start_refresh(rt, key, loader, policy, stale)
         return stale.value
     while True:
@@ -263,7 +263,7 @@ def _run_leader_flow(
     )
     outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, outcome.source)
+        rt.emit(EventKind.STALE_SERVED, key)
     return outcome
 
 

@@ -1,0 +1,115 @@
+"""Counters a cache keeps about itself: per tier and per cache, cheap enough to leave on.
+
+They are plain integers bumped without locks: exact for asyncio, approximate when many threads hit
+the same cache at once (an increment can be lost, never invented). L1 hits taken on the inline hit
+path are counted in one list cell (``l1_hit_cell``) so that path stays a single ``+= 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._events import EventKind
+
+__all__ = ["CacheStats", "TierStats"]
+
+
+@dataclass
+class TierStats:
+    """What happened at one tier."""
+
+    name: str
+    level: int  # 1 for the first tier (L1), 2 for the next...
+    hits: int = 0
+    stale_hits: int = 0
+    misses: int = 0
+    backfills: int = 0
+    errors: int = 0
+    skipped: int = 0  # calls not made because the tier's breaker was open
+    corrupt: int = 0
+    breaker_opened: int = 0
+    breaker_closed: int = 0
+
+
+@dataclass
+class CacheStats:
+    """Counters of one TieredCache (``cache.stats``)."""
+
+    tiers: list[TierStats]
+    loads: int = 0
+    load_errors: int = 0
+    load_seconds: float = 0.0
+    joins: int = 0
+    stale_served: int = 0
+    lease_waits: int = 0
+    lease_wait_seconds: float = 0.0
+    bus_messages: int = 0
+    bus_gaps: int = 0
+    l1_hit_cell: list[int] = field(default_factory=lambda: [0])
+
+    def tier_hits(self, index: int) -> int:
+        """Hits of tier ``index`` including those taken on the inline L1 hit path."""
+        extra = self.l1_hit_cell[0] if index == 0 else 0
+        return self.tiers[index].hits + extra
+
+    def snapshot(self) -> dict[str, Any]:
+        """All counters as plain data (for logs, tests and exporters)."""
+        tiers = []
+        for i, t in enumerate(self.tiers):
+            row = {k: v for k, v in vars(t).items()}
+            row["hits"] = self.tier_hits(i)
+            tiers.append(row)
+        return {
+            "tiers": tiers,
+            "loads": self.loads,
+            "load_errors": self.load_errors,
+            "load_seconds": self.load_seconds,
+            "joins": self.joins,
+            "stale_served": self.stale_served,
+            "lease_waits": self.lease_waits,
+            "lease_wait_seconds": self.lease_wait_seconds,
+            "bus_messages": self.bus_messages,
+            "bus_gaps": self.bus_gaps,
+        }
+
+    def count(self, kind: str, tier: int | None, duration: float | None) -> None:
+        """Record one event (called by the runtime for every event, hook or not)."""
+        if tier is not None:
+            t = self.tiers[tier]
+            if kind == EventKind.HIT:
+                t.hits += 1
+            elif kind == EventKind.MISS:
+                t.misses += 1
+            elif kind == EventKind.STALE_HIT:
+                t.stale_hits += 1
+            elif kind == EventKind.BACKFILL:
+                t.backfills += 1
+            elif kind == EventKind.TIER_ERROR:
+                t.errors += 1
+            elif kind == EventKind.TIER_SKIPPED:
+                t.skipped += 1
+            elif kind == EventKind.CORRUPT:
+                t.corrupt += 1
+            elif kind == EventKind.BREAKER_OPEN:
+                t.breaker_opened += 1
+            elif kind == EventKind.BREAKER_CLOSED:
+                t.breaker_closed += 1
+            elif kind == EventKind.LEASE_WAIT:
+                self.lease_waits += 1
+                self.lease_wait_seconds += duration or 0.0
+            return
+        if kind == EventKind.LOAD:
+            self.loads += 1
+            self.load_seconds += duration or 0.0
+        elif kind == EventKind.LOAD_ERROR:
+            self.load_errors += 1
+            self.load_seconds += duration or 0.0
+        elif kind == EventKind.JOIN:
+            self.joins += 1
+        elif kind == EventKind.STALE_SERVED:
+            self.stale_served += 1
+        elif kind == EventKind.BUS_MESSAGE:
+            self.bus_messages += 1
+        elif kind == EventKind.BUS_GAP:
+            self.bus_gaps += 1
