@@ -80,7 +80,7 @@ from ._kv_protocol import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["CloudflareKVTier", "KVStats"]
+__all__ = ["CloudflareKVTier", "KVStats", "kv_key_for"]  # kv_key_for: the KV name a Worker reads
 
 logger = logging.getLogger("tiercache.cloudflare_kv")
 

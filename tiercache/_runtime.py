@@ -57,11 +57,16 @@ class Breaker:
                 logger.info("tiercache: tier %s answers again; breaker closed", self.name)
                 self._emit(Event(EventKind.BREAKER_CLOSED, "", self.name))
 
-    def failed(self, now: float) -> None:
+    def failed(self, now: float, retry_after: float | None = None) -> None:
+        """Count a failure. A tier that says when to come back (HTTP 429 Retry-After, a spent
+        request budget) opens the breaker for exactly that long, at once."""
         self.failures += 1
+        if retry_after is not None and retry_after > 0:
+            self.failures = max(self.failures, self.threshold)
         if self.failures >= self.threshold:
             first = self.open_until == 0.0
-            self.open_until = now + self.cooldown
+            cooldown = self.cooldown if retry_after is None else max(retry_after, 0.0)
+            self.open_until = max(self.open_until, now + cooldown)
             if first:
                 logger.warning(
                     "tiercache: tier %s failed %d times in a row; skipping it for %.1fs",
@@ -155,7 +160,8 @@ class Runtime:
         logger.debug("tiercache: %s on tier %s failed: %r", what, name, exc)
         breaker = self.breakers[index]
         if breaker is not None:
-            breaker.failed(self.clock())
+            retry_after = getattr(exc, "retry_after", None)
+            breaker.failed(self.clock(), retry_after if isinstance(retry_after, (int, float)) else None)
         self.emit(EventKind.TIER_ERROR, key, index, error=exc)
 
     def _tier_ok(self, index: int) -> None:

@@ -335,3 +335,31 @@ def test_decorator_uses_the_return_annotation_as_value_type(clock: FakeClock) ->
     load(1)
     got = asyncio.run(read(1))
     assert isinstance(got, User) and got == user
+
+
+def test_a_tier_that_says_retry_after_is_skipped_for_exactly_that_long(clock: FakeClock) -> None:
+    from tiercache import TierError
+
+    class RateLimited(TierError):
+        retry_after = 30.0
+
+    cache, _, l2 = chain(clock, breaker_threshold=5, breaker_cooldown=1)
+    l2.down = True
+    original = l2._call
+
+    def limited(op: str) -> None:
+        if l2.down:
+            l2.calls[op] += 1
+            raise RateLimited("remote", "429")
+        original(op)
+
+    l2._call = limited  # type: ignore[method-assign]
+    cache.sync.get("a")  # one 429 opens the breaker at once, for Retry-After seconds
+    l2.down = False
+    calls = l2.calls["get"]
+    clock.advance(29)
+    cache.sync.get("b")
+    assert l2.calls["get"] == calls
+    clock.advance(2)
+    cache.sync.get("c")
+    assert l2.calls["get"] == calls + 1
