@@ -4,7 +4,7 @@ Imports nothing optional: ``tiercache.adapters.redis`` and ``tiercache.adapters.
 load their client libraries only when used.
 """
 
-from ._cache import SyncTieredCache, TieredCache
+from ._cache import Lookup, SyncTieredCache, TieredCache
 from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache
 from ._entry import Entry
 from ._errors import (
@@ -36,6 +36,7 @@ __all__ = [
     "JsonCodec",
     "LeaseTier",
     "LoaderTimeoutError",
+    "Lookup",
     "SerializationError",
     "Source",
     "SyncTieredCache",

@@ -210,7 +210,7 @@ class FlowRun:
 # --- the public operations ----------------------------------------------------------------
 
 
-async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Any:
+async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Outcome:
     """The async get_cached after key checks: L1 walk, then join or lead the flight."""
     now = rt.clock()
     stale: Entry | None = None
@@ -222,30 +222,30 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> A
                 rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
-                return entry.value
+                return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
             if stale is None and now < entry.stale_until:
                 stale = entry
     if stale is not None and policy.swr:
         rt.emit(EventKind.STALE_SERVED, key)
         start_refresh(rt, key, loader, policy, stale)
-        return stale.value
+        return Outcome(stale.value, stale, Source.STALE_SWR)
     return await fill(rt, key, loader, policy, stale)
 
 
-async def fill(rt: Runtime, key: str, loader: Loader, policy: Policy, stale: Entry | None) -> Any:
+async def fill(rt: Runtime, key: str, loader: Loader, policy: Policy, stale: Entry | None) -> Outcome:
     """Join the key's flight, or lead it inline (no task is created unless the leader is
     cancelled: then a task takes over the pending operation and finishes for the joiners)."""
     loop = asyncio.get_running_loop()
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
-            return (await lead(rt, flight, key, loader, policy, stale)).value
+            return await lead(rt, flight, key, loader, policy, stale)
         rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
         if isinstance(flight.error, FlightAborted):
             continue
         outcome: Outcome = flight.result()
-        return outcome.value
+        return Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
 
 
 async def lead(

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, NamedTuple, TypeVar, overload
 
 from . import _async, _sync
 from ._errors import ConfigurationError
@@ -19,9 +19,18 @@ from ._serde import Codec, JsonCodec, converter_for
 from ._stats import CacheStats
 from ._tier import Tier, TierBinding
 
-__all__ = ["SyncTieredCache", "TieredCache"]
+__all__ = ["Lookup", "SyncTieredCache", "TieredCache"]
 
 T = TypeVar("T")
+
+
+class Lookup(NamedTuple):
+    """A value and where it came from (see ``TieredCache.lookup``)."""
+
+    value: Any
+    source: str
+    tier: str | None
+
 
 _UNSET: Any = object()
 
@@ -207,7 +216,25 @@ class TieredCache:
                     self._hit_cell[0] += 1
                 return slot.entry.value
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
-        return await _async.get_cached(self._rt, self.full_key(key), loader, policy)
+        return (await _async.get_cached(self._rt, self.full_key(key), loader, policy)).value
+
+    async def lookup(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> Lookup:
+        """``get_cached`` that also says where the value came from (for debugging and tests):
+        ``Lookup(value, source, tier)`` with source "L1", "L2"... (a tier hit; ``tier`` is its
+        name), "LOADED", "JOINED", "STALE_SWR" or "STALE_FAILSAFE"."""
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
+        return Lookup(outcome.value, outcome.source, outcome.tier)
 
     async def get(
         self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False
@@ -298,8 +325,25 @@ class SyncTieredCache:
                 hit: T = slot.entry.value
                 return hit
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
-        value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
+        value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy).value
         return value
+
+    def lookup(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> Lookup:
+        """As ``TieredCache.lookup``, blocking."""
+        cache = self._cache
+        policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
+        return Lookup(outcome.value, outcome.source, outcome.tier)
 
     def get(self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False) -> Any:
         conv = None if value_type is None else converter_for(value_type)

@@ -193,14 +193,14 @@ def build_cached_function(
         source = _ASYNC_TEMPLATE if lookup is not None else _NO_L1_ASYNC_TEMPLATE
 
         async def slow_async(key: str, loader: Callable[[], Any]) -> Any:
-            return await _async.get_cached(rt, check_key(key), loader, resolve_policy())
+            return (await _async.get_cached(rt, check_key(key), loader, resolve_policy())).value
 
         slow: Callable[[str, Callable[[], Any]], Any] = slow_async
     else:
         source = _SYNC_TEMPLATE if lookup is not None else _NO_L1_SYNC_TEMPLATE
 
         def slow_sync(key: str, loader: Callable[[], Any]) -> Any:
-            return _sync.get_cached(rt, check_key(key), loader, resolve_policy())
+            return _sync.get_cached(rt, check_key(key), loader, resolve_policy()).value
 
         slow = slow_sync
     hits = cache._hit_cell

@@ -54,7 +54,8 @@ __all__ = [
 
 
 class Source:
-    """Where a returned value came from (``Outcome.source``; tier names are used for tier hits)."""
+    """Where a returned value came from (``Lookup.source``). Tier hits are "L1", "L2"... by
+    position in the chain (``Lookup.tier`` names the tier)."""
 
     LOADED = "LOADED"
     JOINED = "JOINED"
@@ -144,7 +145,8 @@ class Outcome:
 
     value: Any
     entry: Entry | None
-    source: str
+    source: str  # "L1", "L2"... for a tier hit, else one of Source's names
+    tier: str | None = None  # the name of the tier that answered, for tier hits
     refresh: bool = False  # the caller should start a background refresh (SWR)
 
 
@@ -190,7 +192,7 @@ def fill_flow(
         if now < entry.fresh_until and not (refresh and stale is not None and entry.version <= stale.version):
             if index > 0:
                 yield Write(range(index), key, entry, backfill=True)
-            return Outcome(entry.value, entry, plan.names[index])
+            return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index])
         if now < entry.stale_until and (stale is None or entry.version > stale.version):
             stale = entry
 
@@ -209,7 +211,7 @@ def fill_flow(
             if entry is not None and clock() < entry.fresh_until:
                 if lease > 0:
                     yield Write(range(lease), key, entry, backfill=True)
-                return Outcome(entry.value, entry, plan.names[lease])
+                return Outcome(entry.value, entry, f"L{lease + 1}", plan.names[lease])
             if stale is not None and policy.fail_safe and clock() < stale.stale_until:
                 return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
             # Deadline passed with nothing usable: load ourselves, without the lease.
@@ -227,7 +229,7 @@ def fill_flow(
                 yield ReleaseLease(lease, key, token)
                 if lease > 0:
                     yield Write(range(lease), key, entry, backfill=True)
-                return Outcome(entry.value, entry, plan.names[lease])
+                return Outcome(entry.value, entry, f"L{lease + 1}", plan.names[lease])
 
     try:
         loaded: LoadOutcome = yield Load(has_stale=stale is not None)

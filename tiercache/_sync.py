@@ -207,7 +207,7 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Any:
+def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Outcome:
     """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
     now = rt.clock()
     stale: Entry | None = None
@@ -219,27 +219,27 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
                 rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
-                return entry.value
+                return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
             if stale is None and now < entry.stale_until:
                 stale = entry
     if stale is not None and policy.swr:
         rt.emit(EventKind.STALE_SERVED, key)
         start_refresh(rt, key, loader, policy, stale)
-        return stale.value
+        return Outcome(stale.value, stale, Source.STALE_SWR)
     while True:
         flight, leader = rt.flights.join_or_lead(key, None)
         if leader:
-            return lead(rt, flight, key, loader, policy, stale).value
+            return lead(rt, flight, key, loader, policy, stale)
         if flight.loop is not None and flight.loop is _current_loop():
             # Joining would block the very loop the leader runs on: fill on our own instead.
             solo = Flight(key, next_version(), None)
-            return _run_leader_flow(rt, solo, key, loader, policy, stale).value
+            return _run_leader_flow(rt, solo, key, loader, policy, stale)
         rt.emit(EventKind.JOIN, key)
         flight.wait_sync()
         if isinstance(flight.error, FlightAborted):
             continue
         outcome: Outcome = flight.result()
-        return outcome.value
+        return Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
 
 
 def _run_leader_flow(

@@ -25,6 +25,7 @@ def test_all_is_pinned() -> None:
         "JsonCodec",
         "LeaseTier",
         "LoaderTimeoutError",
+        "Lookup",
         "SerializationError",
         "Source",
         "SyncTieredCache",
@@ -45,7 +46,10 @@ def test_all_is_pinned() -> None:
 def test_import_pulls_in_no_optional_dependency() -> None:
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import tiercache"],
-        capture_output=True, text=True, check=True, cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
     ).stderr
     imported = {line.split("|")[-1].strip() for line in out.splitlines() if "|" in line}
     for optional in ("redis", "httpx", "pydantic", "fakeredis", "pytest", "cachetools"):
@@ -56,14 +60,23 @@ def test_errors_are_one_hierarchy_and_keep_builtin_meaning() -> None:
     assert issubclass(tiercache.SerializationError, TypeError)
     assert issubclass(tiercache.InvalidKeyError, ValueError)
     assert issubclass(tiercache.LoaderTimeoutError, TimeoutError)
-    for name in ("ConfigurationError", "InvalidKeyError", "SerializationError", "TierError",
-                 "ValueTooLargeError", "LoaderTimeoutError"):
+    for name in (
+        "ConfigurationError",
+        "InvalidKeyError",
+        "SerializationError",
+        "TierError",
+        "ValueTooLargeError",
+        "LoaderTimeoutError",
+    ):
         assert issubclass(getattr(tiercache, name), tiercache.TierCacheError)
 
 
 def test_importing_the_adapters_folder_directly_fails_clearly() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import adapters"], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-c", "import adapters"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode != 0
     assert "import them as 'tiercache.adapters'" in result.stderr
