@@ -26,7 +26,7 @@ from ._entry import Entry
 from ._events import Event, EventHook
 from ._serde import Codec, JsonCodec
 
-__all__ = ["LeaseTier", "Tier", "TierBinding"]
+__all__ = ["ExpiringTier", "LeaseTier", "NamespaceClearingTier", "TagStore", "Tier", "TierBinding"]
 
 
 def _no_events(event: Event) -> None:
@@ -101,3 +101,53 @@ class LeaseTier(Protocol):
     async def arelease_lease(self, key: str, token: str) -> None: ...
 
     async def await_for_entry(self, key: str, timeout: float) -> Entry | None: ...
+
+
+# --- optional capabilities (the core checks for them with isinstance / getattr) ----------------
+
+
+@runtime_checkable
+class ExpiringTier(Protocol):
+    """A tier that can mark an entry stale in place, atomically (``cache.expire``).
+
+    ``expire(key, at, version)``: if an entry is stored under ``key``, lower its ``fresh_until``
+    to ``min(fresh_until, at)``, keep its ``stale_until`` and value (it stays usable for
+    fail-safe), and give it ``version`` so that no older write can bring the fresh copy back.
+    Tiers without this capability are expired by the core with a read and a write.
+    """
+
+    def expire(self, key: str, at: float, version: int) -> None: ...
+
+    async def aexpire(self, key: str, at: float, version: int) -> None: ...
+
+
+@runtime_checkable
+class NamespaceClearingTier(Protocol):
+    """A tier that can remove every key starting with ``prefix`` (``cache.clear``).
+
+    Shared tiers must touch nothing outside the prefix (no FLUSHDB/FLUSHALL): SCAN + UNLINK in
+    batches on Redis, on every primary of a Cluster. Returns how many keys were removed.
+    """
+
+    def clear(self, prefix: str) -> int: ...
+
+    async def aclear(self, prefix: str) -> int: ...
+
+
+@runtime_checkable
+class TagStore(Protocol):
+    """A shared tier that keeps one invalidation time per tag (``cache.invalidate_tags``).
+
+    Times are Unix seconds; an entry whose ``created_at`` is at or before the time of any of its
+    tags is invalid. ``set_tag_times`` must be one round trip whatever the number of entries
+    carrying the tags (O(1) invalidation); times only ever move forward (keep the max).
+    Tag names are scoped by the tier's bound namespace.
+    """
+
+    def get_tag_times(self, tags: Sequence[str]) -> list[float | None]: ...
+
+    def set_tag_times(self, tags: Sequence[str], at: float) -> None: ...
+
+    async def aget_tag_times(self, tags: Sequence[str]) -> list[float | None]: ...
+
+    async def aset_tag_times(self, tags: Sequence[str], at: float) -> None: ...
