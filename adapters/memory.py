@@ -147,6 +147,20 @@ class MemoryTier:
             if slot is not None and slot.entry.version <= version:
                 self._unlink(slot)
 
+    def expire(self, key: str, at: float, version: int) -> None:
+        """Mark the entry stale from ``at`` on (kept for fail-safe), under a new version."""
+        with self._lock:
+            slot = self._data.get(key)
+            if slot is not None and slot.entry.version <= version:
+                entry = slot.entry
+                slot.entry = entry.replace(fresh_until=min(entry.fresh_until, at), version=version)
+
+    async def aexpire(self, key: str, at: float, version: int) -> None:
+        self.expire(key, at, version)
+
+    async def aclear(self, prefix: str) -> int:
+        return self.clear(prefix)
+
     def clear(self, prefix: str | None = None) -> int:
         """Remove every entry (or those whose key starts with ``prefix``); returns how many."""
         with self._lock:

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ._entry import Entry, next_version
@@ -32,7 +32,7 @@ from ._runtime import Runtime
 from ._serde import Converter
 from ._sync import new_entry
 
-__all__ = ["FlowRun", "delete", "get", "get_cached", "set_value"]
+__all__ = ["FlowRun", "clear", "delete", "expire", "get", "get_cached", "invalidate_tags", "set_value"]
 
 logger = logging.getLogger("tiercache")
 
@@ -137,7 +137,10 @@ class FlowRun:
                 rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
                 return None
             rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-            return rt.typed(op.index, op.key, raw, op.converter)
+            entry = rt.typed(op.index, op.key, raw, op.converter)
+        if entry is not None and entry.tags and not await rt.coherence.tags_valid_async(entry):
+            return None
+        return entry
         raise AssertionError(f"unknown operation {op!r}")
 
     async def _load(self, has_stale: bool) -> LoadOutcome:
@@ -218,6 +221,9 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
     for i in rt.l1:
         entry = tiers[i].get(key)
         if entry is not None:
+            if entry.tags and not await rt.coherence.tags_valid_async(entry):
+                tiers[i].delete(key, entry.version)  # invalidated by a tag: gone, not even stale
+                continue
             if now < entry.fresh_until:
                 rt.stats.tiers[i].hits += 1
                 if i:
@@ -236,6 +242,7 @@ async def fill(rt: Runtime, key: str, loader: Loader, policy: Policy, stale: Ent
     """Join the key's flight, or lead it inline (no task is created unless the leader is
     cancelled: then a task takes over the pending operation and finishes for the joiners)."""
     loop = asyncio.get_running_loop()
+    rt.coherence.ensure_started()
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
@@ -333,10 +340,14 @@ async def _refresh(
 
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
     now = rt.clock()
+    rt.coherence.ensure_started()
     stale: Entry | None = None
     for i, tier in enumerate(rt.tiers):
         entry = tier.get(key) if tier.in_process else await rt.read_async(i, key, conv)
         if entry is None:
+            continue
+        if tier.in_process and entry.tags and not await rt.coherence.tags_valid_async(entry):
+            tier.delete(key, entry.version)
             continue
         if now < entry.fresh_until:
             if i:
@@ -350,12 +361,34 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
 
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
+    rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
     if await rt.write_async(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
         raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
+    await rt.coherence.publish_async("set", (key,), (), entry.version, entry.created_at)
 
 
 async def delete(rt: Runtime, key: str) -> None:
     version = next_version()
     rt.flights.supersede(key)
     await rt.delete_async(key, version)
+    await rt.coherence.publish_async("delete", (key,), (), version, rt.clock())
+
+
+async def expire(rt: Runtime, key: str) -> None:
+    version, at = next_version(), rt.clock()
+    rt.flights.supersede(key)
+    await rt.expire_async(key, at, version)
+    await rt.coherence.publish_async("expire", (key,), (), version, at)
+
+
+async def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
+    at = rt.clock()
+    rt.coherence.invalidate_tags_locally(tags, at)
+    await rt.store_tag_times_async(tags, at)
+    await rt.coherence.publish_async("tags", (), tags, next_version(), at)
+
+
+async def clear(rt: Runtime) -> None:
+    await rt.clear_async(rt.coherence.prefix)
+    await rt.coherence.publish_async("clear", (), (), next_version(), rt.clock())

@@ -37,7 +37,9 @@ class Bus(Protocol):
     counts and logs a failed publish, it never fails the caller's write because of it.
     """
 
-    def start(self, channel: str, on_message: Callable[[bytes], None], on_reset: Callable[[], None]) -> None: ...
+    def start(
+        self, channel: str, on_message: Callable[[bytes], None], on_reset: Callable[[], None]
+    ) -> None: ...
 
     def publish(self, channel: str, data: bytes) -> None: ...
 

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, overload
 
 from . import _async, _sync
+from ._bus import Bus
 from ._errors import ConfigurationError
 from ._events import EventHook
 from ._keys import check_key
@@ -44,6 +45,9 @@ class TieredCache:
     Redis never see each other's keys. ``clock`` is a wall-clock function (inject a fake in tests).
     Per-call keyword arguments override these defaults. ``metrics=False`` removes even the one
     counter increment from the L1 hit path (``cache.stats`` then misses inline L1 hits).
+    ``bus`` (e.g. ``RedisBus``) tells other processes to drop their L1 copies on every ``set``,
+    ``delete``, ``expire``, ``invalidate_tags`` and ``clear``; tag invalidation times are cached
+    for ``tag_refresh`` seconds between reads of the shared tag store.
     """
 
     def __init__(
@@ -69,6 +73,8 @@ class TieredCache:
         codec: Codec | None = None,
         on_event: EventHook | None = None,
         metrics: bool = True,
+        bus: Bus | None = None,
+        tag_refresh: float = 1.0,
     ) -> None:
         tiers = list(tiers)
         if not tiers:
@@ -106,7 +112,11 @@ class TieredCache:
             hook=on_event,
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
+            namespace=namespace,
+            bus=bus,
+            tag_refresh=tag_refresh,
         )
+        self._tags_ok = self._rt.coherence.tags_valid_locally
         binding = TierBinding(
             clock=self.clock, codec=self._rt.codec, namespace=namespace, on_event=self._rt._emit_event
         )
@@ -210,7 +220,11 @@ class TieredCache:
         lookup = self._lookup
         if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
             slot = lookup(self._prefix + key)
-            if slot is not None and slot.entry.fresh_until > self.clock():
+            if (
+                slot is not None
+                and slot.entry.fresh_until > self.clock()
+                and (not slot.entry.tags or self._tags_ok(slot.entry) is True)
+            ):
                 slot.visited = True
                 if self._hit_cell is not None:
                     self._hit_cell[0] += 1
@@ -258,8 +272,24 @@ class TieredCache:
         await _async.set_value(self._rt, self.full_key(key), value, policy)
 
     async def delete(self, key: str) -> None:
-        """Remove ``key`` from every tier; a load of it already running will not store its result."""
+        """Remove ``key`` from every tier and from other processes' L1 (through the bus); a load
+        of it already running will not store its result."""
         await _async.delete(self._rt, self.full_key(key))
+
+    async def expire(self, key: str) -> None:
+        """Mark ``key`` stale in every tier (and other processes' L1): the next ``get_cached``
+        reloads it, and until then it stays available for fail-safe and SWR."""
+        await _async.expire(self._rt, self.full_key(key))
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        """Invalidate every entry carrying any of ``tags`` (created at or before now), in O(1):
+        one write of the tags' times to the shared tag store, one bus message."""
+        await _async.invalidate_tags(self._rt, _check_tags(tags))
+
+    async def clear(self) -> None:
+        """Remove every key of this namespace from every tier (never anything outside it) and
+        tell other processes to clear their L1 for it."""
+        await _async.clear(self._rt)
 
     async def aclose(self, grace: float = 1.0) -> None:
         """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
@@ -278,6 +308,9 @@ class TieredCache:
                     self._rt.closing = False
         for tier in self._rt.tiers:
             await tier.aclose()
+        bus = self._rt.coherence.bus
+        if bus is not None and self._rt.coherence._started:
+            await bus.aclose()
 
     async def __aenter__(self) -> TieredCache:
         return self
@@ -318,7 +351,11 @@ class SyncTieredCache:
         lookup = cache._lookup
         if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
             slot = lookup(cache._prefix + key)
-            if slot is not None and slot.entry.fresh_until > cache.clock():
+            if (
+                slot is not None
+                and slot.entry.fresh_until > cache.clock()
+                and (not slot.entry.tags or cache._tags_ok(slot.entry) is True)
+            ):
                 slot.visited = True
                 if cache._hit_cell is not None:
                     cache._hit_cell[0] += 1
@@ -364,6 +401,15 @@ class SyncTieredCache:
     def delete(self, key: str) -> None:
         _sync.delete(self._rt, self._cache.full_key(key))
 
+    def expire(self, key: str) -> None:
+        _sync.expire(self._rt, self._cache.full_key(key))
+
+    def invalidate_tags(self, *tags: str) -> None:
+        _sync.invalidate_tags(self._rt, _check_tags(tags))
+
+    def clear(self) -> None:
+        _sync.clear(self._rt)
+
     def close(self, grace: float = 1.0) -> None:
         """Wait up to ``grace`` seconds for background refresh threads, then close the tiers."""
         deadline = time.monotonic() + grace
@@ -372,6 +418,9 @@ class SyncTieredCache:
                 thread.join(max(0.0, deadline - time.monotonic()))
         for tier in self._rt.tiers:
             tier.close()
+        bus = self._rt.coherence.bus
+        if bus is not None and self._rt.coherence._started:
+            bus.close()
 
     def __enter__(self) -> SyncTieredCache:
         return self

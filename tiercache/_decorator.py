@@ -129,13 +129,15 @@ def _policy_resolver(
 
 
 _SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
         if __tc_slot is not None:
             __tc_entry = __tc_slot.entry
-            if __tc_entry.fresh_until > __tc_clock():
+            if __tc_entry.fresh_until > __tc_clock() and (
+                not __tc_entry.tags or __tc_tags_ok(__tc_entry) is True
+            ):
                 __tc_slot.visited = True
                 {count_hit}
                 return __tc_entry.value
@@ -144,13 +146,15 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults})
 """
 
 _ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     async def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
         if __tc_slot is not None:
             __tc_entry = __tc_slot.entry
-            if __tc_entry.fresh_until > __tc_clock():
+            if __tc_entry.fresh_until > __tc_clock() and (
+                not __tc_entry.tags or __tc_tags_ok(__tc_entry) is True
+            ):
                 __tc_slot.visited = True
                 {count_hit}
                 return __tc_entry.value
@@ -159,14 +163,14 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults})
 """
 
 _NO_L1_SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     def {name}({header}):
         return __tc_slow({key_expr}, lambda: __tc_fn({call}))
     return {name}
 """
 
 _NO_L1_ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     async def {name}({header}):
         return await __tc_slow({key_expr}, lambda: __tc_fn({call}))
     return {name}
@@ -212,6 +216,7 @@ def build_cached_function(
         slow,
         fn,
         hits,
+        rt.coherence.tags_valid_locally,
     )
     make_key = spec.compile(_KEY_TEMPLATE)
 

@@ -134,12 +134,20 @@ class FlightRegistry:
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
 
-    def supersede(self, key: str) -> None:
-        """Mark the running flight for ``key`` (if any) as overtaken by a delete."""
+    def supersede(self, key: str, version: int | None = None) -> None:
+        """Mark the running flight for ``key`` (if any, and older than ``version``) as overtaken
+        by a delete or a newer write: its result will not reach the in-process tiers."""
         with self._lock:
             flight = self._flights.get(key)
-            if flight is not None:
+            if flight is not None and (version is None or flight.version < version):
                 flight.superseded = True
+
+    def supersede_prefix(self, prefix: str) -> None:
+        """Mark every running flight whose key starts with ``prefix`` (a namespace clear)."""
+        with self._lock:
+            for key, flight in self._flights.items():
+                if key.startswith(prefix):
+                    flight.superseded = True
 
     @property
     def lock(self) -> threading.Lock:

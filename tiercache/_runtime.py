@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._bus import Bus
+from ._coherence import Coherence
 from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
@@ -21,7 +23,7 @@ from ._flow import FillPlan, LoadOutcome, Write
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
-from ._tier import LeaseTier, Tier
+from ._tier import ExpiringTier, LeaseTier, NamespaceClearingTier, Tier
 
 __all__ = ["Breaker", "Runtime"]
 
@@ -89,6 +91,9 @@ class Runtime:
         hook: EventHook | None,
         breaker_threshold: int,
         breaker_cooldown: float,
+        namespace: str = "tc",
+        bus: Bus | None = None,
+        tag_refresh: float = 1.0,
     ) -> None:
         self.tiers = tuple(tiers)
         self.names = tuple(t.name for t in self.tiers)
@@ -117,6 +122,7 @@ class Runtime:
             write_order=tuple(reversed(range(len(self.tiers)))),
             clock=clock,
         )
+        self.coherence = Coherence(self, namespace, bus, tag_refresh)
         self.breakers: tuple[Breaker | None, ...] = tuple(
             None if t.in_process else Breaker(t.name, breaker_threshold, breaker_cooldown, self._emit_event)
             for t in self.tiers
@@ -206,7 +212,10 @@ class Runtime:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        return self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv)
+        if typed is not None and typed.tags and not self.coherence.tags_valid_sync(typed):
+            return None
+        return typed
 
     async def read_async(self, index: int, key: str, conv: Converter | None) -> Entry | None:
         if not self.tier_usable(index, key):
@@ -217,7 +226,10 @@ class Runtime:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        return self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv)
+        if typed is not None and typed.tags and not await self.coherence.tags_valid_async(typed):
+            return None
+        return typed
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -355,6 +367,109 @@ class Runtime:
                     self.tier_failed(i, key, exc, "delete")
                 else:
                     self._tier_ok(i)
+
+    def _expired_copy(self, index: int, key: str, at: float, version: int) -> Entry | None:
+        entry = self.tiers[index].get(key)
+        if entry is None or entry.version > version:
+            return None
+        copy = entry.replace(fresh_until=min(entry.fresh_until, at), version=version)
+        self.prepare(copy, (index,))
+        return copy
+
+    def expire_sync(self, key: str, at: float, version: int) -> None:
+        """Mark ``key`` stale in every tier (shared tiers first); the value stays for fail-safe."""
+        for i in self.plan.write_order:
+            tier: Any = self.tiers[i]
+            if not (tier.in_process or self.tier_usable(i, key)):
+                continue
+            try:
+                if isinstance(tier, ExpiringTier):
+                    tier.expire(key, at, version)
+                else:  # no atomic expire: read, lower fresh_until, write back under the new version
+                    copy = self._expired_copy(i, key, at, version)
+                    if copy is not None:
+                        tier.set(key, copy)
+            except Exception as exc:
+                self.tier_failed(i, key, exc, "expire")
+            else:
+                self._tier_ok(i)
+
+    async def expire_async(self, key: str, at: float, version: int) -> None:
+        for i in self.plan.write_order:
+            tier: Any = self.tiers[i]
+            if tier.in_process:
+                self.expire_in_process(i, key, at, version)
+                continue
+            if not self.tier_usable(i, key):
+                continue
+            try:
+                if isinstance(tier, ExpiringTier):
+                    await tier.aexpire(key, at, version)
+                else:
+                    entry = await tier.aget(key)
+                    if entry is not None and entry.version <= version:
+                        copy = entry.replace(fresh_until=min(entry.fresh_until, at), version=version)
+                        self.prepare(copy, (i,))
+                        await tier.aset(key, copy)
+            except Exception as exc:
+                self.tier_failed(i, key, exc, "expire")
+            else:
+                self._tier_ok(i)
+
+    def expire_in_process(self, index: int, key: str, at: float, version: int) -> None:
+        tier: Any = self.tiers[index]
+        if isinstance(tier, ExpiringTier):
+            tier.expire(key, at, version)
+        else:
+            copy = self._expired_copy(index, key, at, version)
+            if copy is not None:
+                tier.set(key, copy)
+
+    def clear_sync(self, prefix: str) -> None:
+        self.flights.supersede_prefix(prefix)
+        for i in self.plan.write_order:
+            tier: Any = self.tiers[i]
+            if not isinstance(tier, NamespaceClearingTier):
+                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                continue
+            if self.tiers[i].in_process or self.tier_usable(i, prefix):
+                try:
+                    tier.clear(prefix)
+                except Exception as exc:
+                    self.tier_failed(i, prefix, exc, "clear")
+
+    async def clear_async(self, prefix: str) -> None:
+        self.flights.supersede_prefix(prefix)
+        for i in self.plan.write_order:
+            tier: Any = self.tiers[i]
+            if not isinstance(tier, NamespaceClearingTier):
+                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                continue
+            if self.tiers[i].in_process:
+                tier.clear(prefix)
+            elif self.tier_usable(i, prefix):
+                try:
+                    await tier.aclear(prefix)
+                except Exception as exc:
+                    self.tier_failed(i, prefix, exc, "clear")
+
+    def store_tag_times_sync(self, tags: Sequence[str], at: float) -> None:
+        index = self.coherence.tag_store
+        if index is not None and self.tier_usable(index, ""):
+            store: Any = self.tiers[index]
+            try:
+                store.set_tag_times(list(tags), at)
+            except Exception as exc:
+                self.tier_failed(index, "", exc, "set_tag_times")
+
+    async def store_tag_times_async(self, tags: Sequence[str], at: float) -> None:
+        index = self.coherence.tag_store
+        if index is not None and self.tier_usable(index, ""):
+            store: Any = self.tiers[index]
+            try:
+                await store.aset_tag_times(list(tags), at)
+            except Exception as exc:
+                self.tier_failed(index, "", exc, "set_tag_times")
 
     # --- leases ---------------------------------------------------------------------------
 

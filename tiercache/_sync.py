@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ._entry import Entry, next_version
@@ -32,7 +32,7 @@ from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
 
-__all__ = ["delete", "get", "get_cached", "run_flow", "set_value"]
+__all__ = ["clear", "delete", "expire", "get", "get_cached", "invalidate_tags", "run_flow", "set_value"]
 
 logger = logging.getLogger("tiercache")
 
@@ -98,7 +98,10 @@ def _execute(
             rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
             return None
         rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-        return rt.typed(op.index, op.key, raw, op.converter)
+        entry = rt.typed(op.index, op.key, raw, op.converter)
+        if entry is not None and entry.tags and not rt.coherence.tags_valid_sync(entry):
+            return None
+        return entry
     raise AssertionError(f"unknown operation {op!r}")
 
 
@@ -215,6 +218,9 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
     for i in rt.l1:
         entry = tiers[i].get(key)
         if entry is not None:
+            if entry.tags and not rt.coherence.tags_valid_sync(entry):
+                tiers[i].delete(key, entry.version)  # invalidated by a tag: gone, not even stale
+                continue
             if now < entry.fresh_until:
                 rt.stats.tiers[i].hits += 1
                 if i:
@@ -226,6 +232,7 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
         rt.emit(EventKind.STALE_SERVED, key)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
+    rt.coherence.ensure_started()
     while True:
         flight, leader = rt.flights.join_or_lead(key, None)
         if leader:
@@ -312,10 +319,14 @@ def start_refresh(
 def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
     """Read through every tier without loading; back-fills what it finds."""
     now = rt.clock()
+    rt.coherence.ensure_started()
     stale: Entry | None = None
     for i, tier in enumerate(rt.tiers):
         entry = tier.get(key) if tier.in_process else rt.read_sync(i, key, conv)
         if entry is None:
+            continue
+        if tier.in_process and entry.tags and not rt.coherence.tags_valid_sync(entry):
+            tier.delete(key, entry.version)
             continue
         if now < entry.fresh_until:
             if i:
@@ -345,12 +356,34 @@ def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
 
 
 def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
+    rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
     if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
         raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
+    rt.coherence.publish_sync("set", (key,), (), entry.version, entry.created_at)
 
 
 def delete(rt: Runtime, key: str) -> None:
     version = next_version()
     rt.flights.supersede(key)
     rt.delete_sync(key, version)
+    rt.coherence.publish_sync("delete", (key,), (), version, rt.clock())
+
+
+def expire(rt: Runtime, key: str) -> None:
+    version, at = next_version(), rt.clock()
+    rt.flights.supersede(key)
+    rt.expire_sync(key, at, version)
+    rt.coherence.publish_sync("expire", (key,), (), version, at)
+
+
+def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
+    at = rt.clock()
+    rt.coherence.invalidate_tags_locally(tags, at)
+    rt.store_tag_times_sync(tags, at)
+    rt.coherence.publish_sync("tags", (), tags, next_version(), at)
+
+
+def clear(rt: Runtime) -> None:
+    rt.clear_sync(rt.coherence.prefix)
+    rt.coherence.publish_sync("clear", (), (), next_version(), rt.clock())

@@ -28,7 +28,7 @@ from ._errors import TierError
 from ._serde import Codec, JsonCodec
 from ._tier import Tier, TierBinding
 
-__all__ = ["FakeClock", "FakeRemoteTier", "TierContract", "make_entry"]
+__all__ = ["FakeClock", "FakeRemoteTier", "LocalBus", "TierContract", "make_entry"]
 
 
 class FakeClock:
@@ -69,16 +69,20 @@ class FakeRemoteTier:
         name: str = "remote",
         max_ttl: float | None = None,
         max_value_bytes: int | None = None,
+        tag_times: dict[str, float] | None = None,
     ) -> None:
         self.name = name
         self.max_ttl = max_ttl
         self.max_value_bytes = max_value_bytes
         self.store: dict[str, tuple[bytes, float]] = {} if store is None else store
+        # Shared tag store (TagStore capability): pass the same dict to tiers of "other processes".
+        self.tag_times: dict[str, float] = {} if tag_times is None else tag_times
         self.down = False
-        self.calls: dict[str, int] = {"get": 0, "set": 0, "delete": 0}
+        self.calls: dict[str, int] = {"get": 0, "set": 0, "delete": 0, "tags": 0, "clear": 0}
         self._failures_left = 0
         self._clock: Callable[[], float] = time.time
         self._codec: Codec = JsonCodec()
+        self._namespace = "tc"
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -87,6 +91,7 @@ class FakeRemoteTier:
     def bind(self, binding: TierBinding) -> None:
         self._clock = binding.clock
         self._codec = binding.codec
+        self._namespace = binding.namespace
 
     def fail_next(self, count: int) -> None:
         """Make the next ``count`` calls raise TierError."""
@@ -150,8 +155,36 @@ class FakeRemoteTier:
         for k, e in items:
             self.set(k, e)
 
+    def clear(self, prefix: str) -> int:
+        self._call("clear")
+        with self._lock:
+            doomed = [k for k in self.store if k.startswith(prefix)]
+            for k in doomed:
+                del self.store[k]
+        return len(doomed)
+
+    def get_tag_times(self, tags: Sequence[str]) -> list[float | None]:
+        self._call("tags")
+        return [self.tag_times.get(f"{self._namespace}/{t}") for t in tags]
+
+    def set_tag_times(self, tags: Sequence[str], at: float) -> None:
+        self._call("tags")
+        with self._lock:
+            for t in tags:
+                k = f"{self._namespace}/{t}"
+                self.tag_times[k] = max(at, self.tag_times.get(k, at))
+
     def close(self) -> None:
         return None
+
+    async def aclear(self, prefix: str) -> int:
+        return self.clear(prefix)
+
+    async def aget_tag_times(self, tags: Sequence[str]) -> list[float | None]:
+        return self.get_tag_times(tags)
+
+    async def aset_tag_times(self, tags: Sequence[str], at: float) -> None:
+        self.set_tag_times(tags, at)
 
     async def aget(self, key: str) -> Entry | None:
         return self.get(key)
@@ -170,6 +203,66 @@ class FakeRemoteTier:
 
     async def aclose(self) -> None:
         return None
+
+
+class LocalBus:
+    """An in-process bus transport: every LocalBus built on one ``hub`` hears the others, as
+    processes sharing a Redis would. Delivery is synchronous. ``disconnect()``/``reconnect()``
+    simulate a lost connection (messages meanwhile are lost; reconnect calls ``on_reset``), and
+    ``drop_next(n)`` loses the next ``n`` messages this bus would receive."""
+
+    def __init__(self, hub: dict[str, list[LocalBus]] | None = None) -> None:
+        self.hub: dict[str, list[LocalBus]] = {} if hub is None else hub
+        self.connected = True
+        self.published: list[bytes] = []
+        self._drop = 0
+        self._subscriptions: list[tuple[str, Callable[[bytes], None], Callable[[], None]]] = []
+
+    def start(self, channel: str, on_message: Callable[[bytes], None], on_reset: Callable[[], None]) -> None:
+        self._subscriptions.append((channel, on_message, on_reset))
+        self.hub.setdefault(channel, []).append(self)
+        on_reset()
+
+    def publish(self, channel: str, data: bytes) -> None:
+        if not self.connected:
+            raise TierError("bus", "disconnected (injected)")
+        self.published.append(data)
+        for bus in list(self.hub.get(channel, ())):
+            bus._deliver(channel, data)
+
+    async def apublish(self, channel: str, data: bytes) -> None:
+        self.publish(channel, data)
+
+    def _deliver(self, channel: str, data: bytes) -> None:
+        if not self.connected:
+            return
+        if self._drop:
+            self._drop -= 1
+            return
+        for ch, on_message, _ in self._subscriptions:
+            if ch == channel:
+                on_message(data)
+
+    def drop_next(self, count: int) -> None:
+        self._drop = count
+
+    def disconnect(self) -> None:
+        self.connected = False
+
+    def reconnect(self) -> None:
+        self.connected = True
+        for _, _, on_reset in self._subscriptions:
+            on_reset()
+
+    def close(self) -> None:
+        for channel, _, _ in self._subscriptions:
+            subscribers = self.hub.get(channel, [])
+            if self in subscribers:
+                subscribers.remove(self)
+        self._subscriptions.clear()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def make_entry(

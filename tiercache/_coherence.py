@@ -1,0 +1,221 @@
+"""Keeping L1 copies honest: tag checks on every read, and the bus that tells other processes.
+
+Tag checks: an entry is invalid when its ``created_at`` is at or before the invalidation time of
+any of its tags. Those times live in the first shared tier that is a ``TagStore`` (one hash per
+namespace), are cached here for ``tag_refresh`` seconds, and are pushed forward by bus messages,
+so the inline hit path can decide from memory; only an unknown or aged tag sends a caller to the
+slow path, which fetches all the entry's tags in one round trip. Without a shared TagStore the
+local times (and the bus) are the whole truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._bus import Bus, BusMessage
+from ._entry import Entry
+from ._events import EventKind
+from ._tier import NamespaceClearingTier, TagStore
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["Coherence"]
+
+logger = logging.getLogger("tiercache")
+
+
+class Coherence:
+    """Tag times and the invalidation bus of one cache."""
+
+    def __init__(self, rt: Runtime, namespace: str, bus: Bus | None, tag_refresh: float) -> None:
+        self.rt = rt
+        self.namespace = namespace
+        self.prefix = namespace + ":"
+        self.bus = bus
+        self.channel = f"tiercache:{namespace}"
+        self.origin = uuid.uuid4().hex
+        self.tag_refresh = tag_refresh
+        # tag -> (invalidation time or None, when we learnt it)
+        self.tag_times: dict[str, tuple[float | None, float]] = {}
+        self.tag_store: int | None = next((i for i in rt.remote if isinstance(rt.tiers[i], TagStore)), None)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._last_seq: dict[str, int] = {}
+        self._last_seq_lock = threading.Lock()
+        self._started = bus is None
+        self._start_lock = threading.Lock()
+        self._resets = 0
+
+    # --- tags -------------------------------------------------------------------------------
+
+    def tags_valid_locally(self, entry: Entry) -> bool | None:
+        """True: valid; False: invalidated by a tag; None: a tag time is unknown or too old."""
+        now = self.rt.clock()
+        remote = self.tag_store is not None
+        for tag in entry.tags:
+            item = self.tag_times.get(tag)
+            if item is None:
+                if remote:
+                    return None
+                continue
+            at, learnt = item
+            if remote and now - learnt > self.tag_refresh:
+                return None
+            if at is not None and entry.created_at <= at:
+                return False
+        return True
+
+    def _learn(self, tags: Sequence[str], times: Sequence[float | None]) -> None:
+        now = self.rt.clock()
+        for tag, at in zip(tags, times, strict=False):
+            old = self.tag_times.get(tag)
+            if old is not None and old[0] is not None and (at is None or old[0] > at):
+                at = old[0]  # never move an invalidation time backwards
+            self.tag_times[tag] = (at, now)
+
+    def tags_valid_sync(self, entry: Entry) -> bool:
+        valid = self.tags_valid_locally(entry)
+        if valid is None and self.tag_store is not None:
+            store: Any = self.rt.tiers[self.tag_store]
+            try:
+                self._learn(entry.tags, store.get_tag_times(list(entry.tags)))
+            except Exception as exc:  # the store is down: decide on what we know
+                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+                return self._known_valid(entry)
+            valid = self.tags_valid_locally(entry)
+        return True if valid is None else valid
+
+    async def tags_valid_async(self, entry: Entry) -> bool:
+        valid = self.tags_valid_locally(entry)
+        if valid is None and self.tag_store is not None:
+            store: Any = self.rt.tiers[self.tag_store]
+            try:
+                self._learn(entry.tags, await store.aget_tag_times(list(entry.tags)))
+            except Exception as exc:
+                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+                return self._known_valid(entry)
+            valid = self.tags_valid_locally(entry)
+        return True if valid is None else valid
+
+    def _known_valid(self, entry: Entry) -> bool:
+        for tag in entry.tags:
+            item = self.tag_times.get(tag)
+            if item is not None and item[0] is not None and entry.created_at <= item[0]:
+                return False
+        return True
+
+    def invalidate_tags_locally(self, tags: Sequence[str], at: float) -> None:
+        self._learn(tags, [at] * len(tags))
+
+    # --- the bus: sending ---------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Subscribe on first use (never at construction or import)."""
+        if self._started:
+            return
+        with self._start_lock:
+            if self._started or self.bus is None:
+                return
+            self._started = True
+            self.bus.start(self.channel, self.on_message, self.on_reset)
+
+    def message(
+        self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float
+    ) -> BusMessage:
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+        return BusMessage(self.namespace, op, tuple(keys), tuple(tags), version, at, self.origin, seq)
+
+    def publish_sync(
+        self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float
+    ) -> None:
+        if self.bus is None:
+            return
+        self.ensure_started()
+        with self._seq_lock:  # sequence and send in one step, so receivers see them in order
+            self._seq += 1
+            msg = BusMessage(
+                self.namespace, op, tuple(keys), tuple(tags), version, at, self.origin, self._seq
+            )
+            try:
+                self.bus.publish(self.channel, msg.encode())
+            except Exception as exc:
+                self._publish_failed(msg, exc)
+
+    async def publish_async(
+        self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float
+    ) -> None:
+        if self.bus is None:
+            return
+        self.ensure_started()
+        msg = self.message(op, keys, tags, version, at)
+        try:
+            await self.bus.apublish(self.channel, msg.encode())
+        except Exception as exc:
+            self._publish_failed(msg, exc)
+
+    def _publish_failed(self, msg: BusMessage, exc: Exception) -> None:
+        # Receivers will see a sequence gap at our next message and clear their L1.
+        logger.warning("tiercache: publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
+        self.rt.emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
+
+    # --- the bus: receiving -------------------------------------------------------------------
+
+    def on_message(self, data: bytes) -> None:
+        msg = BusMessage.decode(data)
+        if msg is None or msg.namespace != self.namespace or msg.origin == self.origin:
+            return
+        with self._last_seq_lock:
+            last = self._last_seq.get(msg.origin)
+            self._last_seq[msg.origin] = msg.seq
+        if last is not None and msg.seq != last + 1:
+            logger.info(
+                "tiercache: bus gap from %s (%s -> %s); clearing L1 of %s",
+                msg.origin[:8],
+                last,
+                msg.seq,
+                self.namespace,
+            )
+            self.clear_local()
+            self.rt.emit(EventKind.BUS_GAP, "")
+        self.rt.emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
+        self.apply(msg)
+
+    def apply(self, msg: BusMessage) -> None:
+        rt = self.rt
+        if msg.op in ("set", "delete", "expire"):
+            for key in msg.keys:
+                if not key.startswith(self.prefix):
+                    continue
+                rt.flights.supersede(key, msg.version)
+                for i in rt.l1:
+                    rt.tiers[i].delete(key, msg.version)
+        elif msg.op == "tags":
+            self._learn(msg.tags, [msg.at] * len(msg.tags))
+        elif msg.op == "clear":
+            self.clear_local()
+
+    def on_reset(self) -> None:
+        """The transport (re)subscribed: anything may have been missed meanwhile."""
+        self._resets += 1
+        with self._last_seq_lock:
+            self._last_seq.clear()
+        if self._resets > 1:
+            logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
+            self.rt.emit(EventKind.BUS_GAP, "")
+        self.clear_local()
+
+    def clear_local(self) -> None:
+        """Empty the in-process tiers for this namespace and forget cached tag times."""
+        for i in self.rt.l1:
+            tier = self.rt.tiers[i]
+            if isinstance(tier, NamespaceClearingTier):
+                tier.clear(self.prefix)
+        if self.tag_store is not None:
+            self.tag_times.clear()
