@@ -7,8 +7,10 @@ For a full cache key ``K`` (already namespaced by the core, e.g. ``app:user:42``
 
 * the *name* ``N``: ``K`` itself; or, when ``K`` is longer than ``max_key_bytes`` UTF-8 bytes,
   ``tiercache._keys.hashed_key(K, max_key_bytes)``; or, when that contains ``}`` (which would cut a
-  Cluster hash tag short), ``#b:<sha256(K)>``. The entry carries ``K``, so a record whose key is not
-  the requested one (a collision, or a foreign writer) is a miss, never a wrong answer;
+  Cluster hash tag short), ``<start>#b:<sha256(K)>`` where ``<start>`` is the part of ``K`` before
+  its first ``}``, cut to ``max_key_bytes - 67`` bytes (so ``clear`` can still match the namespace).
+  The entry carries ``K``, so a record whose key is not the requested one (a collision, or a
+  foreign writer) is a miss, never a wrong answer;
 * the value key ``<prefix>:{N}`` and the lease key ``<prefix>:{N}:lease``. Both hash on the tag
   ``N``, so they live in one Cluster slot and a Lua script may touch both;
 * the wake channel ``<prefix>:wake`` (one per prefix; the message is the value key).
@@ -16,10 +18,21 @@ For a full cache key ``K`` (already namespaced by the core, e.g. ``app:user:42``
 A value key holds a *record*: a 24-byte ASCII header followed by a body::
 
     b"tc1"          format marker (3 bytes)
-    b"v" | b"d"     kind: a value, or a tombstone left by a versioned delete (1 byte)
+    b"v" | b"d"     kind: a value, or a tombstone left by a versioned delete (1 byte; "e": below)
     b"%020d"        the entry's version, zero-padded to 20 digits (20 bytes)
     body            kind "v": the codec's envelope (default: the JSON envelope of
                     ``tiercache._serde``); kind "d": empty
+
+A third kind, ``b"e"`` (an *expired* value, written only by ``expire``), extends the header by a
+24-byte field, so its body starts at byte 48::
+
+    b"tc1" b"e" b"%020d"   as above; the version is the ``expire`` call's, newer than the body's
+    b"%-24s"               ``repr(at)`` of the expiry time (Unix seconds), space-padded
+    body                   the envelope exactly as it was written (its own "f" and "n" untouched)
+
+A reader applies it: ``fresh_until = min(envelope "f", at)`` and ``version = header version``. So
+``expire`` rewrites no JSON (Lua's cjson would lose float precision and reorder the envelope);
+it prepends a header in one script. Older readers see an unknown kind: a miss, never a fresh hit.
 
 The header lets a Lua script compare versions with one ``GETRANGE key 0 23`` instead of decoding
 the envelope (and equal-width digit strings compare exactly, which Lua's double-precision numbers
@@ -38,6 +51,24 @@ Writes and reads
   a record, or not a valid envelope, are a miss reported as an ``EventKind.CORRUPT`` event.
 * ``get_many``: one ``MGET`` (Cluster: ``mget_nonatomic``, one MGET per slot, pipelined per node);
   ``set_many``: one pipeline of set-if-newer scripts (Cluster: grouped per node by redis-py).
+* ``expire(key, at, version)``: one script; if a value of a lower version is stored, it becomes a
+  kind-``e`` record of ``version`` (fresh until ``min(fresh_until, at)``, repeated expiries keep the
+  earliest) with ``SET ... KEEPTTL``: stale_until and the physical TTL are unchanged. Tombstones,
+  newer records and foreign bytes are left alone.
+* ``clear(prefix)``: ``SCAN MATCH <prefix-of-tier>:{<prefix>*`` + ``UNLINK`` per page (Cluster: on
+  every primary, the UNLINKs grouped per node in one pipeline). It removes values and tombstones,
+  leaves leases (they expire by themselves; deleting one would let a second loader start) and
+  touches nothing outside the pattern. Names keep the key's readable start even when hashed (see
+  above), so the pattern finds every key of a namespace whose prefix fits in ``max_key_bytes - 67``
+  bytes and has no ``}``; for other prefixes the hashed names are checked by reading their entry.
+
+Tags
+====
+
+``TagStore``: one hash per namespace, ``<prefix>:tags:{<namespace>}``, field = tag, value =
+``repr()`` of the invalidation time. ``get_tag_times`` is one ``HMGET``; ``set_tag_times`` is one
+script that moves each field to ``max(old, at)``, so any number of tags costs one round trip and
+times never go back. The hash has no TTL (one small hash per namespace).
 
 The lease
 =========
@@ -94,7 +125,9 @@ __all__ = ["RedisTier"]
 _MAGIC = b"tc1"
 _VALUE = b"v"
 _TOMBSTONE = b"d"
+_EXPIRED = b"e"
 _HEADER_LEN = 24
+_EXPIRED_HEADER_LEN = 48  # kind "e": the 24-byte header, then the expiry time in 24 bytes
 _MAX_VERSION = 2**64 - 1  # the envelope (orjson) holds unsigned 64-bit ints; 20 digits fit it
 
 # Lua: is the 24-byte header ``h`` ours, and is version string ``a`` newer than ``b``? Versions are
@@ -142,6 +175,40 @@ return 1
 """
 )
 
+# KEYS: value. ARGV: version (20 digits), expiry time (24 bytes). 1 = expired, 0 = left alone.
+# Invariant: an "e" record's version is newer than its body's; its time field only ever goes down.
+_LUA_EXPIRE = (
+    _LUA_NEWER
+    + """
+local r = redis.call('GET', KEYS[1])
+if not r then return 0 end
+local h = string.sub(r, 1, 24)
+if not ours(h) then return 0 end
+local kind = string.sub(h, 4, 4)
+if kind ~= 'v' and kind ~= 'e' then return 0 end
+if not newer(ARGV[1], string.sub(h, 5, 24)) then return 0 end
+local at, body = ARGV[2], string.sub(r, 25)
+if kind == 'e' then
+  local old = tonumber(string.sub(r, 25, 48))
+  if string.len(r) < 48 or old == nil then return 0 end
+  if old < tonumber(at) then at = string.sub(r, 25, 48) end
+  body = string.sub(r, 49)
+end
+redis.call('SET', KEYS[1], 'tc1e' .. ARGV[1] .. at .. body, 'KEEPTTL')
+return 1
+"""
+)
+
+# KEYS: tag hash. ARGV: time, then the tags. Each tag's time becomes max(its time, ARGV[1]).
+_LUA_TAGS = """
+local at = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  if old == nil or old < at then redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
+end
+return 1
+"""
+
 # KEYS: lease. ARGV: token, wake channel, value key.
 _LUA_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -176,8 +243,12 @@ _SCRIPTS = {
         ("release", _LUA_RELEASE),
         ("extend", _LUA_EXTEND),
         ("peek", _LUA_PEEK),
+        ("expire", _LUA_EXPIRE),
+        ("tags", _LUA_TAGS),
     )
 }
+
+_SCAN_COUNT = 1000  # keys per SCAN page in clear(); each page's matches go in one UNLINK (or pipeline)
 
 _INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache[redis]'"
 
@@ -207,6 +278,27 @@ def _version_bytes(version: int) -> bytes:
     if type(version) is not int or not 0 <= version <= _MAX_VERSION:
         raise ValueError(f"RedisTier stores versions from 0 to 2**64-1, not {version!r}")
     return b"%020d" % version
+
+
+def _time_field(at: float) -> bytes:
+    """``at`` as the 24-byte expiry field of a kind-``e`` header: ``repr`` (exact), space-padded."""
+    at = float(at)
+    if not math.isfinite(at):
+        raise ValueError(f"RedisTier: expiry time must be finite, not {at!r}")
+    return repr(at).encode("ascii").ljust(24)  # a float's repr is at most 24 characters
+
+
+def _time_arg(at: float) -> str:
+    """A time for a script argument: ``repr`` round-trips exactly through Lua's ``tonumber``."""
+    at = float(at)
+    if not math.isfinite(at):
+        raise ValueError(f"RedisTier: time must be finite, not {at!r}")
+    return repr(at)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _ms(seconds: float) -> int:
@@ -400,6 +492,8 @@ class RedisTier:
             if c is not None and self._decodes(c):
                 raise ConfigurationError("RedisTier needs a client with decode_responses=False")
         self._channel = f"{prefix}:wake"
+        self._tags_key = f"{prefix}:tags:{{tc}}"  # until bind() names the namespace
+        self._readable = max_key_bytes - 67  # bytes of a key a hashed name keeps (see _vkey)
         self._fast_len = max_key_bytes // 4  # this many characters always fit in max_key_bytes
         self._clock: Callable[[], float] = time.time
         self._codec: Codec = JsonCodec()
@@ -428,6 +522,7 @@ class RedisTier:
     def bind(self, binding: TierBinding) -> None:
         self._clock = binding.clock
         self._codec = binding.codec
+        self._tags_key = f"{self.prefix}:tags:{{{binding.namespace}}}"
         hook = binding.on_event
         self._on_event = lambda event: emit_safely(hook, event)
 
@@ -578,7 +673,10 @@ class RedisTier:
         if len(key) > self._fast_len:
             name = hashed_key(key, self.max_key_bytes)
         if "}" in name:  # a '}' would end the hash tag early; value and lease keys could split
-            name = "#b:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            # Keep the key's start (before the '}') readable so clear() can match the namespace.
+            start = key.split("}", 1)[0].encode("utf-8", "surrogatepass")[: self._readable]
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            name = start.decode("utf-8", "ignore") + "#b:" + digest
         return f"{self.prefix}:{{{name}}}"
 
     def _encode(self, entry: Entry, now: float) -> tuple[bytes, int] | None:
@@ -614,17 +712,29 @@ class RedisTier:
             version = int(data[4:_HEADER_LEN])
         except ValueError:
             return self._corrupt(key, "bad record header")
-        if kind != _VALUE:
+        expired_at: float | None = None
+        if kind == _VALUE:
+            payload = data[_HEADER_LEN:]
+        elif kind == _EXPIRED:
+            try:
+                expired_at = float(data[_HEADER_LEN:_EXPIRED_HEADER_LEN])
+            except ValueError:
+                return self._corrupt(key, "bad expiry field")
+            payload = data[_EXPIRED_HEADER_LEN:]
+        else:
             return self._corrupt(key, "unknown record kind")
-        payload = data[_HEADER_LEN:]
         try:
             entry = self._codec.loads(payload)
         except Exception as exc:  # any codec failure means the bytes are unusable
             return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})")
-        if entry.key != key or entry.version != version:
+        if entry.key != key or entry.version > version or (expired_at is None and entry.version != version):
             return self._corrupt(key, "record belongs to another key or version")
         if entry.stale_until <= (self._clock() if now is None else now):
             return None
+        if expired_at is not None:
+            # The header wins: the entry is the expire()'s version, fresh until the earlier time.
+            # Its payload (old "f" and "n") must not be copied to another tier: replace() drops it.
+            return entry.replace(fresh_until=min(entry.fresh_until, expired_at), version=version)
         entry.payload = payload
         return entry
 
@@ -806,6 +916,160 @@ class RedisTier:
             state.keeper.cancel()  # closes the client on this loop, soon
         # Otherwise the loop lives on elsewhere; its keeper closes the client when the loop ends.
 
+    # --- coherence: expire, clear, tag times (sync) ------------------------------------------
+
+    def expire(self, key: str, at: float, version: int) -> None:
+        self._eval(self._sync_client(), "expire", 1, *self._expire_args(key, at, version))
+
+    def clear(self, prefix: str) -> int:
+        client = self._sync_client()
+        pattern, scan_prefix = self._clear_pattern(prefix)
+        removed = 0
+        for node in self._primaries(client):
+            cursor = 0
+            while True:
+                if node is None:
+                    cursor, names = client.scan(cursor=cursor, match=pattern, count=_SCAN_COUNT)
+                else:
+                    cursors, names = client.scan(
+                        cursor=cursor, match=pattern, count=_SCAN_COUNT, target_nodes=node
+                    )
+                    cursor = cursors[node.name]
+                doomed, unsure = self._sort_for_clear(names, prefix, scan_prefix)
+                if unsure:
+                    raw = client.mget_nonatomic(unsure) if self._cluster else client.mget(unsure)
+                    doomed += self._belonging(unsure, raw, prefix)
+                if doomed:
+                    if self._cluster:
+                        pipe = client.pipeline()
+                        for name in doomed:
+                            pipe.unlink(name)
+                        removed += sum(int(n) for n in pipe.execute())
+                    else:
+                        removed += int(client.unlink(*doomed))
+                if int(cursor) == 0:
+                    break
+        return removed
+
+    def get_tag_times(self, tags: Sequence[str]) -> list[float | None]:
+        if not tags:
+            return []
+        raw = self._sync_client().hmget(self._tags_key, list(tags))
+        return [self._tag_time(tag, r) for tag, r in zip(tags, raw, strict=True)]
+
+    def set_tag_times(self, tags: Sequence[str], at: float) -> None:
+        if tags:
+            self._eval(self._sync_client(), "tags", 1, self._tags_key, _time_arg(at), *tags)
+
+    def _primaries(self, client: Any) -> list[Any]:
+        """The nodes a SCAN must visit: every primary on Cluster, else [None] (the one server)."""
+        return list(client.get_primaries()) if self._cluster else [None]
+
+    def _expire_args(self, key: str, at: float, version: int) -> tuple[Any, ...]:
+        return (self._vkey(key), _version_bytes(version), _time_field(at))
+
+    def _clear_pattern(self, prefix: str) -> tuple[str, str]:
+        """The MATCH pattern for ``clear(prefix)`` and the literal start of key it matches.
+
+        Every name of a key starting with ``prefix`` starts with the key's first ``_readable`` bytes
+        before any ``}`` (see ``_vkey``), so the pattern uses at most that much of the prefix.
+        """
+        if not prefix:
+            raise ValueError("RedisTier.clear needs a non-empty prefix (it never clears everything)")
+        start = prefix.split("}", 1)[0].encode("utf-8", "surrogatepass")[: self._readable]
+        scan_prefix = start.decode("utf-8", "ignore")
+        return f"{_glob_escape(self.prefix)}:{{{_glob_escape(scan_prefix)}*", scan_prefix
+
+    def _sort_for_clear(
+        self, names: Sequence[Any], prefix: str, scan_prefix: str
+    ) -> tuple[list[str], list[str]]:
+        """Value keys among ``names``: those surely under ``prefix``, and those to check by reading.
+
+        Leases (``...}:lease``) are skipped. A name is sure when its readable start (the name up to
+        a ``#h:``/``#b:`` hash marker, or all of it) starts with ``prefix``; when the prefix was cut
+        for the pattern, hashed names may belong to another namespace and are read first.
+        """
+        head = len(self.prefix) + 2
+        sure: list[str] = []
+        unsure: list[str] = []
+        for raw in names:
+            vkey = _text(raw)
+            if not vkey.endswith("}"):
+                continue  # a lease (or a foreign key shaped like ours): not a value key
+            name = vkey[head:-1]
+            readable = name
+            for marker in ("#h:", "#b:"):
+                cut = name.rfind(marker)
+                if cut >= 0:
+                    readable = name[:cut]
+                    break
+            if readable.startswith(prefix):
+                sure.append(vkey)
+            elif scan_prefix != prefix or readable != name:
+                unsure.append(vkey)
+        return sure, unsure
+
+    def _belonging(self, names: Sequence[str], raw: Sequence[Any], prefix: str) -> list[str]:
+        """The names whose record's entry key starts with ``prefix`` (tombstones cannot tell: kept)."""
+        out = []
+        for name, data in zip(names, raw, strict=True):
+            if not isinstance(data, bytes) or data[:3] != _MAGIC:
+                continue
+            start = _EXPIRED_HEADER_LEN if data[3:4] == _EXPIRED else _HEADER_LEN
+            try:
+                entry = self._codec.loads(data[start:])
+            except Exception:  # not ours to judge: leave it
+                continue
+            if entry.key.startswith(prefix):
+                out.append(name)
+        return out
+
+    def _tag_time(self, tag: str, raw: Any) -> float | None:
+        if raw is None:
+            return None
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            self._corrupt(f"tag:{tag}", "tag time is not a number")
+            return None
+
+    def _subscriber_client(self, index: int) -> Any:
+        """A new sync client for one pub/sub connection (``RedisBus``): RESP2, this tier's settings.
+
+        On Cluster it connects to node ``index`` (modulo the node count) of the current topology;
+        classic pub/sub reaches every node, so any node will do and a failed one is skipped.
+        """
+        from redis.retry import Retry
+
+        redis = self._redis
+        kwargs = self._conn_kwargs(Retry)
+        kwargs["protocol"] = 2  # RESP3 would deliver messages as pushes a RESP2 listener never sees
+        if self._sentinels is not None:
+            from redis.sentinel import Sentinel as SyncSentinel
+
+            sentinel_cls: Any = SyncSentinel
+            sentinel = sentinel_cls(self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **kwargs)
+            return sentinel.master_for(self._service_name, max_connections=2, **kwargs)
+        if self._cluster:
+            nodes = list(self._sync_client().get_nodes())
+            if not nodes:
+                raise redis.ConnectionError("no Redis Cluster node known")
+            node = nodes[index % len(nodes)]
+            ckw = dict(node.redis_connection.connection_pool.connection_kwargs)
+            ckw.update(kwargs)
+            ckw.update(host=node.host, port=node.port)
+            return redis.Redis(**ckw)
+        if self._url is not None:
+            return redis.Redis.from_url(self._url, **kwargs)
+        user = self._user_sync
+        if user is None:
+            raise ConfigurationError("RedisBus needs a tier with url=, sentinels= or a sync client=")
+        pool = user.connection_pool
+        ckw = dict(pool.connection_kwargs)
+        ckw.update(kwargs)
+        pool = redis.ConnectionPool(connection_class=pool.connection_class, **ckw)
+        return redis.Redis(connection_pool=pool)
+
     # --- the async face ---------------------------------------------------------------------
 
     async def aget(self, key: str) -> Entry | None:
@@ -925,6 +1189,53 @@ class RedisTier:
                     await asyncio.wait_for(woken.wait(), min(pause, remaining))
         finally:
             self._hub.remove(vkey, wake)
+
+    # --- coherence: expire, clear, tag times (async) -----------------------------------------
+
+    async def aexpire(self, key: str, at: float, version: int) -> None:
+        await self._aeval(self._aclient(), "expire", 1, *self._expire_args(key, at, version))
+
+    async def aclear(self, prefix: str) -> int:
+        client = self._aclient()
+        pattern, scan_prefix = self._clear_pattern(prefix)
+        if self._cluster:
+            await client.initialize()  # the async Cluster client learns its nodes on first use
+        removed = 0
+        for node in self._primaries(client):
+            cursor = 0
+            while True:
+                if node is None:
+                    cursor, names = await client.scan(cursor=cursor, match=pattern, count=_SCAN_COUNT)
+                else:
+                    cursors, names = await client.scan(
+                        cursor=cursor, match=pattern, count=_SCAN_COUNT, target_nodes=node
+                    )
+                    cursor = cursors[node.name]
+                doomed, unsure = self._sort_for_clear(names, prefix, scan_prefix)
+                if unsure:
+                    raw = await (client.mget_nonatomic(unsure) if self._cluster else client.mget(unsure))
+                    doomed += self._belonging(unsure, raw, prefix)
+                if doomed:
+                    if self._cluster:
+                        pipe = client.pipeline()
+                        for name in doomed:
+                            pipe.unlink(name)
+                        removed += sum(int(n) for n in await pipe.execute())
+                    else:
+                        removed += int(await client.unlink(*doomed))
+                if int(cursor) == 0:
+                    break
+        return removed
+
+    async def aget_tag_times(self, tags: Sequence[str]) -> list[float | None]:
+        if not tags:
+            return []
+        raw = await self._aclient().hmget(self._tags_key, list(tags))
+        return [self._tag_time(tag, r) for tag, r in zip(tags, raw, strict=True)]
+
+    async def aset_tag_times(self, tags: Sequence[str], at: float) -> None:
+        if tags:
+            await self._aeval(self._aclient(), "tags", 1, self._tags_key, _time_arg(at), *tags)
 
     async def aclose(self) -> None:
         try:
