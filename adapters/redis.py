@@ -120,7 +120,7 @@ from tiercache._keys import hashed_key
 from tiercache._serde import Codec, JsonCodec
 from tiercache._tier import TierBinding
 
-__all__ = ["RedisTier"]
+__all__ = ["RedisBus", "RedisTier"]
 
 _MAGIC = b"tc1"
 _VALUE = b"v"
@@ -1325,3 +1325,7 @@ class _Backoff:
         pause = self._next * random.uniform(0.5, 1.0)
         self._next = min(self._next * 2, 0.1)
         return pause
+
+
+# Last, so that redis_bus (which imports this module only lazily) finds RedisTier defined.
+from tiercache.adapters.redis_bus import RedisBus  # noqa: E402

@@ -1,0 +1,327 @@
+"""RedisBus: the invalidation bus transport on Redis pub/sub (one subscriber thread per bus).
+
+What it does, and what it leaves to the core
+============================================
+
+The bus moves bytes; ``tiercache._bus`` owns the messages (origin, sequence numbers, what a gap
+means). ``start(channel, on_message, on_reset)`` subscribes; ``publish``/``apublish`` send with
+the tier's short timeouts and raise on failure (the core counts and logs it; its receivers then
+see a sequence gap and clear their L1).
+
+Subscriber
+==========
+
+One daemon thread per bus, whatever mix of sync and async callers the process has, holding one
+pub/sub connection for all the bus's channels. The connection always speaks RESP2
+(``protocol=2``): under RESP3 (redis-py 8's default) messages arrive as push frames that a RESP2
+reader never returns. The thread:
+
+* subscribes, waits for the server's confirmation of every channel, and only then calls each
+  channel's ``on_reset``: on the first subscription and after every reconnection, so a receiver
+  clears its L1 whenever messages may have been missed. Messages published after the
+  confirmation are delivered after ``on_reset`` (one thread, in order);
+* sends a ``PING`` when the connection has been quiet for ``ping_interval`` seconds and treats a
+  missing ``PONG`` after ``ping_timeout`` as a lost connection (a black-holed socket does not
+  raise on its own);
+* on any error, drops the connection and reconnects after a jittered backoff (25 to 50 ms first,
+  doubling to 2 s); on Cluster it moves to the next node;
+* survives ``fork()``: a child process starts its own subscriber (and so clears its inherited L1).
+
+Callbacks run on the subscriber thread; one that raises is logged and does not stop the bus.
+
+Cluster
+=======
+
+Classic ``PUBLISH``/``SUBSCRIBE``: Redis Cluster forwards a classic publish to every node over the
+cluster bus, so the subscriber may sit on any node and needs no resubscription when slots move.
+Sharded pub/sub (``SPUBLISH``) would keep the traffic inside one shard but must follow the
+channel's slot through resharding and failover; invalidation traffic is small, so the simpler,
+failover-proof broadcast is the choice. The cost is one copy of each message per node.
+
+Connections
+===========
+
+``RedisBus(url=...)`` (any ``RedisTier`` option may follow) builds its own connection holder;
+``RedisBus.for_tier(tier)`` shares a ``RedisTier``'s settings and its publishing clients (the
+tier is not closed by the bus). Async publishing uses the tier's per-event-loop client, so
+``asyncio.run`` may be called any number of times; concurrent ``apublish`` calls on one loop are
+sent in call order (a sequence number assigned before the call stays in order on the wire).
+Passwords never appear in ``repr`` or in logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tiercache.adapters.redis import RedisTier
+
+__all__ = ["RedisBus"]
+
+logger = logging.getLogger("tiercache.redis")
+
+_Callbacks = tuple[Callable[[bytes], None], Callable[[], None]]
+_buses: weakref.WeakSet[RedisBus] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_buses):
+        bus._restart_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+
+
+class RedisBus:
+    """A ``tiercache._bus.Bus`` over Redis pub/sub. See the module docstring."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        tier: RedisTier | None = None,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 1.0,
+        **tier_options: Any,
+    ) -> None:
+        if tier is not None and (url is not None or tier_options):
+            raise ValueError("RedisBus takes either tier= or url=/RedisTier options, not both")
+        if ping_interval <= 0 or ping_timeout <= 0:
+            raise ValueError("RedisBus ping_interval and ping_timeout must be positive")
+        if tier is None:
+            from tiercache.adapters.redis import RedisTier
+
+            tier = RedisTier(url, name="redis-bus", **tier_options)
+            self._owns_tier = True
+        else:
+            self._owns_tier = False
+        self._tier: RedisTier = tier
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._lock = threading.Lock()
+        self._subs: dict[str, list[_Callbacks]] = {}
+        self._fresh: list[_Callbacks] = []  # started since the last subscription: owed an on_reset
+        self._stop = threading.Event()
+        self._ready = threading.Event()  # subscribed to every channel known when it was set
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: How many times the subscriber has (re)subscribed; tests and health checks read it.
+        self.subscriptions = 0
+        _buses.add(self)
+
+    @classmethod
+    def for_tier(cls, tier: RedisTier, **options: Any) -> RedisBus:
+        """A bus on the same Redis as ``tier``, with its settings and clients (not closed here)."""
+        return cls(tier=tier, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisBus({self._tier!r}, channels={sorted(self._subs)!r})"
+
+    # --- the Bus protocol --------------------------------------------------------------------
+
+    def start(self, channel: str, on_message: Callable[[bytes], None], on_reset: Callable[[], None]) -> None:
+        """Subscribe ``channel`` (in the background: ``on_reset`` says when it is done)."""
+        with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("RedisBus is closed")
+            self._subs.setdefault(channel, []).append((on_message, on_reset))
+            self._fresh.append((on_message, on_reset))
+            self._ready.clear()  # not subscribed for the newcomer yet
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tiercache-redis-bus", daemon=True)
+                self._thread.start()
+
+    def publish(self, channel: str, data: bytes) -> None:
+        self._tier._sync_client().publish(channel, data)
+
+    async def apublish(self, channel: str, data: bytes) -> None:
+        # One lock per loop, taken before the first await: asyncio.Lock is FIFO, so messages leave
+        # in the order the calls were made, even though the pool has several connections.
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock:
+            await self._tier._aclient().publish(channel, data)
+
+    def close(self) -> None:
+        thread = self._stop_thread()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+        if self._owns_tier:
+            self._tier.close()
+
+    async def aclose(self) -> None:
+        thread = self._stop_thread()
+        if thread is not None and thread is not threading.current_thread():
+            await asyncio.to_thread(thread.join, 2.0)
+        if self._owns_tier:
+            await self._tier.aclose()
+
+    # --- status ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while subscribed to every channel started so far."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until subscribed to every channel started so far (True) or ``timeout`` passes."""
+        return self._ready.wait(timeout)
+
+    # --- the subscriber thread ---------------------------------------------------------------
+
+    def _stop_thread(self) -> threading.Thread | None:
+        with self._lock:
+            self._stop.set()
+            thread, self._thread = self._thread, None
+        _buses.discard(self)
+        return thread
+
+    def _restart_after_fork(self) -> None:
+        """In a forked child: the parent's thread does not exist here; start our own."""
+        self._lock = threading.Lock()  # the parent's locks may have been held at fork time
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        self._ready = threading.Event()
+        self._locks = weakref.WeakKeyDictionary()
+        self._pid = os.getpid()
+        self._thread = None
+        if self._subs and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._run, name="tiercache-redis-bus", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        node = 0
+        outage_logged = False
+        while not self._stop.is_set():
+            client: Any = None
+            pubsub: Any = None
+            try:
+                client = self._tier._subscriber_client(node)
+                pubsub = client.pubsub()
+                subscribed: set[str] = set()
+                self._subscribe_new(pubsub, subscribed)
+                backoff = 0.05
+                if outage_logged:
+                    logger.warning("tiercache: invalidation bus reconnected (%r)", self._tier)
+                    outage_logged = False
+                self._listen(pubsub, subscribed)
+            except Exception as exc:  # connection lost, refused, timed out: reconnect later
+                if not self._stop.is_set():
+                    level = logging.DEBUG if outage_logged else logging.WARNING
+                    logger.log(level, "tiercache: invalidation bus lost (%r): %s", self._tier, _describe(exc))
+                    outage_logged = True
+                node += 1
+            finally:
+                self._ready.clear()
+                for thing in (pubsub, client):
+                    if thing is not None:
+                        with contextlib.suppress(Exception):
+                            thing.close()
+            self._stop.wait(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, 2.0)
+
+    def _subscribe_new(self, pubsub: Any, subscribed: set[str]) -> None:
+        """Subscribe the channels not yet subscribed, wait for the confirmations, then call the
+        ``on_reset`` of every subscriber that may have missed messages: all of them on a new
+        connection, the newly started ones otherwise."""
+        with self._lock:
+            wanted = [ch for ch in self._subs if ch not in subscribed]
+            if subscribed:
+                owed, self._fresh = self._fresh, []
+            else:
+                owed = [cb for group in self._subs.values() for cb in group]
+                self._fresh = []
+        if wanted:
+            self._confirm(pubsub, wanted)
+            subscribed.update(wanted)
+            self.subscriptions += 1
+        with self._lock:
+            # Invariant: ready means every started callback is subscribed and has had its reset.
+            if not self._fresh and all(ch in subscribed for ch in self._subs):
+                self._ready.set()
+        for _, reset in owed:
+            self._call(reset)
+
+    def _confirm(self, pubsub: Any, wanted: list[str]) -> None:
+        pubsub.subscribe(*wanted)
+        pending = set(wanted)
+        deadline = time.monotonic() + max(1.0, 4 * self._tier.connect_timeout)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no SUBSCRIBE confirmation for {sorted(pending)}")
+            msg = pubsub.get_message(timeout=min(remaining, 0.1))
+            if msg is None:
+                continue
+            if msg.get("type") == "subscribe":
+                pending.discard(_text(msg.get("channel")))
+            else:
+                self._dispatch(msg)  # a message on a channel subscribed earlier
+
+    def _listen(self, pubsub: Any, subscribed: set[str]) -> None:
+        """Deliver messages until the connection fails or the bus is closed."""
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while not self._stop.is_set():
+            if not self._ready.is_set():
+                self._subscribe_new(pubsub, subscribed)  # start() added a channel
+            # A short read timeout only so that close() and new channels are noticed quickly.
+            msg = pubsub.get_message(timeout=0.1)
+            now = time.monotonic()
+            if msg is not None:
+                last_heard = now
+                if msg.get("type") == "pong":
+                    ping_sent = None
+                else:
+                    self._dispatch(msg)
+            elif ping_sent is not None:
+                if now - ping_sent > self.ping_timeout:
+                    raise TimeoutError(f"no PONG within {self.ping_timeout} s")
+            elif now - last_heard > self.ping_interval:
+                pubsub.ping()
+                ping_sent = now
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") != "message":
+            return
+        data = msg.get("data")
+        if not isinstance(data, bytes):
+            return
+        with self._lock:
+            callbacks = list(self._subs.get(_text(msg.get("channel")), ()))
+        for on_message, _ in callbacks:
+            self._call(on_message, data)
+
+    @staticmethod
+    def _call(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("tiercache: an invalidation bus callback failed")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for the log: its type and message (redis-py's name host and port, no secret)."""
+    return f"{type(exc).__name__}: {exc}"
