@@ -943,7 +943,7 @@ class RedisTier:
                     if self._cluster:
                         pipe = client.pipeline()
                         for name in doomed:
-                            pipe.unlink(name)
+                            pipe.execute_command("UNLINK", name)  # one key: one slot
                         removed += sum(int(n) for n in pipe.execute())
                     else:
                         removed += int(client.unlink(*doomed))
@@ -1055,7 +1055,9 @@ class RedisTier:
             if not nodes:
                 raise redis.ConnectionError("no Redis Cluster node known")
             node = nodes[index % len(nodes)]
-            ckw = dict(node.redis_connection.connection_pool.connection_kwargs)
+            accepted = inspect.signature(redis.Redis.__init__).parameters
+            pool_kwargs = node.redis_connection.connection_pool.connection_kwargs
+            ckw = {k: v for k, v in pool_kwargs.items() if k in accepted}  # credentials, TLS, ...
             ckw.update(kwargs)
             ckw.update(host=node.host, port=node.port)
             return redis.Redis(**ckw)
@@ -1219,7 +1221,7 @@ class RedisTier:
                     if self._cluster:
                         pipe = client.pipeline()
                         for name in doomed:
-                            pipe.unlink(name)
+                            pipe.execute_command("UNLINK", name)  # one key: one slot
                         removed += sum(int(n) for n in await pipe.execute())
                     else:
                         removed += int(await client.unlink(*doomed))
