@@ -113,7 +113,7 @@ def write_chart(path: Path, rows: list[tuple[str, dict[str, float], peers.Group]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7, help="repetitions of every case (default 7)")
+    parser.add_argument("--reps", type=int, default=15, help="repetitions of every case (default 15)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
     args = parser.parse_args()
     out_dir = Path(args.out)
