@@ -41,12 +41,17 @@ class CapabilityContract:
         yield tier
         tier.close()
 
+    def test_tier_offers_the_capabilities(self, tier: Any) -> None:
+        capable: object = tier
+        assert isinstance(capable, ExpiringTier)
+        assert isinstance(capable, NamespaceClearingTier)
+        assert isinstance(capable, TagStore)
+
     # --- ExpiringTier ---------------------------------------------------------------------------
 
     def test_expire_marks_stale_and_keeps_the_value_for_fail_safe(
         self, tier: Any, clock: FakeClock, namespace: str
     ) -> None:
-        assert isinstance(tier, ExpiringTier)
         key = f"{namespace}:k"
         entry = make_entry(key, "v", clock(), ttl=60, stale_ttl=60)
         tier.set(key, entry)
@@ -85,7 +90,6 @@ class CapabilityContract:
     # --- NamespaceClearingTier ----------------------------------------------------------------------
 
     def test_clear_removes_exactly_the_prefix(self, tier: Any, clock: FakeClock, namespace: str) -> None:
-        assert isinstance(tier, NamespaceClearingTier)
         mine = [f"{namespace}:{i}" for i in range(20)] + [f"{namespace}:" + "x" * 1000, f"{namespace}:a}}b"]
         others = [f"{namespace}x:1", f"{namespace}x:" + "x" * 1000, f"{namespace}x:a}}b"]
         for k in mine + others:
@@ -99,7 +103,6 @@ class CapabilityContract:
     # --- TagStore -----------------------------------------------------------------------------------
 
     def test_tag_times_keep_the_maximum(self, tier: Any) -> None:
-        assert isinstance(tier, TagStore)
         tier.set_tag_times(["a", "b"], 100.5)
         tier.set_tag_times(["a"], 50.0)
         tier.set_tag_times(["b"], 200.25)
