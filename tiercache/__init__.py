@@ -4,6 +4,8 @@ Imports nothing optional: ``tiercache.adapters.redis`` and ``tiercache.adapters.
 load their client libraries only when used.
 """
 
+from ._adaptive import LoadContext, current_load
+from ._bus import Bus, BusMessage
 from ._cache import Lookup, SyncTieredCache, TieredCache
 from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache
 from ._entry import Entry
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCachedFunction",
+    "Bus",
+    "BusMessage",
     "CachedFunction",
     "Codec",
     "ConfigurationError",
@@ -34,6 +38,7 @@ __all__ = [
     "EventKind",
     "InvalidKeyError",
     "JsonCodec",
+    "LoadContext",
     "LeaseTier",
     "LoaderTimeoutError",
     "Lookup",
@@ -46,5 +51,6 @@ __all__ = [
     "TierError",
     "TieredCache",
     "ValueTooLargeError",
+    "current_load",
     "tiered_cache",
 ]

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
+from ._adaptive import LoadContext
+from ._adaptive import _current as _current_load
 from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError, ValueTooLargeError
 from ._events import EventKind
@@ -25,6 +27,7 @@ from ._flow import (
     Source,
     WaitForEntry,
     Write,
+    better_stale,
     fill_flow,
 )
 from ._policy import Policy
@@ -45,6 +48,7 @@ class FlowRun:
     and go on. A loader already started is never called twice: its task is kept and re-awaited."""
 
     __slots__ = (
+        "_context",
         "_load_started",
         "_load_t0",
         "_load_task",
@@ -73,6 +77,7 @@ class FlowRun:
         self._load_task: asyncio.Future[Any] | None = None
         self._load_started = 0.0
         self._load_t0 = 0.0
+        self._context: LoadContext | None = None
 
     def abort(self) -> None:
         """Give up for good: cancel a loader still running."""
@@ -149,13 +154,17 @@ class FlowRun:
         if self._load_task is None:
             self._load_started = rt.clock()
             self._load_t0 = time.perf_counter()
+            self._context = LoadContext(key)
+            token = _current_load.set(self._context)
             try:
                 result = self.loader()
+                if not inspect.isawaitable(result):
+                    return self._loaded(key, result)
+                self._load_task = asyncio.ensure_future(result)  # copies the context, ctx included
             except Exception as exc:
                 return self._failed(key, exc)
-            if not inspect.isawaitable(result):
-                return self._loaded(key, result)
-            self._load_task = asyncio.ensure_future(result)
+            finally:
+                _current_load.reset(token)
         task, t0 = self._load_task, self._load_t0
         soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
         hard = policy.hard_timeout
@@ -183,7 +192,7 @@ class FlowRun:
     def _loaded(self, key: str, value: Any) -> LoadOutcome:
         duration = time.perf_counter() - self._load_t0
         self.rt.emit(EventKind.LOAD, key, duration=duration)
-        return LoadOutcome(value, started_at=self._load_started, duration=duration)
+        return LoadOutcome(value, started_at=self._load_started, duration=duration, context=self._context)
 
     def _failed(self, key: str, exc: Exception) -> LoadOutcome:
         duration = time.perf_counter() - self._load_t0
@@ -203,7 +212,10 @@ class FlowRun:
         if fence is None:
             return
         loaded = LoadOutcome(
-            value, started_at=self._load_started, duration=time.perf_counter() - self._load_t0
+            value,
+            started_at=self._load_started,
+            duration=time.perf_counter() - self._load_t0,
+            context=self._context,
         )
         entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
         if entry is not None:
@@ -228,8 +240,10 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
                 rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
+                if policy.early_refresh and policy.wants_early_refresh(entry, now):
+                    start_refresh(rt, key, loader, policy, entry)
                 return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-            if stale is None and now < entry.stale_until:
+            if now < entry.stale_until and better_stale(entry, stale):
                 stale = entry
     if stale is not None and policy.swr:
         rt.emit(EventKind.STALE_SERVED, key)
@@ -353,7 +367,7 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
             if i:
                 await rt.write_async(Write(range(i), key, entry, backfill=True))
             return entry.value
-        if now < entry.stale_until and (stale is None or entry.version > stale.version):
+        if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
     if allow_stale and stale is not None:
         return stale.value

@@ -125,8 +125,10 @@ class TieredCache:
         # Inline L1 hits are counted in one list cell (None: metrics off, nothing on the hit path).
         self._hit_cell: list[int] | None = self._rt.stats.l1_hit_cell if metrics else None
         # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
+        # Only valid keys are ever stored, so a hit needs no key check. Early refresh needs the
+        # driver on every hit, so it turns the inline path off.
         self._lookup: Callable[[str], Any] | None = (
-            getattr(tiers[0], "fast_lookup", None) if self._rt.l1 else None
+            getattr(tiers[0], "fast_lookup", None) if self._rt.l1 and not self.policy.early_refresh else None
         )
         self.sync = SyncTieredCache(self)
 
@@ -218,7 +220,7 @@ class TieredCache:
         early_refresh_beta, early_refresh_ratio, lease_ttl, lease_wait.
         """
         lookup = self._lookup
-        if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
+        if lookup is not None and type(key) is str and not options:  # inline L1 hit
             slot = lookup(self._prefix + key)
             if (
                 slot is not None
@@ -349,7 +351,7 @@ class SyncTieredCache:
         """As ``TieredCache.get_cached``, blocking; ``loader`` must not be a coroutine function."""
         cache = self._cache
         lookup = cache._lookup
-        if lookup is not None and type(key) is str:  # inline L1 hit (only valid keys were stored)
+        if lookup is not None and type(key) is str and not options:  # inline L1 hit
             slot = lookup(cache._prefix + key)
             if (
                 slot is not None

@@ -80,7 +80,7 @@ class _Decorator:
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
         resolve = _policy_resolver(self._cache, fn, self._overrides, self._value_type)
-        return build_cached_function(fn, self._cache, self._template, resolve)
+        return build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
 
 
 def tiered_cache(
@@ -185,13 +185,18 @@ def __tc_build({defaults_only}):
 
 
 def build_cached_function(
-    fn: Callable[..., Any], cache: TieredCache, template: str | None, resolve_policy: Callable[[], Policy]
+    fn: Callable[..., Any],
+    cache: TieredCache,
+    template: str | None,
+    resolve_policy: Callable[[], Policy],
+    overrides: dict[str, Any],
 ) -> Any:
     """Generate the wrapper: the decorated function's own parameters, the key built inline, the L1
     lookup inline, and a call into the shared driver only on a miss."""
     spec = _Signature(fn, cache.namespace + ":", template)
     rt = cache._rt
-    lookup = getattr(rt.tiers[0], "fast_lookup", None) if rt.l1 else None
+    early = cache.policy_for(**overrides).early_refresh  # needs the driver on every hit
+    lookup = getattr(rt.tiers[0], "fast_lookup", None) if rt.l1 and not early else None
     is_async = inspect.iscoroutinefunction(fn)
     if is_async:
         source = _ASYNC_TEMPLATE if lookup is not None else _NO_L1_ASYNC_TEMPLATE

@@ -49,6 +49,7 @@ __all__ = [
     "Source",
     "WaitForEntry",
     "Write",
+    "better_stale",
     "fill_flow",
 ]
 
@@ -134,6 +135,7 @@ class LoadOutcome:
     started_at: float = 0.0
     duration: float = 0.0
     soft_timed_out: bool = False
+    context: Any = None  # the LoadContext the loader saw (adaptive caching)
 
 
 Operation = Read | Write | AcquireLease | ReleaseLease | WaitForEntry | Load
@@ -159,6 +161,12 @@ class FillPlan:
     lease: int | None  # index of the first tier offering a lease, if any
     write_order: tuple[int, ...]  # bottom-up: shared tiers first, L1 last
     clock: Callable[[], float]
+
+
+def better_stale(entry: Entry, than: Entry | None) -> bool:
+    """The stale candidate to keep: the newest version, and of equal versions the copy that lives
+    longest (a tier's clamped copy must not shorten the others' when fail-safe writes it back)."""
+    return than is None or (entry.version, entry.stale_until) > (than.version, than.stale_until)
 
 
 # --- the flow -----------------------------------------------------------------------------------
@@ -192,8 +200,9 @@ def fill_flow(
         if now < entry.fresh_until and not (refresh and stale is not None and entry.version <= stale.version):
             if index > 0:
                 yield Write(range(index), key, entry, backfill=True)
-            return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index])
-        if now < entry.stale_until and (stale is None or entry.version > stale.version):
+            early = not refresh and policy.early_refresh and policy.wants_early_refresh(entry, now)
+            return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index], refresh=early)
+        if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
 
     if stale is not None and not refresh and policy.swr and clock() < stale.stale_until:
@@ -234,7 +243,14 @@ def fill_flow(
     try:
         loaded: LoadOutcome = yield Load(has_stale=stale is not None)
         if loaded.error is not None or loaded.soft_timed_out:
-            if stale is not None and policy.fail_safe and clock() < stale.stale_until:
+            now = clock()
+            if stale is not None and policy.fail_safe and now < stale.stale_until:
+                if loaded.error is not None and policy.fail_safe_throttle > 0 and not refresh:
+                    # Throttle: keep serving the stale value as fresh for a short while, in every
+                    # tier (so in every process), instead of calling a failing loader per request.
+                    # Same version: any real write since (or after) wins; stale_until unchanged.
+                    held = stale.replace(fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until))
+                    yield Write(plan.write_order, key, held, backfill=True, fence=fence)
                 return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
             assert loaded.error is not None
             raise loaded.error

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ._entry import Entry
 from ._errors import ConfigurationError
 from ._serde import Converter
 
@@ -53,6 +55,10 @@ class Policy:
                 raise ConfigurationError(f"{name} must be positive")
         if isinstance(self.tags, str):
             raise ConfigurationError("tags must be a tuple of strings, not one string")
+        if self.early_refresh_beta < 0 or not 0 <= self.early_refresh_ratio < 1:
+            raise ConfigurationError("early_refresh_beta must be >= 0 and early_refresh_ratio in [0, 1)")
+        if self.fail_safe_throttle < 0:
+            raise ConfigurationError("fail_safe_throttle must be >= 0")
 
     def with_overrides(self, **overrides: Any) -> Policy:
         """A policy with the non-None ``overrides`` applied (None means: keep the default)."""
@@ -66,3 +72,24 @@ class Policy:
         if self.jitter:
             return self.ttl * (1.0 + random.uniform(-self.jitter, self.jitter))
         return self.ttl
+
+    @property
+    def early_refresh(self) -> bool:
+        return bool(self.early_refresh_beta or self.early_refresh_ratio)
+
+    def wants_early_refresh(self, entry: Entry, now: float, rand: float | None = None) -> bool:
+        """Should this hit on a still-fresh entry start a background refresh?
+
+        Fixed fraction: once ``early_refresh_ratio`` of the fresh period has passed. XFetch
+        (Vattani et al., VLDB 2015): when ``now - delta * beta * ln(rand) >= fresh_until``, with
+        ``delta`` the duration of the load that produced the entry; the chance per hit is
+        ``exp(-(fresh_until - now) / (beta * delta))``, so only the last few ``delta`` before
+        expiry see refreshes, and only hot keys get them.
+        """
+        ratio = self.early_refresh_ratio
+        if ratio and now >= entry.created_at + ratio * (entry.fresh_until - entry.created_at):
+            return True
+        if self.early_refresh_beta and entry.delta > 0:
+            r = random.random() if rand is None else rand
+            return now - entry.delta * self.early_refresh_beta * math.log(max(r, 1e-300)) >= entry.fresh_until
+        return False

@@ -265,11 +265,14 @@ class Runtime:
         fence: Flight | None = op.fence
         for i in op.indices:
             tier = self.tiers[i]
-            if tier.in_process and fence is not None:
+            if fence is not None and tier.in_process:
                 with self.flights.lock:  # atomic with delete()'s supersede mark
                     if fence.superseded:
                         continue
                     took = self._set_sync(i, key, entry, op.backfill)
+            elif fence is not None and fence.superseded:
+                # Overtaken by a delete: best effort for tiers without tombstones (Redis has them).
+                continue
             else:
                 took = self._set_sync(i, key, entry, op.backfill)
             if took < 0:
@@ -323,6 +326,8 @@ class Runtime:
                 else:
                     written += took
                 continue
+            if fence is not None and fence.superseded:
+                continue  # overtaken by a delete (best effort; Redis also refuses by tombstone)
             if not self.fits(i, entry):
                 self._too_large(i, key, entry)
                 too_large += 1
@@ -482,6 +487,11 @@ class Runtime:
     def build_entry(
         self, key: str, value: Any, policy: Policy, loaded: LoadOutcome, version: int
     ) -> Entry | None:
+        ctx = loaded.context
+        if ctx is not None:  # the loader had its say (adaptive caching)
+            if not ctx.cache:
+                return None
+            policy = policy.with_overrides(ttl=ctx.ttl, stale_ttl=ctx.stale_ttl, tags=ctx.tags)
         now = self.clock()
         fresh_until = now + policy.fresh_ttl()
         return Entry(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import threading
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
+from ._adaptive import LoadContext
+from ._adaptive import _current as _current_load
 from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError, ValueTooLargeError
 from ._events import EventKind
@@ -26,6 +29,7 @@ from ._flow import (
     Source,
     WaitForEntry,
     Write,
+    better_stale,
     fill_flow,
 )
 from ._policy import Policy
@@ -121,7 +125,8 @@ def _call_loader(loader: Callable[[], Any]) -> Any:
 class _Box:
     """The result of a loader running in a helper thread (used only when timeouts are set)."""
 
-    def __init__(self) -> None:
+    def __init__(self, context: LoadContext) -> None:
+        self.context = context
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -143,35 +148,49 @@ class _Box:
 def _load(
     rt: Runtime, loader: Callable[[], Any], policy: Policy, has_stale: bool, fence: Flight | None
 ) -> LoadOutcome:
+    key = fence.key if fence else ""
     started = rt.clock()
     t0 = time.perf_counter()
     soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
     hard = policy.hard_timeout
-    if soft is None and hard is None:
-        try:
-            value = _call_loader(loader)
-        except Exception as exc:
-            rt.emit(EventKind.LOAD_ERROR, fence.key if fence else "", error=exc)
-            return LoadOutcome(error=exc, started_at=started, duration=time.perf_counter() - t0)
-        duration = time.perf_counter() - t0
-        rt.emit(EventKind.LOAD, fence.key if fence else "", duration=duration)
-        return LoadOutcome(value, started_at=started, duration=duration)
+    ctx = LoadContext(key)
+    token = _current_load.set(ctx)
+    try:
+        if soft is None and hard is None:
+            try:
+                value = _call_loader(loader)
+            except Exception as exc:
+                duration = time.perf_counter() - t0
+                rt.emit(EventKind.LOAD_ERROR, key, duration=duration, error=exc)
+                return LoadOutcome(error=exc, started_at=started, duration=duration)
+            duration = time.perf_counter() - t0
+            rt.emit(EventKind.LOAD, key, duration=duration)
+            return LoadOutcome(value, started_at=started, duration=duration, context=ctx)
+        run_in_context = contextvars.copy_context().run  # the helper thread sees the LoadContext
+    finally:
+        _current_load.reset(token)
 
     # A sync function cannot be cancelled: run it in a daemon thread and stop *waiting* for it.
-    box = _Box()
-    threading.Thread(target=box.run, args=(loader,), name="tiercache-loader", daemon=True).start()
+    box = _Box(ctx)
+    threading.Thread(
+        target=run_in_context, args=(box.run, loader), name="tiercache-loader", daemon=True
+    ).start()
     first = soft if soft is not None and (hard is None or soft < hard) else hard
     if not box.done.wait(first):
         if first == soft and soft is not None:
             _finish_late(rt, box, policy, started, t0, fence)
             return LoadOutcome(soft_timed_out=True, started_at=started)
         timeout = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
+        rt.emit(EventKind.LOAD_ERROR, key, duration=time.perf_counter() - t0, error=timeout)
         return LoadOutcome(error=timeout, started_at=started)
+    duration = time.perf_counter() - t0
     if box.error is not None:
         if not isinstance(box.error, Exception):
             raise box.error
-        return LoadOutcome(error=box.error, started_at=started)
-    return LoadOutcome(box.value, started_at=started, duration=time.perf_counter() - t0)
+        rt.emit(EventKind.LOAD_ERROR, key, duration=duration, error=box.error)
+        return LoadOutcome(error=box.error, started_at=started, duration=duration)
+    rt.emit(EventKind.LOAD, key, duration=duration)
+    return LoadOutcome(box.value, started_at=started, duration=duration, context=ctx)
 
 
 def _finish_late(
@@ -185,7 +204,9 @@ def _finish_late(
             return
         if deadline is not None and time.perf_counter() > deadline:
             return
-        loaded = LoadOutcome(b.value, started_at=started, duration=time.perf_counter() - t0)
+        loaded = LoadOutcome(
+            b.value, started_at=started, duration=time.perf_counter() - t0, context=b.context
+        )
         entry = rt.build_entry(fence.key, b.value, policy, loaded, fence.version)
         if entry is not None:
             try:
@@ -225,8 +246,10 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
                 rt.stats.tiers[i].hits += 1
                 if i:
                     rt.write_sync(Write(range(i), key, entry, backfill=True))
+                if policy.early_refresh and policy.wants_early_refresh(entry, now):
+                    start_refresh(rt, key, loader, policy, entry)
                 return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-            if stale is None and now < entry.stale_until:
+            if now < entry.stale_until and better_stale(entry, stale):
                 stale = entry
     if stale is not None and policy.swr:
         rt.emit(EventKind.STALE_SERVED, key)
@@ -332,7 +355,7 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
             if i:
                 rt.write_sync(Write(range(i), key, entry, backfill=True))
             return entry.value
-        if now < entry.stale_until and (stale is None or entry.version > stale.version):
+        if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
     if allow_stale and stale is not None:
         return stale.value

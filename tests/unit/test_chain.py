@@ -98,6 +98,7 @@ def test_fail_safe_serves_stale_when_the_loader_fails(clock: FakeClock) -> None:
         raise RuntimeError("db down")
 
     assert cache.sync.get_cached("k", broken) == "old"
+    clock.advance(6)  # past the fail-safe throttle (5 s by default), still inside stale_ttl
     with pytest.raises(RuntimeError, match="db down"):
         cache.sync.get_cached("k", broken, fail_safe=False)
 

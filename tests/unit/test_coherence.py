@@ -237,6 +237,8 @@ def test_expire_marks_stale_everywhere_and_keeps_the_value_for_fail_safe() -> No
         raise ConnectionError("db down")
 
     assert b.get_cached("k", down) == "v"  # fail-safe
+    assert a.get_cached("k", lambda: "new") == "v"  # the failure is throttled for every process
+    p.clock.advance(6)
     assert a.get_cached("k", lambda: "new") == "new"
 
 

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_all_is_pinned() -> None:
     assert tiercache.__all__ == [
         "AsyncCachedFunction",
+        "Bus",
+        "BusMessage",
         "CachedFunction",
         "Codec",
         "ConfigurationError",
@@ -23,6 +25,7 @@ def test_all_is_pinned() -> None:
         "EventKind",
         "InvalidKeyError",
         "JsonCodec",
+        "LoadContext",
         "LeaseTier",
         "LoaderTimeoutError",
         "Lookup",
@@ -35,6 +38,7 @@ def test_all_is_pinned() -> None:
         "TierError",
         "TieredCache",
         "ValueTooLargeError",
+        "current_load",
         "tiered_cache",
     ]
     for name in tiercache.__all__:
