@@ -1,27 +1,34 @@
 """tiercache: multi-tier caching (in-process memory, Redis, Cloudflare KV) with stampede protection.
 
-Imports nothing optional: ``tiercache.adapters.redis`` and ``tiercache.adapters.cloudflare_kv``
-load their client libraries only when used.
+``import tiercache`` is nearly free (serverless cold starts): the names below are loaded on first
+use (PEP 562), and nothing optional is ever imported here -- ``tiercache.adapters.redis`` and
+``tiercache.adapters.cloudflare_kv`` load their client libraries only when used.
 """
 
-from ._adaptive import LoadContext, current_load
-from ._bus import Bus, BusMessage
-from ._cache import Lookup, SyncTieredCache, TieredCache
-from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache
-from ._entry import Entry
-from ._errors import (
-    ConfigurationError,
-    InvalidKeyError,
-    LoaderTimeoutError,
-    SerializationError,
-    TierCacheError,
-    TierError,
-    ValueTooLargeError,
-)
-from ._events import Event, EventHook, EventKind
-from ._flow import Source
-from ._serde import Codec, JsonCodec
-from ._tier import LeaseTier, Tier, TierBinding
+from __future__ import annotations
+
+TYPE_CHECKING = False  # not typing's: importing typing would double this module's import time
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load lazily
+    from typing import Any
+
+    from ._adaptive import LoadContext, current_load
+    from ._bus import Bus, BusMessage
+    from ._cache import Lookup, SyncTieredCache, TieredCache
+    from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache
+    from ._entry import Entry
+    from ._errors import (
+        ConfigurationError,
+        InvalidKeyError,
+        LoaderTimeoutError,
+        SerializationError,
+        TierCacheError,
+        TierError,
+        ValueTooLargeError,
+    )
+    from ._events import Event, EventHook, EventKind
+    from ._flow import Source
+    from ._serde import Codec, JsonCodec
+    from ._tier import LeaseTier, Tier, TierBinding
 
 __version__ = "0.1.0"
 
@@ -54,3 +61,50 @@ __all__ = [
     "current_load",
     "tiered_cache",
 ]
+
+
+# name -> the private module that defines it
+_EXPORTS = {
+    "AsyncCachedFunction": "._decorator",
+    "Bus": "._bus",
+    "BusMessage": "._bus",
+    "CachedFunction": "._decorator",
+    "Codec": "._serde",
+    "ConfigurationError": "._errors",
+    "Entry": "._entry",
+    "Event": "._events",
+    "EventHook": "._events",
+    "EventKind": "._events",
+    "InvalidKeyError": "._errors",
+    "JsonCodec": "._serde",
+    "LeaseTier": "._tier",
+    "LoadContext": "._adaptive",
+    "LoaderTimeoutError": "._errors",
+    "Lookup": "._cache",
+    "SerializationError": "._errors",
+    "Source": "._flow",
+    "SyncTieredCache": "._cache",
+    "Tier": "._tier",
+    "TierBinding": "._tier",
+    "TierCacheError": "._errors",
+    "TierError": "._errors",
+    "TieredCache": "._cache",
+    "ValueTooLargeError": "._errors",
+    "current_load": "._adaptive",
+    "tiered_cache": "._decorator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiercache' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -53,7 +53,7 @@ class Flight:
         # Set by delete() while the flight runs: its result must not reach the in-process tiers.
         self.superseded = False
         self._lock = threading.Lock()
-        self._event = threading.Event()
+        self._event: threading.Event | None = None  # made only when a thread joins (rare)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def resolve(self, outcome: Any = None, error: BaseException | None = None) -> None:
@@ -64,7 +64,9 @@ class Flight:
             self.error = error
             self.done = True
             waiters, self._async_waiters = self._async_waiters, []
-        self._event.set()
+            event = self._event
+        if event is not None:
+            event.set()
         try:
             current = asyncio.get_running_loop()
         except RuntimeError:
@@ -83,7 +85,13 @@ class Flight:
 
     def wait_sync(self, timeout: float | None = None) -> bool:
         """Block the calling thread until resolved; False if ``timeout`` passed first."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self.done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     async def wait_async(self) -> None:
         if self.done:

@@ -90,3 +90,19 @@ def test_every_module_has_a_docstring() -> None:
     for path in [*ROOT.joinpath("tiercache").glob("*.py"), *ROOT.joinpath("adapters").glob("*.py")]:
         source = path.read_text()
         assert source.lstrip().startswith('"""'), f"{path.name} has no module docstring"
+
+
+def test_import_loads_no_submodule_until_a_name_is_used() -> None:
+    code = (
+        "import sys, tiercache; eager = sorted(m for m in sys.modules if m.startswith('tiercache.'));"
+        "print(eager); from tiercache import TieredCache; assert 'tiercache._cache' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    import pytest
+
+    with pytest.raises(AttributeError):
+        tiercache.NoSuchThing  # noqa: B018
