@@ -1,6 +1,7 @@
 """One process of the multi-process coherence tests: a memory → Redis cache with a RedisBus.
 
-Usage: python -m tests.integration.coherence_worker URL PREFIX NAMESPACE
+Usage: python -m tests.integration.coherence_worker URL PREFIX NAMESPACE [nobus]
+(``nobus``: no invalidation bus, to show that the history checker catches stale L1 reads.)
 Prints ``ready`` once its bus is subscribed, then answers one JSON command per stdin line with one
 JSON line on stdout. Times are ``time.monotonic()`` (one clock for every process on the machine).
 
@@ -30,13 +31,13 @@ from tiercache.adapters.memory import MemoryTier
 from tiercache.adapters.redis import RedisBus, RedisTier
 
 
-def main(url: str, prefix: str, namespace: str) -> None:
+def main(url: str, prefix: str, namespace: str, mode: str = "bus") -> None:
     l1 = MemoryTier()
     l2 = RedisTier(url=url, prefix=prefix, socket_timeout=0.25)
-    bus = RedisBus.for_tier(l2)
+    bus = RedisBus.for_tier(l2) if mode == "bus" else None
     cache = TieredCache([l1, l2], ttl=60, namespace=namespace, bus=bus).sync
     cache.get("warm-up")  # connects, and starts the bus (the core subscribes on first use)
-    if not bus.wait_ready(5):
+    if bus is not None and not bus.wait_ready(5):
         print(json.dumps({"error": "bus did not subscribe"}), flush=True)
         return
     print("ready", flush=True)
@@ -98,4 +99,4 @@ def main(url: str, prefix: str, namespace: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
