@@ -11,6 +11,7 @@ from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
+from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
 from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError, ValueTooLargeError
 from ._events import EventKind
@@ -33,9 +34,19 @@ from ._flow import (
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
-from ._sync import new_entry
+from ._sync import finish_many, l1_lookup, new_entry
 
-__all__ = ["FlowRun", "clear", "delete", "expire", "get", "get_cached", "invalidate_tags", "set_value"]
+__all__ = [
+    "FlowRun",
+    "clear",
+    "delete",
+    "expire",
+    "get",
+    "get_cached",
+    "get_many_cached",
+    "invalidate_tags",
+    "set_value",
+]
 
 logger = logging.getLogger("tiercache")
 
@@ -63,7 +74,7 @@ class FlowRun:
     def __init__(
         self,
         rt: Runtime,
-        gen: Generator[Operation, Any, Outcome],
+        gen: Generator[Any, Any, Any],
         loader: Loader,
         policy: Policy,
         fence: Flight | None,
@@ -84,7 +95,7 @@ class FlowRun:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
 
-    async def run(self) -> Outcome:
+    async def run(self) -> Any:
         send: Any = None
         error: BaseException | None = None
         while True:
@@ -92,8 +103,7 @@ class FlowRun:
                 try:
                     self._pending = self.gen.send(send) if error is None else self.gen.throw(error)
                 except StopIteration as stop:
-                    outcome: Outcome = stop.value
-                    return outcome
+                    return stop.value
             error = None
             try:
                 send = await self._execute(self._pending)
@@ -103,9 +113,18 @@ class FlowRun:
                 error, send = exc, None
             self._pending = None
 
-    async def _execute(self, op: Operation) -> Any:
+    async def _execute(self, op: Any) -> Any:
         rt = self.rt
         kind = type(op)
+        if kind is ReadMany:
+            if rt.tiers[op.index].in_process:
+                return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
+            return await rt.read_many_async(op.index, op.keys, op.converter)
+        if kind is WriteMany:
+            await rt.write_many_async(op.indices, op.items, op.fences, op.backfill)
+            return None
+        if kind is LoadMany:
+            return await self._load_many(op.keys)
         if kind is Read:
             assert isinstance(op, Read)
             if rt.tiers[op.index].in_process:
@@ -188,6 +207,23 @@ class FlowRun:
         return self._failed(
             key, LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s; it was cancelled")
         )
+
+    async def _load_many(self, keys: Sequence[str]) -> LoadOutcome:
+        """Call a batch loader (full keys in, {full key: value} out; sync or async) and time it."""
+        rt = self.rt
+        started, t0 = rt.clock(), time.perf_counter()
+        try:
+            load_many: Callable[..., Any] = self.loader
+            values = load_many(keys)
+            if inspect.isawaitable(values):
+                values = await values
+        except Exception as exc:
+            duration = time.perf_counter() - t0
+            rt.emit(EventKind.LOAD_ERROR, keys[0], duration=duration, error=exc)
+            return LoadOutcome(error=exc, started_at=started, duration=duration)
+        duration = time.perf_counter() - t0
+        rt.emit(EventKind.LOAD, keys[0], duration=duration)
+        return LoadOutcome(values, started_at=started, duration=duration)
 
     def _loaded(self, key: str, value: Any) -> LoadOutcome:
         duration = time.perf_counter() - self._load_t0
@@ -291,7 +327,7 @@ async def lead(
     )
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
-        outcome = await run.run()
+        outcome: Outcome = await run.run()
     except asyncio.CancelledError:
         if rt.closing:  # aclose(): abandon the flight, stop the loader
             run.abort()
@@ -314,7 +350,7 @@ async def _take_over(
     rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy
 ) -> None:
     try:
-        outcome = await run.run()
+        outcome: Outcome = await run.run()
     except Exception as exc:
         rt.flights.finish(flight, error=exc)
         return
@@ -350,6 +386,59 @@ async def _refresh(
         await lead(rt, flight, key, loader, policy, current, refresh=True)
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
         logger.debug("tiercache: background refresh of %r failed: %r", key, exc)
+
+
+async def get_many_cached(
+    rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
+) -> dict[str, Outcome]:
+    """The async ``get_many_cached`` (see the sync driver's for the algorithm)."""
+    now = rt.clock()
+    results: dict[str, Outcome] = {}
+    stale: dict[str, Entry] = {}
+    rt.coherence.ensure_started()
+    for key in dict.fromkeys(keys):
+        hit = l1_lookup(rt, key, now, stale)
+        if hit is not None:
+            results[key] = hit
+    missing = [k for k in dict.fromkeys(keys) if k not in results]
+    loop = asyncio.get_running_loop()
+    led: dict[str, Flight] = {}
+    joined: dict[str, Flight] = {}
+    for key in missing:
+        flight, leader = rt.flights.join_or_lead(key, loop)
+        (led if leader else joined)[key] = flight
+    if led:
+        gen = many_flow(
+            rt.plan,
+            list(led),
+            policy,
+            stale=stale,
+            versions={k: f.version for k, f in led.items()},
+            fences=dict(led),
+            build=rt.build_entry,
+        )
+        run = FlowRun(rt, gen, load_many, policy, None)
+        try:
+            result: ManyResult = await run.run()
+        except BaseException as exc:
+            run.abort()
+            finish_many(rt, led, _raise(exc))  # resolves the flights, re-raises
+            raise
+        finish_many(rt, led, lambda: result)
+        results.update(result.outcomes)
+    for key, flight in joined.items():
+        await flight.wait_async()
+        if flight.error is None:
+            outcome: Outcome = flight.outcome
+            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
+    return results
+
+
+def _raise(exc: BaseException) -> Callable[[], Any]:
+    def again() -> Any:
+        raise exc
+
+    return again
 
 
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, overload
 
@@ -47,7 +48,9 @@ class TieredCache:
     counter increment from the L1 hit path (``cache.stats`` then misses inline L1 hits).
     ``bus`` (e.g. ``RedisBus``) tells other processes to drop their L1 copies on every ``set``,
     ``delete``, ``expire``, ``invalidate_tags`` and ``clear``; tag invalidation times are cached
-    for ``tag_refresh`` seconds between reads of the shared tag store.
+    for ``tag_refresh`` seconds between reads of the shared tag store. ``auto_batch`` (on by
+    default) coalesces concurrent async reads of a remote tier made in the same event-loop tick
+    into one multi-key read (one MGET); turn it off to save a lone read its one loop turn.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class TieredCache:
         metrics: bool = True,
         bus: Bus | None = None,
         tag_refresh: float = 1.0,
+        auto_batch: bool = True,
     ) -> None:
         tiers = list(tiers)
         if not tiers:
@@ -115,6 +119,7 @@ class TieredCache:
             namespace=namespace,
             bus=bus,
             tag_refresh=tag_refresh,
+            auto_batch=auto_batch,
         )
         self._tags_ok = self._rt.coherence.tags_valid_locally
         binding = TierBinding(
@@ -252,6 +257,57 @@ class TieredCache:
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
 
+    async def get_many_cached(
+        self,
+        keys: Iterable[str],
+        load_many: Callable[[list[str]], Mapping[str, T] | Awaitable[Mapping[str, T]]],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> dict[str, T]:
+        """Values for many keys at once: one L1 pass, one multi-key read per lower tier (one MGET
+        on Redis), then **one** call of ``load_many(missing_keys)`` (sync or async, returning a
+        mapping) for what is still missing. Keys other callers are already loading are joined.
+        Keys the loader does not return are left out of the result (misses, not errors). If the
+        loader raises, keys with a stale value are served it (fail-safe) and the error is raised
+        only if some key got nothing.
+        """
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        full = self._full_keys(keys)
+        outcomes = await _async.get_many_cached(self._rt, list(full), self._batch_loader(load_many), policy)
+        return {full[k]: o.value for k, o in outcomes.items()}
+
+    def _full_keys(self, keys: Iterable[str]) -> dict[str, str]:
+        """full key -> the caller's key, in order, duplicates folded."""
+        if isinstance(keys, str):
+            raise ConfigurationError("get_many_cached takes an iterable of keys, not one string")
+        return {self.full_key(k): k for k in keys}
+
+    def _batch_loader(self, load_many: Callable[[list[str]], Any]) -> Callable[[Sequence[str]], Any]:
+        """Adapt the caller's loader (its own keys) to the driver's (full keys), sync or async."""
+        cut = len(self._prefix)
+        prefix = self._prefix
+
+        def rekey(values: Any) -> dict[str, Any]:
+            if not isinstance(values, Mapping):
+                raise TypeError(f"load_many must return a mapping, not {type(values).__qualname__}")
+            return {prefix + k: v for k, v in values.items()}
+
+        def call(full_keys: Sequence[str]) -> Any:
+            result = load_many([k[cut:] for k in full_keys])
+            if inspect.isawaitable(result):
+
+                async def rekeyed() -> dict[str, Any]:
+                    return rekey(await result)
+
+                return rekeyed()
+            return rekey(result)
+
+        return call
+
     async def get(
         self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False
     ) -> Any:
@@ -383,6 +439,24 @@ class SyncTieredCache:
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
+
+    def get_many_cached(
+        self,
+        keys: Iterable[str],
+        load_many: Callable[[list[str]], Mapping[str, T]],
+        *,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
+        **options: Any,
+    ) -> dict[str, T]:
+        """As ``TieredCache.get_many_cached``, blocking; ``load_many`` must be a plain function."""
+        cache = self._cache
+        policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        full = cache._full_keys(keys)
+        outcomes = _sync.get_many_cached(self._rt, list(full), cache._batch_loader(load_many), policy)
+        return {full[k]: o.value for k, o in outcomes.items()}
 
     def get(self, key: str, default: Any = None, *, value_type: Any = None, allow_stale: bool = False) -> Any:
         conv = None if value_type is None else converter_for(value_type)

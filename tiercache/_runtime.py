@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._batch import ReadCoalescer
 from ._bus import Bus
 from ._coherence import Coherence
 from ._entry import Entry
@@ -94,6 +95,7 @@ class Runtime:
         namespace: str = "tc",
         bus: Bus | None = None,
         tag_refresh: float = 1.0,
+        auto_batch: bool = True,
     ) -> None:
         self.tiers = tuple(tiers)
         self.names = tuple(t.name for t in self.tiers)
@@ -123,6 +125,10 @@ class Runtime:
             clock=clock,
         )
         self.coherence = Coherence(self, namespace, bus, tag_refresh)
+        # Concurrent async reads of a remote tier within one loop tick become one multi-key read.
+        self.coalescers: tuple[ReadCoalescer | None, ...] = tuple(
+            ReadCoalescer(t) if auto_batch and not t.in_process else None for t in self.tiers
+        )
         self.breakers: tuple[Breaker | None, ...] = tuple(
             None if t.in_process else Breaker(t.name, breaker_threshold, breaker_cooldown, self._emit_event)
             for t in self.tiers
@@ -220,8 +226,12 @@ class Runtime:
     async def read_async(self, index: int, key: str, conv: Converter | None) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
+        coalescer = self.coalescers[index]
         try:
-            entry = await self.tiers[index].aget(key)
+            if coalescer is not None:
+                entry = await coalescer.get(key)
+            else:
+                entry = await self.tiers[index].aget(key)
         except Exception as exc:
             self.tier_failed(index, key, exc, "get")
             return None
@@ -230,6 +240,112 @@ class Runtime:
         if typed is not None and typed.tags and not await self.coherence.tags_valid_async(typed):
             return None
         return typed
+
+    def _typed_many(
+        self, index: int, keys: Sequence[str], entries: Sequence[Entry | None], conv: Converter | None
+    ) -> list[Entry | None]:
+        return [self.typed(index, key, entry, conv) for key, entry in zip(keys, entries, strict=True)]
+
+    def read_many_sync(self, index: int, keys: Sequence[str], conv: Converter | None) -> list[Entry | None]:
+        if not self.tier_usable(index, keys[0]):
+            return [None] * len(keys)
+        try:
+            raw = self.tiers[index].get_many(keys)
+        except Exception as exc:
+            self.tier_failed(index, keys[0], exc, "get_many")
+            return [None] * len(keys)
+        self._tier_ok(index)
+        out = self._typed_many(index, keys, raw, conv)
+        return [e if e is None or not e.tags or self.coherence.tags_valid_sync(e) else None for e in out]
+
+    async def read_many_async(
+        self, index: int, keys: Sequence[str], conv: Converter | None
+    ) -> list[Entry | None]:
+        if not self.tier_usable(index, keys[0]):
+            return [None] * len(keys)
+        try:
+            raw = await self.tiers[index].aget_many(keys)
+        except Exception as exc:
+            self.tier_failed(index, keys[0], exc, "get_many")
+            return [None] * len(keys)
+        self._tier_ok(index)
+        out = self._typed_many(index, keys, raw, conv)
+        return [
+            e if e is None or not e.tags or await self.coherence.tags_valid_async(e) else None for e in out
+        ]
+
+    def _many_items(
+        self, index: int, items: Sequence[tuple[str, Entry]], fences: dict[str, Any] | None, backfill: bool
+    ) -> list[tuple[str, Entry]]:
+        """The items tier ``index`` should take: not superseded, not too large, encodable."""
+        keep: list[tuple[str, Entry]] = []
+        remote = not self.tiers[index].in_process
+        for key, entry in items:
+            fence = fences.get(key) if fences else None
+            if fence is not None and fence.superseded:
+                continue
+            if remote:
+                try:
+                    self.prepare(entry, (index,))
+                except SerializationError:
+                    if backfill:
+                        continue
+                    raise
+                if not self.fits(index, entry):
+                    self._too_large(index, key, entry)
+                    continue
+            keep.append((key, entry))
+        return keep
+
+    def write_many_sync(
+        self,
+        indices: Sequence[int],
+        items: Sequence[tuple[str, Entry]],
+        fences: dict[str, Any] | None,
+        backfill: bool,
+    ) -> None:
+        for i in indices:
+            tier = self.tiers[i]
+            if tier.in_process:
+                with self.flights.lock:  # atomic with delete()'s supersede marks
+                    keep = self._many_items(i, items, fences, backfill)
+                    for key, entry in keep:
+                        self._set_sync(i, key, entry, backfill)
+                continue
+            keep = self._many_items(i, items, fences, backfill)
+            if not keep or not self.tier_usable(i, keep[0][0]):
+                continue
+            try:
+                tier.set_many(keep)
+            except Exception as exc:
+                self.tier_failed(i, keep[0][0], exc, "set_many")
+            else:
+                self._tier_ok(i)
+
+    async def write_many_async(
+        self,
+        indices: Sequence[int],
+        items: Sequence[tuple[str, Entry]],
+        fences: dict[str, Any] | None,
+        backfill: bool,
+    ) -> None:
+        for i in indices:
+            tier = self.tiers[i]
+            if tier.in_process:
+                with self.flights.lock:
+                    keep = self._many_items(i, items, fences, backfill)
+                    for key, entry in keep:
+                        self._set_sync(i, key, entry, backfill)
+                continue
+            keep = self._many_items(i, items, fences, backfill)
+            if not keep or not self.tier_usable(i, keep[0][0]):
+                continue
+            try:
+                await tier.aset_many(keep)
+            except Exception as exc:
+                self.tier_failed(i, keep[0][0], exc, "set_many")
+            else:
+                self._tier_ok(i)
 
     # --- writes ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
+from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
 from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError, ValueTooLargeError
 from ._events import EventKind
@@ -22,7 +23,6 @@ from ._flow import (
     AcquireLease,
     Load,
     LoadOutcome,
-    Operation,
     Outcome,
     Read,
     ReleaseLease,
@@ -36,18 +36,28 @@ from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
 
-__all__ = ["clear", "delete", "expire", "get", "get_cached", "invalidate_tags", "run_flow", "set_value"]
+__all__ = [
+    "clear",
+    "delete",
+    "expire",
+    "get",
+    "get_cached",
+    "get_many_cached",
+    "invalidate_tags",
+    "run_flow",
+    "set_value",
+]
 
 logger = logging.getLogger("tiercache")
 
 
 def run_flow(
     rt: Runtime,
-    gen: Generator[Operation, Any, Outcome],
-    loader: Callable[[], Any],
+    gen: Generator[Any, Any, Any],
+    loader: Callable[..., Any],
     policy: Policy,
     fence: Flight | None,
-) -> Outcome:
+) -> Any:
     """Drive ``gen`` to its outcome, doing each operation with blocking calls."""
     send: Any = None
     error: BaseException | None = None
@@ -55,8 +65,7 @@ def run_flow(
         try:
             op = gen.send(send) if error is None else gen.throw(error)
         except StopIteration as stop:
-            outcome: Outcome = stop.value
-            return outcome
+            return stop.value
         error = None
         try:
             send = _execute(rt, op, loader, policy, fence)
@@ -64,9 +73,7 @@ def run_flow(
             error, send = exc, None
 
 
-def _execute(
-    rt: Runtime, op: Operation, loader: Callable[[], Any], policy: Policy, fence: Flight | None
-) -> Any:
+def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, fence: Flight | None) -> Any:
     kind = type(op)
     if kind is Read:
         assert isinstance(op, Read)
@@ -93,6 +100,18 @@ def _execute(
         except Exception as exc:
             rt.tier_failed(op.index, op.key, exc, "release_lease")
         return None
+    if kind is ReadMany:
+        assert isinstance(op, ReadMany)
+        if rt.tiers[op.index].in_process:
+            return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
+        return rt.read_many_sync(op.index, op.keys, op.converter)
+    if kind is WriteMany:
+        assert isinstance(op, WriteMany)
+        rt.write_many_sync(op.indices, op.items, op.fences, op.backfill)
+        return None
+    if kind is LoadMany:
+        assert isinstance(op, LoadMany)
+        return _load_many(rt, loader, op.keys)
     if kind is WaitForEntry:
         assert isinstance(op, WaitForEntry)
         started = time.perf_counter()
@@ -107,6 +126,101 @@ def _execute(
             return None
         return entry
     raise AssertionError(f"unknown operation {op!r}")
+
+
+def _load_many(rt: Runtime, load_many: Callable[..., Any], keys: Sequence[str]) -> LoadOutcome:
+    """Call a batch loader (full keys in, {full key: value} out) and time it."""
+    started, t0 = rt.clock(), time.perf_counter()
+    try:
+        values = load_many(keys)
+        if inspect.isawaitable(values):
+            raise ConfigurationError("the batch loader returned an awaitable; use the async API")
+    except Exception as exc:
+        duration = time.perf_counter() - t0
+        rt.emit(EventKind.LOAD_ERROR, keys[0], duration=duration, error=exc)
+        return LoadOutcome(error=exc, started_at=started, duration=duration)
+    duration = time.perf_counter() - t0
+    rt.emit(EventKind.LOAD, keys[0], duration=duration)
+    return LoadOutcome(values, started_at=started, duration=duration)
+
+
+def get_many_cached(
+    rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
+) -> dict[str, Outcome]:
+    """Values for ``keys`` (full keys): one L1 pass, one multi-key read per lower tier, one call of
+    ``load_many`` for the rest; keys being loaded by other callers are joined, not reloaded."""
+    now = rt.clock()
+    results: dict[str, Outcome] = {}
+    stale: dict[str, Entry] = {}
+    rt.coherence.ensure_started()
+    for key in dict.fromkeys(keys):
+        entry = l1_lookup(rt, key, now, stale)
+        if entry is not None:
+            results[key] = entry
+    missing = [k for k in dict.fromkeys(keys) if k not in results]
+    led: dict[str, Flight] = {}
+    joined: dict[str, Flight] = {}
+    for key in missing:
+        flight, leader = rt.flights.join_or_lead(key, None)
+        (led if leader else joined)[key] = flight
+    if led:
+        gen = many_flow(
+            rt.plan,
+            list(led),
+            policy,
+            stale=stale,
+            versions={k: f.version for k, f in led.items()},
+            fences=dict(led),
+            build=rt.build_entry,
+        )
+        result = finish_many(rt, led, lambda: run_flow(rt, gen, load_many, policy, None))
+        results.update(result.outcomes)
+    for key, flight in joined.items():
+        flight.wait_sync()
+        if flight.error is None:
+            outcome: Outcome = flight.outcome
+            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
+    return results
+
+
+def finish_many(rt: Runtime, led: dict[str, Flight], run: Callable[[], Any]) -> ManyResult:
+    """Run a batch flow and resolve the flights it led, one outcome per key."""
+    try:
+        result: ManyResult = run()
+    except BaseException as exc:
+        error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
+        for flight in led.values():
+            rt.flights.finish(flight, error=error)
+        raise
+    for key, flight in led.items():
+        outcome = result.outcomes.get(key)
+        if outcome is not None:
+            rt.flights.finish(flight, outcome)
+        else:  # not returned by the loader (or it failed): joiners fall back to loading alone
+            rt.flights.finish(flight, error=FlightAborted("not returned by the batch loader"))
+    if result.error is not None and any(k not in result.outcomes for k in led):
+        raise result.error
+    return result
+
+
+def l1_lookup(rt: Runtime, key: str, now: float, stale: dict[str, Entry]) -> Outcome | None:
+    """A fresh in-process hit as an Outcome (back-filled upward), remembering stale copies."""
+    tiers = rt.tiers
+    for i in rt.l1:
+        entry = tiers[i].get(key)
+        if entry is None:
+            continue
+        if entry.tags and not rt.coherence.tags_valid_sync(entry):
+            tiers[i].delete(key, entry.version)
+            continue
+        if now < entry.fresh_until:
+            rt.stats.tiers[i].hits += 1
+            if i:
+                rt.write_sync(Write(range(i), key, entry, backfill=True))
+            return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
+        if now < entry.stale_until and better_stale(entry, stale.get(key)):
+            stale[key] = entry
+    return None
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:
@@ -291,7 +405,7 @@ def _run_leader_flow(
         refresh=refresh,
         build=rt.build_entry,
     )
-    outcome = run_flow(rt, gen, loader, policy, flight)
+    outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
         rt.emit(EventKind.STALE_SERVED, key)
     return outcome

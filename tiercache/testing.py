@@ -78,7 +78,15 @@ class FakeRemoteTier:
         # Shared tag store (TagStore capability): pass the same dict to tiers of "other processes".
         self.tag_times: dict[str, float] = {} if tag_times is None else tag_times
         self.down = False
-        self.calls: dict[str, int] = {"get": 0, "set": 0, "delete": 0, "tags": 0, "clear": 0}
+        self.calls: dict[str, int] = {
+            "get": 0,
+            "set": 0,
+            "delete": 0,
+            "tags": 0,
+            "clear": 0,
+            "get_many": 0,
+            "set_many": 0,
+        }
         self._failures_left = 0
         self._clock: Callable[[], float] = time.time
         self._codec: Codec = JsonCodec()
@@ -149,9 +157,14 @@ class FakeRemoteTier:
             del self.store[key]
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """One "round trip": counted once, fails as a whole."""
+        self._call("get_many")
+        self.calls["get"] -= len(keys)  # the per-key reads below are not separate round trips
         return [self.get(k) for k in keys]
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        self._call("set_many")
+        self.calls["set"] -= len(items)
         for k, e in items:
             self.set(k, e)
 
