@@ -473,14 +473,14 @@ async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
 
 async def delete(rt: Runtime, key: str) -> None:
     version = next_version()
-    rt.flights.supersede(key)
+    rt.coherence.invalidate_locally(key, version, "delete")
     await rt.delete_async(key, version)
     await rt.coherence.publish_async("delete", (key,), (), version, rt.clock())
 
 
 async def expire(rt: Runtime, key: str) -> None:
     version, at = next_version(), rt.clock()
-    rt.flights.supersede(key)
+    rt.coherence.invalidate_locally(key, version, "mark")
     await rt.expire_async(key, at, version)
     await rt.coherence.publish_async("expire", (key,), (), version, at)
 

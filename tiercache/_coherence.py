@@ -10,8 +10,11 @@ local times (and the bus) are the whole truth.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,11 @@ class Coherence:
         self._seq_lock = threading.Lock()
         self._last_seq: dict[str, int] = {}
         self._last_seq_lock = threading.Lock()
+        # key -> (lowest version L1 may still take, until when): raised by deletes and by other
+        # processes' writes, so that a copy read from a shared tier just before an invalidation
+        # cannot be written to L1 just after it. Guarded by the flight registry's lock.
+        self._floors: dict[str, tuple[int, float]] = {}
+        self.floor_seconds = 5.0
         self._started = bus is None
         self._start_lock = threading.Lock()
         self._resets = 0
@@ -112,6 +120,48 @@ class Coherence:
     def invalidate_tags_locally(self, tags: Sequence[str], at: float) -> None:
         self._learn(tags, [at] * len(tags))
 
+    # --- floors --------------------------------------------------------------------------------
+
+    def admits(self, key: str, entry: Entry) -> bool:
+        """May ``entry`` be written to L1? (Caller holds ``rt.flights.lock``.)"""
+        floor = self._floors.get(key)
+        if floor is None:
+            return True
+        if floor[1] < time.monotonic():
+            del self._floors[key]
+            return True
+        return entry.version >= floor[0]
+
+    def raise_floor_locked(self, key: str, version: int) -> None:
+        """(Caller holds ``rt.flights.lock``.)"""
+        now = time.monotonic()
+        old = self._floors.get(key)
+        if old is None or old[0] < version or old[1] < now:
+            self._floors[key] = (
+                max(version, old[0]) if old and old[1] >= now else version,
+                now + self.floor_seconds,
+            )
+        if len(self._floors) > 10_000:
+            for k in [k for k, (_, until) in self._floors.items() if until < now]:
+                del self._floors[k]
+
+    def invalidate_locally(self, key: str, version: int, op: str, at: float = 0.0) -> None:
+        """Raise the key's floor to ``version``, mark a running load superseded, then bring the
+        L1 copies in line: ``set`` drops older copies (the writer's own entry may stay),
+        ``delete`` drops every copy up to ``version``, ``expire`` marks them stale at ``at`` (kept
+        for fail-safe), ``mark`` only sets the floor (the caller updates the tiers itself)."""
+        rt = self.rt
+        with rt.flights.lock:
+            self.raise_floor_locked(key, version)
+            rt.flights.supersede_locked(key, version)
+        if op == "mark":
+            return
+        for i in rt.l1:
+            if op == "expire":
+                rt.expire_in_process(i, key, at, version)
+            else:
+                rt.tiers[i].delete(key, version - 1 if op == "set" else version)
+
     # --- the bus: sending ---------------------------------------------------------------------
 
     def ensure_started(self) -> None:
@@ -151,14 +201,12 @@ class Coherence:
     async def publish_async(
         self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float
     ) -> None:
+        """As ``publish_sync``, from a worker thread: one lock orders every publish of this cache
+        (all threads, all event loops), so receivers never see a false sequence gap."""
         if self.bus is None:
             return
-        self.ensure_started()
-        msg = self.message(op, keys, tags, version, at)
-        try:
-            await self.bus.apublish(self.channel, msg.encode())
-        except Exception as exc:
-            self._publish_failed(msg, exc)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, functools.partial(self.publish_sync, op, keys, tags, version, at))
 
     def _publish_failed(self, msg: BusMessage, exc: Exception) -> None:
         # Receivers will see a sequence gap at our next message and clear their L1.
@@ -188,14 +236,10 @@ class Coherence:
         self.apply(msg)
 
     def apply(self, msg: BusMessage) -> None:
-        rt = self.rt
         if msg.op in ("set", "delete", "expire"):
             for key in msg.keys:
-                if not key.startswith(self.prefix):
-                    continue
-                rt.flights.supersede(key, msg.version)
-                for i in rt.l1:
-                    rt.tiers[i].delete(key, msg.version)
+                if key.startswith(self.prefix):
+                    self.invalidate_locally(key, msg.version, msg.op, msg.at)
         elif msg.op == "tags":
             self._learn(msg.tags, [msg.at] * len(msg.tags))
         elif msg.op == "clear":

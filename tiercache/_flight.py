@@ -150,6 +150,12 @@ class FlightRegistry:
             if flight is not None and (version is None or flight.version < version):
                 flight.superseded = True
 
+    def supersede_locked(self, key: str, version: int | None = None) -> None:
+        """``supersede`` for a caller already holding ``lock``."""
+        flight = self._flights.get(key)
+        if flight is not None and (version is None or flight.version < version):
+            flight.superseded = True
+
     def supersede_prefix(self, prefix: str) -> None:
         """Mark every running flight whose key starts with ``prefix`` (a namespace clear)."""
         with self._lock:

@@ -284,6 +284,8 @@ class Runtime:
             fence = fences.get(key) if fences else None
             if fence is not None and fence.superseded:
                 continue
+            if not remote and not self.coherence.admits(key, entry):
+                continue
             if remote:
                 try:
                     self.prepare(entry, (index,))
@@ -381,11 +383,8 @@ class Runtime:
         fence: Flight | None = op.fence
         for i in op.indices:
             tier = self.tiers[i]
-            if fence is not None and tier.in_process:
-                with self.flights.lock:  # atomic with delete()'s supersede mark
-                    if fence.superseded:
-                        continue
-                    took = self._set_sync(i, key, entry, op.backfill)
+            if tier.in_process:
+                took = self.set_in_process(i, key, entry, op.backfill, fence)
             elif fence is not None and fence.superseded:
                 # Overtaken by a delete: best effort for tiers without tombstones (Redis has them).
                 continue
@@ -396,6 +395,18 @@ class Runtime:
             else:
                 written += took
         return -1 if too_large and too_large == len(op.indices) else written
+
+    def set_in_process(self, i: int, key: str, entry: Entry, backfill: bool, fence: Flight | None) -> int:
+        """Write an in-process tier, unless a delete overtook the load (``fence``) or a newer
+        write or delete was announced for the key (the coherence floor). Atomic with both marks:
+        they are set under the same lock, so an old copy read from a shared tier just before an
+        invalidation can never land in L1 just after it."""
+        with self.flights.lock:
+            if fence is not None and fence.superseded:
+                return 0
+            if not self.coherence.admits(key, entry):
+                return 0
+            return self._set_sync(i, key, entry, backfill)
 
     def _set_sync(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
         """1 written, 0 skipped (breaker, error), -1 refused as too large."""
@@ -430,13 +441,7 @@ class Runtime:
         for i in op.indices:
             tier = self.tiers[i]
             if tier.in_process:
-                if fence is not None:
-                    with self.flights.lock:
-                        if fence.superseded:
-                            continue
-                        took = self._set_sync(i, key, entry, op.backfill)
-                else:
-                    took = self._set_sync(i, key, entry, op.backfill)
+                took = self.set_in_process(i, key, entry, op.backfill, fence)
                 if took < 0:
                     too_large += 1
                 else:

@@ -502,14 +502,14 @@ def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
 
 def delete(rt: Runtime, key: str) -> None:
     version = next_version()
-    rt.flights.supersede(key)
+    rt.coherence.invalidate_locally(key, version, "delete")
     rt.delete_sync(key, version)
     rt.coherence.publish_sync("delete", (key,), (), version, rt.clock())
 
 
 def expire(rt: Runtime, key: str) -> None:
     version, at = next_version(), rt.clock()
-    rt.flights.supersede(key)
+    rt.coherence.invalidate_locally(key, version, "mark")
     rt.expire_sync(key, at, version)
     rt.coherence.publish_sync("expire", (key,), (), version, at)
 

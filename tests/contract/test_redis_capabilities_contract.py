@@ -126,7 +126,7 @@ def _factory(url: str, prefix: str) -> Iterator[Callable[[], RedisTier]]:
     made: list[RedisTier] = []
 
     def build() -> RedisTier:
-        made.append(RedisTier(url=url, prefix=prefix))
+        made.append(RedisTier(socket_timeout=0.5, connect_timeout=0.5, url=url, prefix=prefix))
         return made[-1]
 
     yield build
