@@ -34,7 +34,7 @@ from ._flow import (
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
-from ._sync import finish_many, l1_lookup, new_entry
+from ._sync import finish_many, new_entry
 
 __all__ = [
     "FlowRun",
@@ -261,28 +261,29 @@ class FlowRun:
 # --- the public operations ----------------------------------------------------------------
 
 
+async def l1_walk(rt: Runtime, key: str, now: float) -> tuple[Entry | None, int, Entry | None]:
+    """``Runtime.l1_walk`` for async callers: tag times it does not know are fetched, awaited."""
+    coherence = rt.coherence
+    while True:
+        entry, i, stale, unknown = rt.l1_walk(key, now, coherence.tags_valid_locally)
+        if unknown is None:
+            return entry, i, stale
+        await coherence.tags_valid_async(unknown)  # learns the times (or gives up) ...
+        if coherence.tags_valid_locally(unknown) is None:  # ... the store was unreachable
+            entry, i, stale, _ = rt.l1_walk(key, now, coherence.known_valid)
+            return entry, i, stale
+
+
 async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Outcome:
     """The async get_cached after key checks: L1 walk, then join or lead the flight."""
     now = rt.clock()
-    stale: Entry | None = None
-    tiers = rt.tiers
-    for i in rt.l1:
-        entry = tiers[i].get(key)
-        if entry is not None:
-            if entry.tags and not await rt.coherence.tags_valid_async(entry):
-                tiers[i].delete(key, entry.version)  # invalidated by a tag: gone, not even stale
-                continue
-            if now < entry.fresh_until:
-                rt.stats.tiers[i].hits += 1
-                if i:
-                    rt.write_sync(Write(range(i), key, entry, backfill=True))
-                if policy.early_refresh and policy.wants_early_refresh(entry, now):
-                    start_refresh(rt, key, loader, policy, entry)
-                return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-            if now < entry.stale_until and better_stale(entry, stale):
-                stale = entry
+    entry, i, stale = await l1_walk(rt, key, now)
+    if entry is not None:
+        if policy.early_refresh and policy.wants_early_refresh(entry, now):
+            start_refresh(rt, key, loader, policy, entry)
+        return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key)
+        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
     return await fill(rt, key, loader, policy, stale)
@@ -366,7 +367,7 @@ def _finished(
 ) -> None:
     rt.flights.finish(flight, outcome)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key)
+        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
     if outcome.refresh:
         start_refresh(rt, key, loader, policy, outcome.entry)
 
@@ -397,9 +398,11 @@ async def get_many_cached(
     stale: dict[str, Entry] = {}
     rt.coherence.ensure_started()
     for key in dict.fromkeys(keys):
-        hit = l1_lookup(rt, key, now, stale)
-        if hit is not None:
-            results[key] = hit
+        entry, i, best_stale = await l1_walk(rt, key, now)
+        if best_stale is not None:
+            stale[key] = best_stale
+        if entry is not None:
+            results[key] = Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     missing = [k for k in dict.fromkeys(keys) if k not in results]
     loop = asyncio.get_running_loop()
     led: dict[str, Flight] = {}
@@ -444,23 +447,19 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
     now = rt.clock()
     rt.coherence.ensure_started()
-    stale: Entry | None = None
-    for i, tier in enumerate(rt.tiers):
-        entry = tier.get(key) if tier.in_process else await rt.read_async(i, key, conv)
+    entry, _, stale = await l1_walk(rt, key, now)
+    if entry is not None:
+        return entry.value
+    for i in rt.remote:
+        entry = await rt.read_async(i, key, conv)
         if entry is None:
             continue
-        if tier.in_process and entry.tags and not await rt.coherence.tags_valid_async(entry):
-            tier.delete(key, entry.version)
-            continue
         if now < entry.fresh_until:
-            if i:
-                await rt.write_async(Write(range(i), key, entry, backfill=True))
+            await rt.write_async(Write(range(i), key, entry, backfill=True))
             return entry.value
         if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
-    if allow_stale and stale is not None:
-        return stale.value
-    return default
+    return stale.value if allow_stale and stale is not None else default
 
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:

@@ -144,6 +144,11 @@ class TieredCache:
     def tiers(self) -> tuple[Tier, ...]:
         return self._rt.tiers
 
+    def add_event_hook(self, hook: EventHook) -> Callable[[], None]:
+        """Also send every event to ``hook`` (after ``on_event`` and earlier hooks); returns a
+        function that removes it. A hook that raises is logged and never breaks a request."""
+        return self._rt.add_hook(hook)
+
     @property
     def stats(self) -> CacheStats:
         """Counters per tier and per cache (see ``CacheStats``)."""

@@ -110,6 +110,10 @@ class Coherence:
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
+    def known_valid(self, entry: Entry) -> bool:
+        """Decide on the tag times known so far (used when the tag store cannot be reached)."""
+        return self._known_valid(entry)
+
     def _known_valid(self, entry: Entry) -> bool:
         for tag in entry.tags:
             item = self.tag_times.get(tag)

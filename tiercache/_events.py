@@ -40,6 +40,7 @@ class Event(NamedTuple):
     tier: str | None = None
     duration: float | None = None
     error: BaseException | None = None
+    source: str | None = None  # for STALE_SERVED: "STALE_SWR" or "STALE_FAILSAFE"
 
 
 EventHook = Callable[[Event], None]

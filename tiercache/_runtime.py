@@ -20,7 +20,7 @@ from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
 from ._flight import Flight, FlightRegistry
-from ._flow import FillPlan, LoadOutcome, Write
+from ._flow import FillPlan, LoadOutcome, Write, better_stale
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
@@ -101,7 +101,10 @@ class Runtime:
         self.names = tuple(t.name for t in self.tiers)
         self.clock = clock
         self.codec = codec
-        self.hook = hook
+        self.hook: EventHook | None = None  # one hook, or a fan-out over several
+        self._hooks: tuple[EventHook, ...] = ()
+        if hook is not None:
+            self.set_hooks((hook,))
         self.flights = FlightRegistry()
         self.stats = CacheStats([TierStats(t.name, i + 1) for i, t in enumerate(self.tiers)])
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
@@ -144,6 +147,22 @@ class Runtime:
         if not task.cancelled() and task.exception() is not None:
             logger.debug("tiercache: background task failed: %r", task.exception())
 
+    def set_hooks(self, hooks: Sequence[EventHook]) -> None:
+        self._hooks = tuple(hooks)
+        self.hook = None if not hooks else hooks[0] if len(hooks) == 1 else self._fan_out
+
+    def _fan_out(self, event: Event) -> None:
+        for hook in self._hooks:
+            emit_safely(hook, event)
+
+    def add_hook(self, hook: EventHook) -> Callable[[], None]:
+        self.set_hooks((*self._hooks, hook))
+
+        def remove() -> None:
+            self.set_hooks(tuple(h for h in self._hooks if h is not hook))
+
+        return remove
+
     # --- events ---------------------------------------------------------------------------
 
     def _emit_event(self, event: Event) -> None:
@@ -160,12 +179,13 @@ class Runtime:
         tier: int | None = None,
         duration: float | None = None,
         error: BaseException | None = None,
+        source: str | None = None,
     ) -> None:
         """Count an event and hand it to the hook; ``tier`` is the tier's index."""
         self.stats.count(kind, tier, duration)
         if self.hook is not None:
             name = None if tier is None else self.names[tier]
-            emit_safely(self.hook, Event(kind, key, name, duration, error))
+            emit_safely(self.hook, Event(kind, key, name, duration, error, source))
 
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
@@ -188,7 +208,40 @@ class Runtime:
         self.emit(EventKind.TIER_SKIPPED, key, index)
         return False
 
-    # --- reads ----------------------------------------------------------------------------
+    # --- reads ---
+
+    def l1_walk(
+        self, key: str, now: float, tags_valid: Callable[[Entry], bool | None]
+    ) -> tuple[Entry | None, int, Entry | None, Entry | None]:
+        """Walk the in-process tiers: ``(fresh entry, its index, best stale entry, entry whose tag
+        state is unknown)``. A fresh hit found below the first tier is back-filled upward. When
+        ``tags_valid`` cannot decide (None), the walk stops and hands the entry back, so an async
+        caller can fetch the tag times and walk again."""
+        stale: Entry | None = None
+        for i in self.l1:
+            tier = self.tiers[i]
+            counters = self.stats.tiers[i]
+            entry = tier.get(key)
+            if entry is None:
+                counters.misses += 1
+                continue
+            if entry.tags:
+                valid = tags_valid(entry)
+                if valid is None:
+                    return None, -1, stale, entry
+                if not valid:
+                    tier.delete(key, entry.version)  # invalidated by a tag: gone, not even stale
+                    counters.misses += 1
+                    continue
+            if now < entry.fresh_until:
+                counters.hits += 1
+                if i:
+                    self.write_sync(Write(range(i), key, entry, backfill=True))
+                return entry, i, stale, None
+            counters.stale_hits += 1
+            if now < entry.stale_until and better_stale(entry, stale):
+                stale = entry
+        return None, -1, stale, None
 
     def typed(self, index: int, key: str, entry: Entry | None, conv: Converter | None) -> Entry | None:
         """Check a tier's answer: alive, really this key, converted to the caller's type."""

@@ -205,22 +205,10 @@ def finish_many(rt: Runtime, led: dict[str, Flight], run: Callable[[], Any]) -> 
 
 def l1_lookup(rt: Runtime, key: str, now: float, stale: dict[str, Entry]) -> Outcome | None:
     """A fresh in-process hit as an Outcome (back-filled upward), remembering stale copies."""
-    tiers = rt.tiers
-    for i in rt.l1:
-        entry = tiers[i].get(key)
-        if entry is None:
-            continue
-        if entry.tags and not rt.coherence.tags_valid_sync(entry):
-            tiers[i].delete(key, entry.version)
-            continue
-        if now < entry.fresh_until:
-            rt.stats.tiers[i].hits += 1
-            if i:
-                rt.write_sync(Write(range(i), key, entry, backfill=True))
-            return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-        if now < entry.stale_until and better_stale(entry, stale.get(key)):
-            stale[key] = entry
-    return None
+    entry, i, best_stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    if best_stale is not None:
+        stale[key] = best_stale
+    return None if entry is None else Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:
@@ -348,25 +336,13 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
 def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Outcome:
     """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
     now = rt.clock()
-    stale: Entry | None = None
-    tiers = rt.tiers
-    for i in rt.l1:
-        entry = tiers[i].get(key)
-        if entry is not None:
-            if entry.tags and not rt.coherence.tags_valid_sync(entry):
-                tiers[i].delete(key, entry.version)  # invalidated by a tag: gone, not even stale
-                continue
-            if now < entry.fresh_until:
-                rt.stats.tiers[i].hits += 1
-                if i:
-                    rt.write_sync(Write(range(i), key, entry, backfill=True))
-                if policy.early_refresh and policy.wants_early_refresh(entry, now):
-                    start_refresh(rt, key, loader, policy, entry)
-                return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-            if now < entry.stale_until and better_stale(entry, stale):
-                stale = entry
+    entry, i, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    if entry is not None:
+        if policy.early_refresh and policy.wants_early_refresh(entry, now):
+            start_refresh(rt, key, loader, policy, entry)
+        return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key)
+        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
     rt.coherence.ensure_started()
@@ -407,7 +383,7 @@ def _run_leader_flow(
     )
     outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key)
+        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
     return outcome
 
 
@@ -457,23 +433,19 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
     """Read through every tier without loading; back-fills what it finds."""
     now = rt.clock()
     rt.coherence.ensure_started()
-    stale: Entry | None = None
-    for i, tier in enumerate(rt.tiers):
-        entry = tier.get(key) if tier.in_process else rt.read_sync(i, key, conv)
+    entry, _, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    if entry is not None:
+        return entry.value
+    for i in rt.remote:
+        entry = rt.read_sync(i, key, conv)
         if entry is None:
             continue
-        if tier.in_process and entry.tags and not rt.coherence.tags_valid_sync(entry):
-            tier.delete(key, entry.version)
-            continue
         if now < entry.fresh_until:
-            if i:
-                rt.write_sync(Write(range(i), key, entry, backfill=True))
+            rt.write_sync(Write(range(i), key, entry, backfill=True))
             return entry.value
         if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
-    if allow_stale and stale is not None:
-        return stale.value
-    return default
+    return stale.value if allow_stale and stale is not None else default
 
 
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:

@@ -291,6 +291,7 @@ class Instrumentation:
         self._open: OrderedDict[tuple[str, int, int], _Open] = OrderedDict()
         self._lock = threading.Lock()
         self._installed = False
+        self._remove_hook: Callable[[], None] = lambda: None
 
     def __call__(self, event: Event) -> None:
         try:
@@ -304,9 +305,7 @@ class Instrumentation:
         """Restore the cache's previous hook and stop reporting this cache's counters."""
         if not self._installed:
             return
-        rt = self.cache._rt
-        if rt.hook is self:
-            rt.hook = self.previous
+        self._remove_hook()
         if self._meters is not None:
             self._meters.caches.discard(self.cache)
         _installed.pop(self.cache, None)
@@ -455,8 +454,7 @@ def instrument(
     found = _installed.get(cache)
     if found is not None:
         return found
-    rt = getattr(cache, "_rt", None)
-    if rt is None or not hasattr(rt, "hook"):
+    if not hasattr(cache, "add_event_hook"):
         raise TypeError(f"instrument() needs a TieredCache, not {type(cache).__name__}")
     meters = None
     if metrics:
@@ -467,8 +465,8 @@ def instrument(
         from . import __version__
 
         tracer = otel_trace.get_tracer("tiercache", __version__, tracer_provider=tracer_provider)
-    inst = Instrumentation(cache, meters, tracer, rt.hook, record_keys)
-    rt.hook = inst
+    inst = Instrumentation(cache, meters, tracer, None, record_keys)
+    inst._remove_hook = cache.add_event_hook(inst)
     if meters is not None:
         meters.caches.add(cache)
     inst._installed = True

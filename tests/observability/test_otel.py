@@ -231,7 +231,7 @@ def test_hook_that_raises_does_not_stop_recording(tel: Telemetry, caplog: pytest
     def bad(event: Any) -> None:
         raise RuntimeError("user hook bug")
 
-    w.cache._rt.hook = bad
+    w.cache.add_event_hook(bad)
     instrument(w.cache, tel.meters, tel.tracers)
     assert w.cache.sync.get_cached("a", load_ok) == "v"
     assert len(tel.spans("tiercache.load")) == 1
