@@ -349,6 +349,23 @@ def encode_multipart(value: bytes, metadata_json: bytes, boundary: str | None = 
 # --- responses ----------------------------------------------------------------------------------
 
 
+# API tokens of live tiers. Every KVError message is scrubbed of them: a server or proxy that
+# echoes the Authorization header back must not put the token into logs, events or tracebacks.
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str) -> None:
+    if len(secret) >= 8:  # scrubbing a very short string would mangle ordinary text
+        _SECRETS.add(secret)
+
+
+def scrub(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
 class KVError(TierError):
     """A KV request failed. ``retryable`` for 408/5xx; ``codes`` are Cloudflare's error codes."""
 
@@ -361,7 +378,7 @@ class KVError(TierError):
         codes: tuple[int, ...] = (),
         retryable: bool = False,
     ) -> None:
-        super().__init__(tier, message)
+        super().__init__(tier, scrub(message))
         self.status = status
         self.codes = codes
         self.retryable = retryable

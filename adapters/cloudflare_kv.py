@@ -75,6 +75,7 @@ from ._kv_protocol import (
     parse_read_value,
     parse_retry_after,
     raise_for_status,
+    register_secret,
 )
 
 if TYPE_CHECKING:
@@ -268,6 +269,7 @@ class CloudflareKVTier:
         self.stats = KVStats()
         self._proto = KVProtocol(account_id, namespace_id)
         self._token = _Secret(token)
+        register_secret(token)
         self._mono = monotonic
         self._budget = _Budget(budget, budget_window, monotonic)
         self._binding = TierBinding()

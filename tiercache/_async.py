@@ -34,7 +34,7 @@ from ._flow import (
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
-from ._sync import finish_many, new_entry
+from ._sync import finish_many, new_entry, new_entry_unchecked
 
 __all__ = [
     "FlowRun",
@@ -243,7 +243,9 @@ class FlowRun:
         try:
             value = await asyncio.wait_for(task, remaining)
         except Exception as exc:  # the caller already got stale; a late failure is only logged
-            logger.debug("tiercache: late loader for %r failed: %r", fence.key if fence else "", exc)
+            logger.debug(
+                "tiercache: late loader for %s failed: %r", rt.log_key(fence.key if fence else ""), exc
+            )
             return
         if fence is None:
             return
@@ -276,6 +278,11 @@ async def l1_walk(rt: Runtime, key: str, now: float) -> tuple[Entry | None, int,
 
 async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Outcome:
     """The async get_cached after key checks: L1 walk, then join or lead the flight."""
+    if rt.bypass:
+        value = loader()
+        if inspect.isawaitable(value):
+            value = await value
+        return Outcome(value, None, Source.LOADED)
     now = rt.clock()
     entry, i, stale = await l1_walk(rt, key, now)
     if entry is not None:
@@ -386,13 +393,18 @@ async def _refresh(
     try:
         await lead(rt, flight, key, loader, policy, current, refresh=True)
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
-        logger.debug("tiercache: background refresh of %r failed: %r", key, exc)
+        logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
 
 
 async def get_many_cached(
     rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
 ) -> dict[str, Outcome]:
     """The async ``get_many_cached`` (see the sync driver's for the algorithm)."""
+    if rt.bypass:
+        values = load_many(list(keys))
+        if inspect.isawaitable(values):
+            values = await values
+        return {k: Outcome(v, None, Source.LOADED) for k, v in values.items()}
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
@@ -445,6 +457,8 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
 
 
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
+    if rt.bypass:
+        return default
     now = rt.clock()
     rt.coherence.ensure_started()
     entry, _, stale = await l1_walk(rt, key, now)
@@ -463,6 +477,9 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
 
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
+    if rt.bypass:
+        rt.codec.dumps(new_entry_unchecked(key, value, policy, rt.clock()))  # still report bad values
+        return
     rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
     if await rt.write_async(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:

@@ -51,6 +51,7 @@ class TieredCache:
     for ``tag_refresh`` seconds between reads of the shared tag store. ``auto_batch`` (on by
     default) coalesces concurrent async reads of a remote tier made in the same event-loop tick
     into one multi-key read (one MGET); turn it off to save a lone read its one loop turn.
+    ``redact_keys`` logs a digest of each key instead of the key itself.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class TieredCache:
         bus: Bus | None = None,
         tag_refresh: float = 1.0,
         auto_batch: bool = True,
+        redact_keys: bool = False,
     ) -> None:
         tiers = list(tiers)
         if not tiers:
@@ -122,6 +124,7 @@ class TieredCache:
             auto_batch=auto_batch,
         )
         self._tags_ok = self._rt.coherence.tags_valid_locally
+        self._rt.redact_keys = redact_keys
         binding = TierBinding(
             clock=self.clock, codec=self._rt.codec, namespace=namespace, on_event=self._rt._emit_event
         )

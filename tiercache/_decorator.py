@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 import orjson
 
 from . import _async, _sync
-from ._cache import _UNSET, TieredCache
+from ._cache import _UNSET, Lookup, TieredCache
 from ._errors import ConfigurationError, InvalidKeyError
 from ._keys import check_key
 from ._policy import Policy
@@ -39,9 +39,17 @@ class CachedFunction(Protocol[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Delete this call's entry from every tier (and other processes' L1)."""
+        ...
 
-    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The full key (``namespace:...``) this call is cached under."""
+        ...
+
+    def lookup(self, *args: P.args, **kwargs: P.kwargs) -> Lookup:
+        """The call's result with where it came from ("L1", "L2", "LOADED", ...)."""
+        ...
 
 
 class AsyncCachedFunction(Protocol[P, R]):
@@ -51,9 +59,17 @@ class AsyncCachedFunction(Protocol[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]: ...
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]:
+        """Delete this call's entry from every tier (and other processes' L1)."""
+        ...
 
-    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The full key (``namespace:...``) this call is cached under."""
+        ...
+
+    def lookup(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Lookup]:
+        """The call's result with where it came from ("L1", "L2", "LOADED", ...)."""
+        ...
 
 
 class _Decorator:
@@ -236,10 +252,26 @@ def build_cached_function(
         def invalidate(*args: Any, **kwargs: Any) -> None:
             _sync.delete(rt, check_key(make_key(*args, **kwargs)))
 
+    if is_async:
+
+        async def alookup(*args: Any, **kwargs: Any) -> Lookup:
+            key = check_key(make_key(*args, **kwargs))
+            outcome = await _async.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
+            return Lookup(outcome.value, outcome.source, outcome.tier)
+
+        lookup_fn: Callable[..., Any] = alookup
+    else:
+
+        def lookup_fn(*args: Any, **kwargs: Any) -> Lookup:
+            key = check_key(make_key(*args, **kwargs))
+            outcome = _sync.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
+            return Lookup(outcome.value, outcome.source, outcome.tier)
+
     functools.update_wrapper(wrapper, fn)
     wrapper.uncached = fn
     wrapper.invalidate = invalidate
     wrapper.cache_key = make_key
+    wrapper.lookup = lookup_fn
     return wrapper
 
 

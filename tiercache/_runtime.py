@@ -8,6 +8,7 @@ breaker for ``breaker_cooldown`` seconds (calls skip it; the first call after th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -110,7 +111,10 @@ class Runtime:
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
         self.tasks: set[asyncio.Task[Any]] = set()  # background work of async callers
-        self.closing = False  # set by aclose(): cancelled flights are abandoned, not taken over
+        self.closing = False
+        # tiercache.testing.bypass(): every read misses, every write is dropped, loaders run.
+        self.bypass = False
+        self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)  # set by aclose(): cancelled flights are abandoned, not taken over
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
             l1 += 1
@@ -187,9 +191,15 @@ class Runtime:
             name = None if tier is None else self.names[tier]
             emit_safely(self.hook, Event(kind, key, name, duration, error, source))
 
+    def log_key(self, key: str) -> str:
+        """``key`` as it may appear in logs: itself, or a short digest with ``redact_keys``."""
+        if not self.redact_keys:
+            return key
+        return "key#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
-        logger.debug("tiercache: %s on tier %s failed: %r", what, name, exc)
+        logger.debug("tiercache: %s of %s on tier %s failed: %r", what, self.log_key(key), name, exc)
         breaker = self.breakers[index]
         if breaker is not None:
             retry_after = getattr(exc, "retry_after", None)

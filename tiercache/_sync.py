@@ -149,6 +149,8 @@ def get_many_cached(
 ) -> dict[str, Outcome]:
     """Values for ``keys`` (full keys): one L1 pass, one multi-key read per lower tier, one call of
     ``load_many`` for the rest; keys being loaded by other callers are joined, not reloaded."""
+    if rt.bypass:
+        return {k: Outcome(v, None, Source.LOADED) for k, v in load_many(list(keys)).items()}
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
@@ -314,7 +316,9 @@ def _finish_late(
             try:
                 rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
             except Exception:
-                logger.exception("tiercache: storing a late loader result for %r failed", fence.key)
+                logger.exception(
+                    "tiercache: storing a late loader result for %s failed", rt.log_key(fence.key)
+                )
 
     with box.lock:
         if not box.done.is_set():
@@ -335,6 +339,8 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
 
 def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Outcome:
     """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
+    if rt.bypass:
+        return Outcome(_call_loader(loader), None, Source.LOADED)
     now = rt.clock()
     entry, i, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None:
@@ -420,7 +426,7 @@ def start_refresh(
         try:
             lead(rt, flight, key, loader, policy, current, refresh=True)
         except Exception as exc:
-            logger.debug("tiercache: background refresh of %r failed: %r", key, exc)
+            logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
         finally:
             rt.threads.discard(threading.current_thread())
 
@@ -431,6 +437,8 @@ def start_refresh(
 
 def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
     """Read through every tier without loading; back-fills what it finds."""
+    if rt.bypass:
+        return default
     now = rt.clock()
     rt.coherence.ensure_started()
     entry, _, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
@@ -446,6 +454,17 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
         if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
     return stale.value if allow_stale and stale is not None else default
+
+
+def new_entry_unchecked(key: str, value: Any, policy: Policy, now: float) -> Entry:
+    return Entry(
+        key,
+        value,
+        created_at=now,
+        fresh_until=now + policy.ttl,
+        stale_until=now + policy.ttl + policy.stale_ttl,
+        tags=policy.tags,
+    )
 
 
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
@@ -465,6 +484,9 @@ def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
 
 
 def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
+    if rt.bypass:
+        rt.codec.dumps(new_entry_unchecked(key, value, policy, rt.clock()))  # still report bad values
+        return
     rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
     if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:

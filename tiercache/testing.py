@@ -15,10 +15,11 @@ It needs pytest (imported here, never by ``import tiercache``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from ._errors import TierError
 from ._serde import Codec, JsonCodec
 from ._tier import Tier, TierBinding
 
-__all__ = ["FakeClock", "FakeRemoteTier", "LocalBus", "TierContract", "make_entry"]
+__all__ = ["FakeClock", "FakeRemoteTier", "LocalBus", "TierContract", "bypass", "make_entry"]
 
 
 class FakeClock:
@@ -276,6 +277,28 @@ class LocalBus:
 
     async def aclose(self) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def bypass(*caches: Any) -> Iterator[None]:
+    """Turn caching off for ``caches`` inside the block (for your own tests): every call runs
+    its loader, reads find nothing, writes are dropped (values are still checked to be
+    serialisable). Their in-process tiers are emptied for the namespace on entry, so even the
+    decorators' inline hit path misses. Nothing is removed from shared tiers.
+    """
+    runtimes = [cache._rt for cache in caches]
+    for rt in runtimes:
+        rt.bypass = True
+        rt.coherence.clear_local()
+        for i in rt.l1:
+            tier: Any = rt.tiers[i]
+            if hasattr(tier, "clear"):
+                tier.clear(rt.coherence.prefix)
+    try:
+        yield
+    finally:
+        for rt in runtimes:
+            rt.bypass = False
 
 
 def make_entry(

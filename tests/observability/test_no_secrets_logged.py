@@ -123,17 +123,7 @@ def cloudflare_failures(echo_token: bool) -> Any:
 
 @pytest.mark.parametrize(
     "echo_token",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="CloudflareKVTier puts server error messages into KVError verbatim; it should "
-                "scrub its own token from them (adapter change requested from the lead)",
-            ),
-        ),
-    ],
+    [False, True],
     ids=["cloudflare-errors", "server-echoes-token"],
 )
 def test_cloudflare_token_never_logged(everything: pytest.LogCaptureFixture, echo_token: bool) -> None:

@@ -364,3 +364,14 @@ def test_a_tier_that_says_retry_after_is_skipped_for_exactly_that_long(clock: Fa
     clock.advance(2)
     cache.sync.get("c")
     assert l2.calls["get"] == calls + 1
+
+
+def test_redact_keys_keeps_keys_out_of_logs(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="tiercache")
+    cache, _, l2 = chain(clock, redact_keys=True)
+    l2.down = True
+    cache.sync.get_cached("user:ada@example.com", lambda: 1)
+    assert "ada@example.com" not in caplog.text
+    assert "key#" in caplog.text

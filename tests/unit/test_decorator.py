@@ -233,3 +233,41 @@ def test_keyword_only_positional_only_and_varargs_are_bound_like_the_function(ca
     assert seen == [(1, 2, (), 3, {}), (1, 5, (6, 7), 9, {"z": 1})]
     with pytest.raises(TypeError):
         f(a=1)  # type: ignore[call-arg]
+
+
+def test_decorated_lookup_says_where_the_value_came_from(cache: TieredCache) -> None:
+    @tiered_cache(cache, key="w:{x}")
+    def f(x: int) -> int:
+        return x
+
+    @tiered_cache(cache, key="aw:{x}")
+    async def g(x: int) -> int:
+        return x
+
+    assert f.lookup(1).source == "LOADED"
+    assert f.lookup(1) == (1, "L1", "memory")
+
+    async def main() -> None:
+        assert (await g.lookup(2)).source == "LOADED"
+        assert (await g.lookup(2)).source == "L1"
+
+    asyncio.run(main())
+
+
+def test_testing_bypass_turns_caching_off_and_back_on(cache: TieredCache) -> None:
+    from tiercache.testing import bypass
+
+    calls: list[int] = []
+
+    @tiered_cache(cache, key="by:{x}")
+    def f(x: int) -> int:
+        calls.append(x)
+        return len(calls)
+
+    assert f(1) == 1 and f(1) == 1
+    with bypass(cache):
+        assert f(1) == 2 and f(1) == 3  # the inline hit path misses too
+        assert cache.sync.get("by:1") is None
+        cache.sync.set("other", 5)
+        assert cache.sync.get("other") is None
+    assert f(1) == 1  # the shared tier still held the value: caching resumes
