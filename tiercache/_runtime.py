@@ -111,10 +111,10 @@ class Runtime:
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
         self.tasks: set[asyncio.Task[Any]] = set()  # background work of async callers
-        self.closing = False
+        self.closing = False  # set by aclose(): cancelled flights are abandoned, not taken over
         # tiercache.testing.bypass(): every read misses, every write is dropped, loaders run.
         self.bypass = False
-        self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)  # set by aclose(): cancelled flights are abandoned, not taken over
+        self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
             l1 += 1
