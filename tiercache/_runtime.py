@@ -277,6 +277,9 @@ class Runtime:
             return None
         try:
             entry = self.tiers[index].get(key)
+        except SerializationError as exc:  # the tier answered, with bytes that are not an entry
+            self.emit(EventKind.CORRUPT, key, index, error=exc)
+            return None
         except Exception as exc:
             self.tier_failed(index, key, exc, "get")
             return None
@@ -295,6 +298,9 @@ class Runtime:
                 entry = await coalescer.get(key)
             else:
                 entry = await self.tiers[index].aget(key)
+        except SerializationError as exc:
+            self.emit(EventKind.CORRUPT, key, index, error=exc)
+            return None
         except Exception as exc:
             self.tier_failed(index, key, exc, "get")
             return None

@@ -152,11 +152,6 @@ def test_a_cache_with_the_signed_codec_round_trips_typed_values_through_a_remote
     assert reader.sync.get("d", value_type=dt.date) == dt.date(2026, 3, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a SerializationError raised by Tier.get is counted as a tier error (and trips the "
-    "breaker) instead of a corrupt miss; see docs/reliability.md 'needed changes'",
-)
 def test_a_tampered_value_in_a_fake_remote_tier_is_a_corrupt_miss_not_a_tier_error() -> None:
     events: list[Event] = []
     remote = FakeRemoteTier()
