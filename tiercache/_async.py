@@ -284,7 +284,10 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
             value = await value
         return Outcome(value, None, Source.LOADED)
     now = rt.clock()
-    entry, i, stale = await l1_walk(rt, key, now)
+    if rt.l1:
+        entry, i, stale = await l1_walk(rt, key, now)
+    else:
+        entry, i, stale = None, -1, None
     if entry is not None:
         if policy.early_refresh and policy.wants_early_refresh(entry, now):
             start_refresh(rt, key, loader, policy, entry)

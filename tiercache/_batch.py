@@ -6,10 +6,11 @@ caller leads: one multi-key read per remote tier for what is still missing, then
 the caller's ``load_many`` for the rest. Keys the loader does not return are misses, not errors.
 Batches take no distributed lease (in-process single-flight still applies, per key).
 
-``ReadCoalescer`` turns concurrent ``get`` calls on one remote tier into one ``get_many``: the first
-caller in an event-loop tick opens a batch and yields once (``sleep(0)``); everyone arriving in that
-tick joins it; the first caller then sends one MGET for all of them and hands out the answers. A
-lone caller pays one loop turn, not a task or a timer.
+``ReadCoalescer`` turns concurrent ``get`` calls on one remote tier into one ``get_many``. A read
+that finds no other read of the tier in flight on its event loop goes straight out (a lone or
+sequential caller pays nothing). Otherwise it opens a batch and yields once (``sleep(0)``);
+everyone arriving in that tick joins it, and the opener sends one MGET for all of them and hands
+out the answers. So a burst of N reads costs one GET plus one MGET.
 """
 
 from __future__ import annotations
@@ -134,10 +135,26 @@ class ReadCoalescer:
         self.tier = tier
         self.max_batch = max_batch
         self._open: dict[asyncio.AbstractEventLoop, _Batch] = {}
+        self._in_flight: dict[asyncio.AbstractEventLoop, int] = {}
         self.batches = 0  # multi-key reads sent (for tests and benchmarks)
 
     async def get(self, key: str) -> Entry | None:
         loop = asyncio.get_running_loop()
+        in_flight = self._in_flight
+        busy = in_flight.get(loop, 0)
+        in_flight[loop] = busy + 1
+        try:
+            if not busy:
+                return await self.tier.aget(key)  # alone: no batching, no extra loop turn
+            return await self._batched(loop, key)
+        finally:
+            left = in_flight[loop] - 1
+            if left:
+                in_flight[loop] = left
+            else:
+                del in_flight[loop]
+
+    async def _batched(self, loop: asyncio.AbstractEventLoop, key: str) -> Entry | None:
         batch = self._open.get(loop)
         if batch is not None:
             fut: asyncio.Future[Entry | None] = loop.create_future()

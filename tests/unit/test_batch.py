@@ -147,8 +147,20 @@ def test_a_loader_returning_a_non_mapping_is_a_clear_error() -> None:
 # --- auto-batching ----------------------------------------------------------------------------
 
 
-def test_concurrent_remote_reads_in_one_tick_become_one_multi_key_read() -> None:
-    remote = FakeRemoteTier()
+class NetworkLikeRemote(FakeRemoteTier):
+    """A remote tier whose reads take a little while, as a network round trip does."""
+
+    async def aget(self, key: str) -> Any:
+        await asyncio.sleep(0.002)
+        return self.get(key)
+
+    async def aget_many(self, keys: Any) -> list[Any]:
+        await asyncio.sleep(0.002)
+        return self.get_many(keys)
+
+
+def test_a_burst_of_remote_reads_costs_one_get_and_one_multi_key_read() -> None:
+    remote = NetworkLikeRemote()
     writer = TieredCache([FakeRemoteTier(remote.store)], namespace="b")
     for i in range(200):
         writer.sync.set(f"k{i}", i)
@@ -158,12 +170,24 @@ def test_concurrent_remote_reads_in_one_tick_become_one_multi_key_read() -> None
         return await asyncio.gather(*(cache.get_cached(f"k{i}", lambda: -1) for i in range(200)))
 
     assert asyncio.run(main()) == list(range(200))
-    assert remote.calls["get"] == 0
-    assert remote.calls["get_many"] == 1
+    assert remote.calls["get"] == 1  # the first read went straight out ...
+    assert remote.calls["get_many"] == 1  # ... the 199 that came while it was in flight: one MGET
+
+
+def test_sequential_reads_are_never_delayed_for_batching() -> None:
+    remote = NetworkLikeRemote()
+    cache = TieredCache([MemoryTier(), remote], namespace="b")
+
+    async def main() -> None:
+        for i in range(5):
+            await cache.get(f"k{i}")
+
+    asyncio.run(main())
+    assert remote.calls["get"] == 5 and remote.calls["get_many"] == 0
 
 
 def test_auto_batching_can_be_turned_off() -> None:
-    remote = FakeRemoteTier()
+    remote = NetworkLikeRemote()
     cache = TieredCache([MemoryTier(), remote], namespace="b", auto_batch=False)
 
     async def main() -> None:
