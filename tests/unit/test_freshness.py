@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import threading
@@ -97,7 +98,7 @@ def test_database_down_for_30_seconds_is_served_from_stale_one_attempt_per_throt
         clock.advance(0.5)
     assert set(served) == {"last good"}
     assert len(attempts) <= math.ceil(30 / 5) + 1
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert all(gap >= 5 for gap in gaps)  # never two attempts inside one throttle window
 
 
