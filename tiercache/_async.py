@@ -29,7 +29,6 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
-    fill_flow,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -326,16 +325,7 @@ async def lead(
     refresh: bool = False,
 ) -> Outcome:
     """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
-    gen = fill_flow(
-        rt.plan,
-        key,
-        policy,
-        stale=stale,
-        version=flight.version,
-        fence=flight,
-        refresh=refresh,
-        build=rt.build_entry,
-    )
+    gen = rt.fill_flow(flight, key, policy, stale, refresh)
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
         outcome: Outcome = await run.run()

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ._batch import ReadCoalescer
@@ -21,7 +21,7 @@ from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
 from ._flight import Flight, FlightRegistry
-from ._flow import FillPlan, LoadOutcome, Write, better_stale
+from ._flow import FillPlan, LoadOutcome, Operation, Outcome, Write, better_stale, fill_flow
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
@@ -671,6 +671,21 @@ class Runtime:
     def lease_tier(self, index: int) -> LeaseTier:
         tier: Any = self.tiers[index]
         return tier  # type: ignore[no-any-return]
+
+    def fill_flow(
+        self, flight: Flight, key: str, policy: Policy, stale: Entry | None, refresh: bool
+    ) -> Generator[Operation, Any, Outcome]:
+        """The flow a flight's leader runs (see ``_flow``), bound to this cache's tiers."""
+        return fill_flow(
+            self.plan,
+            key,
+            policy,
+            stale=stale,
+            version=flight.version,
+            fence=flight,
+            refresh=refresh,
+            build=self.build_entry,
+        )
 
     # --- entries --------------------------------------------------------------------------
 

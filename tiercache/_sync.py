@@ -30,7 +30,6 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
-    fill_flow,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -377,16 +376,7 @@ def _run_leader_flow(
     stale: Entry | None,
     refresh: bool = False,
 ) -> Outcome:
-    gen = fill_flow(
-        rt.plan,
-        key,
-        policy,
-        stale=stale,
-        version=flight.version,
-        fence=flight,
-        refresh=refresh,
-        build=rt.build_entry,
-    )
+    gen = rt.fill_flow(flight, key, policy, stale, refresh)
     outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
         rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
