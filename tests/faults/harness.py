@@ -383,7 +383,8 @@ def latency_figures(
     history: History, windows: Sequence[FaultWindow], margin: float = 0.2
 ) -> dict[str, float]:
     """p50/p99 (ms) of calls that started while a fault was active (+ ``margin`` s), and of the rest."""
-    during, calm = [], []
+    during: list[float] = []
+    calm: list[float] = []
     for start, took in history.latencies:
         hit = any(w.started <= start <= w.ended + margin for w in windows)
         (during if hit else calm).append(took * 1000)

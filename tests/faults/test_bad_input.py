@@ -206,7 +206,7 @@ def test_a_signed_cache_rejects_tampered_and_unsigned_values_in_redis(redis_ns: 
         writer.sync.set("role", "user")
         name = f"{prefix}:{{sig:role}}"
         stored = raw.get(name)
-        assert stored is not None and b'"fmt":"j"' in stored
+        assert isinstance(stored, bytes) and b'"fmt":"j"' in stored
         raw.set(name, stored.replace(b'"user"', b'"root"'))  # same length: only the HMAC notices
         reader = TieredCache([MemoryTier(), RedisTier(url=url, prefix=prefix)], namespace="sig", codec=codec)
         assert reader.sync.get_cached("role", lambda: "reloaded") == "reloaded"
@@ -290,9 +290,12 @@ def test_odd_but_valid_keys_round_trip_through_redis_and_stay_distinct(redis_ns:
 
 def test_odd_but_valid_keys_round_trip_through_the_kv_fake() -> None:
     with FakeKV() as fake:
-        make = lambda: CloudflareKVTier(  # noqa: E731
-            account_id=ACCOUNT_ID, namespace_id=NAMESPACE_ID, api_token=TOKEN, base_url=fake.base_url
-        )
+
+        def make() -> CloudflareKVTier:
+            return CloudflareKVTier(
+                account_id=ACCOUNT_ID, namespace_id=NAMESPACE_ID, api_token=TOKEN, base_url=fake.base_url
+            )
+
         writer = TieredCache([make()], namespace="odd")
         reader = TieredCache([MemoryTier(), make()], namespace="odd")
         for i, key in enumerate(ODD_KEYS):

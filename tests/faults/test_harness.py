@@ -78,7 +78,7 @@ class InventsValues(FakeRemoteTier):
 def test_the_soak_checker_catches_a_broken_tier(tier: type[FakeRemoteTier], finding: str) -> None:
     history = History(["remote"])
     cache = TieredCache(
-        [MemoryTier(max_entries=1000), tier()],
+        [MemoryTier(max_entries=4), tier()],  # a tiny L1: most reads reach the broken tier
         ttl=TTL,
         stale_ttl=STALE_TTL,
         namespace="broken",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 import time
@@ -66,7 +67,7 @@ def everything_said(
     parts += [r.getMessage() for r in caplog.records]
     parts += [repr(e) for e in events]
     parts += [f"{e.error!s} {e.error!r}" for e in events if e.error is not None]
-    for exc in errors + [e.error for e in events if e.error is not None]:  # type: ignore[misc]
+    for exc in errors + [e.error for e in events if e.error is not None]:
         parts.append("".join(traceback.format_exception(exc)))  # chained causes included
     return "\n".join(parts)
 
@@ -95,7 +96,7 @@ def test_redis_password_never_leaks_through_faults(
         for cache in caches:
             for i in range(4):
                 try:
-                    cache.sync.get_cached(f"{tag}{i}", lambda i=i: i)
+                    cache.sync.get_cached(f"{tag}{i}", functools.partial(int, i))
                     cache.sync.set(f"{tag}s{i}", i)
                     cache.sync.delete(f"{tag}s{i}")
                 except Exception as exc:
@@ -159,7 +160,7 @@ def test_cloudflare_token_and_signing_keys_never_leak(caplog: pytest.LogCaptureF
         )
         for i in range(6):
             try:
-                cache.sync.get_cached(f"k{i}", lambda i=i: i)
+                cache.sync.get_cached(f"k{i}", functools.partial(int, i))
                 cache.sync.set(f"s{i}", i)
             except Exception as exc:
                 errors.append(exc)

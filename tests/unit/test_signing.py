@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tiercache import ConfigurationError, SerializationError, TieredCache
+from tiercache import ConfigurationError, Entry, SerializationError, TieredCache
 from tiercache._events import Event
 from tiercache.adapters.memory import MemoryTier
 from tiercache.signing import SignedCodec
@@ -84,7 +84,7 @@ def test_keys_are_checked_and_never_shown() -> None:
     with pytest.raises(ConfigurationError):
         SignedCodec([])
     with pytest.raises(ConfigurationError):
-        SignedCodec(NEW)  # a bare key, not a list
+        SignedCodec(NEW)  # type: ignore[arg-type]  # a bare key, not a list
     with pytest.raises(ConfigurationError):
         SignedCodec([b"short"])
     with pytest.raises(ConfigurationError):
@@ -96,19 +96,19 @@ def test_keys_are_checked_and_never_shown() -> None:
 class JsonCodecLike:
     """A user codec (not JsonCodec): signed records then carry its bytes as base64."""
 
-    def dumps(self, e: object) -> bytes:
+    def dumps(self, e: Entry) -> bytes:
         from tiercache import JsonCodec
 
-        return JsonCodec().dumps(e)  # type: ignore[arg-type]
+        return JsonCodec().dumps(e)
 
-    def loads(self, data: bytes) -> object:
+    def loads(self, data: bytes) -> Entry:
         from tiercache import JsonCodec
 
         return JsonCodec().loads(data)
 
 
 def test_a_custom_inner_codec_is_carried_as_base64() -> None:
-    codec = SignedCodec([NEW], JsonCodecLike())  # type: ignore[arg-type]
+    codec = SignedCodec([NEW], JsonCodecLike())
     e = make_entry("ns:k", "v", time.time())
     data = codec.dumps(e)
     assert json.loads(data)["fmt"] == "b" and isinstance(json.loads(data)["body"], str)
