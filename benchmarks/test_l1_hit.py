@@ -22,8 +22,8 @@ def plain(user_id: int) -> int:
     return user_id
 
 
-def make_cache() -> TieredCache:
-    return TieredCache([MemoryTier(max_entries=10_000)], ttl=3600, namespace="bench")
+def make_cache(metrics: bool = True) -> TieredCache:
+    return TieredCache([MemoryTier(max_entries=10_000)], ttl=3600, namespace="bench", metrics=metrics)
 
 
 def _sync_rounds(fn: Any) -> Any:
@@ -55,6 +55,26 @@ def test_sync_tiercache_template_key(measure: Any) -> None:
     measure(_sync_rounds(fn), group="sync-hit", per_call=BATCH)
 
 
+def test_metrics_off_sync_template_key(measure: Any) -> None:
+    fn = tiered_cache(make_cache(metrics=False), key="user:{user_id}")(plain)
+    measure(_sync_rounds(fn), group="metrics-sync", baseline=True, per_call=BATCH)
+
+
+def test_metrics_on_sync_template_key(measure: Any) -> None:
+    fn = tiered_cache(make_cache(metrics=True), key="user:{user_id}")(plain)
+    measure(_sync_rounds(fn), group="metrics-sync", per_call=BATCH)
+
+
+def test_metrics_off_async_template_key(measure: Any) -> None:
+    fn = tiered_cache(make_cache(metrics=False), key="user:{user_id}")(trivial)
+    measure(_async_rounds(fn), group="metrics-async", baseline=True, per_call=BATCH)
+
+
+def test_metrics_on_async_template_key(measure: Any) -> None:
+    fn = tiered_cache(make_cache(metrics=True), key="user:{user_id}")(trivial)
+    measure(_async_rounds(fn), group="metrics-async", per_call=BATCH)
+
+
 def test_sync_tiercache_default_key(measure: Any) -> None:
     fn = tiered_cache(make_cache())(plain)
     measure(_sync_rounds(fn), group="sync-hit", per_call=BATCH)
@@ -62,8 +82,11 @@ def test_sync_tiercache_default_key(measure: Any) -> None:
 
 def test_sync_tiercache_get_cached(measure: Any) -> None:
     cache = make_cache()
-    measure(_sync_rounds(lambda user_id: cache.sync.get_cached("user:42", lambda: user_id)),
-            group="sync-hit", per_call=BATCH)
+    measure(
+        _sync_rounds(lambda user_id: cache.sync.get_cached("user:42", lambda: user_id)),
+        group="sync-hit",
+        per_call=BATCH,
+    )
 
 
 async def trivial(user_id: int) -> int:
