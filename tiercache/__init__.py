@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
     from ._adaptive import LoadContext, current_load
     from ._bus import Bus, BusMessage
     from ._cache import Lookup, SyncTieredCache, TieredCache
-    from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache
+    from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache, tiered_cache_many
     from ._entry import Entry
     from ._errors import (
         ConfigurationError,
@@ -60,6 +60,7 @@ __all__ = [
     "ValueTooLargeError",
     "current_load",
     "tiered_cache",
+    "tiered_cache_many",
 ]
 
 
@@ -92,6 +93,7 @@ _EXPORTS = {
     "ValueTooLargeError": "._errors",
     "current_load": "._adaptive",
     "tiered_cache": "._decorator",
+    "tiered_cache_many": "._decorator",
 }
 
 

@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, InvalidKeyError
 from ._keys import check_key
 from ._policy import Policy
 
-__all__ = ["AsyncCachedFunction", "CachedFunction", "tiered_cache"]
+__all__ = ["AsyncCachedFunction", "CachedFunction", "tiered_cache", "tiered_cache_many"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -441,3 +441,75 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     if len(raw) <= 48:
         return raw.decode()
     return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def tiered_cache_many(
+    cache: TieredCache,
+    *,
+    key: str,
+    ttl: float | None = None,
+    tags: Iterable[str] | None = None,
+    stale_ttl: float | None = None,
+    value_type: Any = _UNSET,
+    **options: Any,
+) -> Callable[[Callable[[list[Any]], Any]], Callable[[Iterable[Any]], Any]]:
+    """Cache a function that loads many items at once: ``fn(ids) -> {id: value}``.
+
+    ``key`` is a template with one ``{}`` for an id (``"user:{}"``). The decorated function takes
+    an iterable of ids and returns ``{id: value}`` for those it found; it is called once per call,
+    with only the ids that no tier holds (``get_many_cached``). Ids it leaves out are simply absent
+    from the result. Works on ``def`` and ``async def``; ``value_type`` defaults to the ``V`` of a
+    ``Mapping[K, V]`` return annotation.
+    """
+    if not isinstance(key, str) or "{}" not in key:
+        raise ConfigurationError('tiered_cache_many needs key= with one "{}" for the id, e.g. "user:{}"')
+    policy_options = dict(options, ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+    cache.policy_for(**policy_options)  # validate now
+
+    def decorate(fn: Callable[[list[Any]], Any]) -> Callable[[Iterable[Any]], Any]:
+        vt = value_type
+        if vt is _UNSET:
+            try:
+                ret = typing.get_type_hints(fn).get("return")
+                args = typing.get_args(ret)
+                vt = args[1] if len(args) == 2 else _UNSET
+            except Exception:
+                vt = _UNSET
+
+        def keys_for(ids: Iterable[Any]) -> dict[str, Any]:
+            if isinstance(ids, (str, bytes)):
+                raise ConfigurationError("pass an iterable of ids, not one string")
+            return {key.format(i): i for i in ids}
+
+        def rekey(keymap: dict[str, Any], found: Any) -> dict[str, Any]:
+            return {key.format(i): v for i, v in found.items()}
+
+        if inspect.iscoroutinefunction(fn):
+
+            async def awrapper(ids: Iterable[Any]) -> dict[Any, Any]:
+                keymap = keys_for(ids)
+
+                async def load_many(missing: list[str]) -> dict[str, Any]:
+                    return rekey(keymap, await fn([keymap[k] for k in missing]))
+
+                values = await cache.get_many_cached(keymap, load_many, value_type=vt, **policy_options)
+                return {keymap[k]: v for k, v in values.items()}
+
+            wrapper: Any = awrapper
+        else:
+
+            def swrapper(ids: Iterable[Any]) -> dict[Any, Any]:
+                keymap = keys_for(ids)
+
+                def load_many(missing: list[str]) -> dict[str, Any]:
+                    return rekey(keymap, fn([keymap[k] for k in missing]))
+
+                values = cache.sync.get_many_cached(keymap, load_many, value_type=vt, **policy_options)
+                return {keymap[k]: v for k, v in values.items()}
+
+            wrapper = swrapper
+        functools.update_wrapper(wrapper, fn)
+        wrapper.uncached = fn
+        return wrapper  # type: ignore[no-any-return]
+
+    return decorate

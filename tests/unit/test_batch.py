@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -221,3 +222,35 @@ def test_a_cancelled_batch_opener_does_not_strand_the_others() -> None:
         assert time.monotonic() - started < 2
 
     asyncio.run(main())
+
+
+@dataclasses.dataclass
+class User:
+    id: int
+
+
+def test_tiered_cache_many_decorator_sync_and_async() -> None:
+    from tiercache import tiered_cache_many
+
+    remote = FakeRemoteTier()
+    cache = TieredCache([MemoryTier(), remote], namespace="m")
+    calls: list[list[int]] = []
+
+    @tiered_cache_many(cache, key="user:{}")
+    def users(ids: list[int]) -> dict[int, User]:
+        calls.append(ids)
+        return {i: User(i) for i in ids if i != 404}
+
+    assert users([1, 2]) == {1: User(1), 2: User(2)}
+    assert users([2, 3, 404]) == {2: User(2), 3: User(3)}
+    assert calls == [[1, 2], [3, 404]]
+    other = TieredCache([MemoryTier(), FakeRemoteTier(remote.store)], namespace="m")
+
+    @tiered_cache_many(other, key="user:{}")
+    async def ausers(ids: list[int]) -> dict[int, User]:
+        raise AssertionError("everything is in the shared tier")
+
+    got = asyncio.run(ausers([1, 2, 3]))
+    assert got == {1: User(1), 2: User(2), 3: User(3)} and isinstance(got[1], User)
+    with pytest.raises(ValueError):
+        tiered_cache_many(cache, key="user:{id}")

@@ -40,6 +40,7 @@ def test_all_is_pinned() -> None:
         "ValueTooLargeError",
         "current_load",
         "tiered_cache",
+        "tiered_cache_many",
     ]
     for name in tiercache.__all__:
         obj = getattr(tiercache, name)
