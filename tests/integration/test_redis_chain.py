@@ -206,3 +206,50 @@ def test_redis_stopped_mid_load_callers_get_loader_results_and_breaker_recovers(
         asyncio.run(scenario())
     finally:
         raw.close()
+
+
+def test_database_down_for_30_seconds_across_3_caches_sharing_redis(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    """Issue 5: the loader fails for 30 s of injected time; three caches (each its own L1 and its
+    own Redis connections, one Redis) serve the last good value throughout, and the failing
+    database sees at most one attempt per fail-safe throttle window."""
+    import itertools
+    import math
+
+    from tiercache.testing import FakeClock
+
+    clock = FakeClock()
+    namespace = f"dbdown-{redis_prefix}"
+    caches = [
+        TieredCache(
+            [MemoryTier(), RedisTier(url=shared_redis_url, prefix=redis_prefix, socket_timeout=0.5)],
+            clock=clock,
+            namespace=namespace,
+            ttl=10,
+            stale_ttl=3600,
+            fail_safe_throttle=5,
+        )
+        for _ in range(3)
+    ]
+    try:
+        caches[0].sync.set("report", "last good")
+        clock.advance(10)
+        attempts: list[float] = []
+
+        def database() -> str:
+            attempts.append(clock())
+            raise ConnectionError("database down")
+
+        served = set()
+        for _ in range(60):
+            for cache in caches:
+                served.add(cache.sync.get_cached("report", database))
+            clock.advance(0.5)
+        assert served == {"last good"}
+        assert len(attempts) <= math.ceil(30 / 5) + 1
+        assert all(b - a >= 5 for a, b in itertools.pairwise(attempts))
+    finally:
+        caches[0].sync.clear()
+        for cache in caches:
+            cache.sync.close()
