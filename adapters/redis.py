@@ -431,6 +431,7 @@ class RedisTier:
         max_ttl: float | None = None,
         max_key_bytes: int = 256,
         tombstone_ttl: float = 10.0,
+        max_value_bytes: int = 512 * 1024 * 1024,
         name: str = "redis",
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -453,6 +454,9 @@ class RedisTier:
             raise ConfigurationError("RedisTier(sentinels=...) needs service_name=")
         self._redis = _import_redis()
         self.name = name
+        # Redis refuses strings over proto-max-bulk-len (512 MiB by default); the core checks
+        # this before sending, so an oversize value is refused up front, not after a round trip.
+        self.max_value_bytes = max_value_bytes
         self.max_ttl = max_ttl
         self.prefix = prefix
         self.max_key_bytes = max_key_bytes

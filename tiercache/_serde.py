@@ -71,10 +71,37 @@ def to_json_default(obj: Any) -> Any:
 def encode_value(value: Any) -> bytes:
     """The value alone as JSON bytes; SerializationError if it cannot be encoded."""
     try:
-        return orjson.dumps(value, default=to_json_default, option=_DUMPS_OPTIONS)
+        data = orjson.dumps(value, default=to_json_default, option=_DUMPS_OPTIONS)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
         kind = type(value).__qualname__
         raise SerializationError(f"cannot serialise value of type {kind}: {exc}") from None
+    _refuse_non_finite(data, value)
+    return data
+
+
+def _refuse_non_finite(data: bytes, value: Any) -> None:
+    """orjson writes NaN and +-inf as ``null``: refuse them rather than change the value. Only an
+    encoding that contains ``null`` at all is searched, so most writes pay one bytes scan."""
+    if b"null" in data and _has_non_finite(value, 0):
+        raise SerializationError("cannot serialise NaN or infinity: JSON has no such numbers")
+
+
+def _has_non_finite(obj: Any, depth: int) -> bool:
+    if isinstance(obj, float):
+        return obj != obj or obj in (_INF, -_INF)
+    if depth > 64 or isinstance(obj, (str, bytes, int, bool)) or obj is None:
+        return False
+    if isinstance(obj, dict):
+        return any(_has_non_finite(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_has_non_finite(v, depth + 1) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(_has_non_finite(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj))
+    attrs = getattr(obj, "__dict__", None)
+    return attrs is not None and _has_non_finite(attrs, depth + 1)
+
+
+_INF = float("inf")
 
 
 class JsonCodec:
@@ -93,12 +120,14 @@ class JsonCodec:
             "d": entry.delta,
         }
         try:
-            return orjson.dumps(doc, default=to_json_default, option=_DUMPS_OPTIONS)
+            data = orjson.dumps(doc, default=to_json_default, option=_DUMPS_OPTIONS)
         except TypeError as exc:
             raise SerializationError(
                 f"cannot serialise value of type {type(entry.value).__qualname__} for key "
                 f"{entry.key!r}: {exc}"
             ) from None
+        _refuse_non_finite(data, entry.value)
+        return data
 
     def loads(self, data: bytes) -> Entry:
         try:

@@ -479,6 +479,9 @@ def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
         return
     rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
+    # A load of this key already running started before this write: it must not store its
+    # (older) result, even in an L1 that has meanwhile evicted this entry.
+    rt.coherence.invalidate_locally(key, entry.version, "mark")
     if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
         raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
     rt.coherence.publish_sync("set", (key,), (), entry.version, entry.created_at)

@@ -352,16 +352,15 @@ def test_a_memory_only_cache_holds_any_object() -> None:
     assert cache.sync.get("k") is thing
 
 
-@pytest.mark.xfail(strict=True, reason="orjson writes NaN/inf as null: a float value silently becomes None")
-def test_non_finite_floats_are_refused_rather_than_changed() -> None:
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, [1.0, math.nan], {"a": {"b": math.inf}}])
+def test_non_finite_floats_are_refused_rather_than_changed(value: object) -> None:
     remote = FakeRemoteTier()
     cache = TieredCache([MemoryTier(), remote], namespace="nan")
-    try:
-        cache.sync.set("k", math.inf)
-    except SerializationError:
-        return
-    reader = TieredCache([MemoryTier(), FakeRemoteTier(remote.store)], namespace="nan")
-    assert reader.sync.get("k") == math.inf
+    with pytest.raises(SerializationError, match="NaN or infinity"):
+        cache.sync.set("k", value)
+    assert remote.store == {} and cache.sync.get("k") is None
+    cache.sync.set("ok", [None, 1.5, {"x": None}])  # real nulls are fine
+    assert cache.sync.get("ok") == [None, 1.5, {"x": None}]
 
 
 def test_oversize_values_per_tier() -> None:
