@@ -35,7 +35,11 @@ class TestRedisTierStandalone(TierContract):
     @pytest.fixture
     def make_tier(self, shared_redis_url: str, redis_prefix: str) -> Iterator[Callable[[], RedisTier]]:
         yield from _factory(
-            lambda: RedisTier(socket_timeout=0.5, connect_timeout=0.5, url=shared_redis_url, prefix=redis_prefix), shared_redis_url, redis_prefix
+            lambda: RedisTier(
+                socket_timeout=0.5, connect_timeout=0.5, url=shared_redis_url, prefix=redis_prefix
+            ),
+            shared_redis_url,
+            redis_prefix,
         )
 
 
@@ -46,7 +50,9 @@ class TestRedisTierStandaloneWithMaxTTL(TierContract):
     @pytest.fixture
     def make_tier(self, shared_redis_url: str, redis_prefix: str) -> Iterator[Callable[[], RedisTier]]:
         yield from _factory(
-            lambda: RedisTier(socket_timeout=0.5, connect_timeout=0.5, url=shared_redis_url, prefix=redis_prefix, max_ttl=30),
+            lambda: RedisTier(
+                socket_timeout=0.5, connect_timeout=0.5, url=shared_redis_url, prefix=redis_prefix, max_ttl=30
+            ),
             shared_redis_url,
             redis_prefix,
         )
@@ -61,5 +67,9 @@ class TestRedisTierCluster(TierContract):
         self, redis_cluster: RedisClusterProcesses, redis_prefix: str
     ) -> Iterator[Callable[[], RedisTier]]:
         yield from _factory(
-            lambda: RedisTier(socket_timeout=0.5, connect_timeout=0.5, url=redis_cluster.url, prefix=redis_prefix), redis_cluster.url, redis_prefix
+            lambda: RedisTier(
+                socket_timeout=0.5, connect_timeout=0.5, url=redis_cluster.url, prefix=redis_prefix
+            ),
+            redis_cluster.url,
+            redis_prefix,
         )
