@@ -1,7 +1,8 @@
 """MemoryTier: the in-process L1, bounded by entry count and bytes, SIEVE eviction, lock-free reads.
 
-Reads are a plain ``dict.get`` plus one attribute store (the SIEVE "visited" bit): no lock, no
-list surgery, so threads and the event loop can read at once. Writes and evictions take one lock.
+Reads are a plain ``dict.get`` plus one attribute increment (the SIEVE "visited" mark, kept as a
+count of hits so that it doubles as the tier's hit counter): no lock, no list surgery, so threads
+and the event loop can read at once. Writes and evictions take one lock.
 SIEVE (Zhang et al., NSDI 2024) keeps a FIFO queue and a hand that sweeps from the oldest entry,
 sparing (and un-marking) visited ones and evicting the first unvisited one; it matches or beats LRU
 on web cache traces while letting hits stay lock-free. Expiry is checked on read; there are no
@@ -24,7 +25,8 @@ __all__ = ["MemoryTier", "estimate_size"]
 
 
 class _Slot:
-    """A queue node. ``newer``/``older`` link the FIFO; ``visited`` is SIEVE's bit."""
+    """A queue node. ``newer``/``older`` link the FIFO; ``visited`` is SIEVE's mark, as the number
+    of hits since the hand last passed (truthy: visited)."""
 
     __slots__ = ("entry", "key", "newer", "older", "size", "visited")
 
@@ -32,7 +34,7 @@ class _Slot:
         self.key = key
         self.entry = entry
         self.size = size
-        self.visited = False
+        self.visited = 0
         self.newer: _Slot | None = None
         self.older: _Slot | None = None
 
@@ -76,6 +78,7 @@ class MemoryTier:
         self._oldest: _Slot | None = None
         self._hand: _Slot | None = None
         self._bytes = 0
+        self._swept_hits = 0  # hits of slots the SIEVE hand has reset or that are gone
         self.evictions = 0
 
     def __repr__(self) -> str:
@@ -83,6 +86,11 @@ class MemoryTier:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def hit_count(self) -> int:
+        """Hits served by this tier so far, including those taken on the core's inline hit path
+        (approximate under heavy thread contention, never more than the truth)."""
+        return self._swept_hits + sum(slot.visited for slot in list(self._data.values()))
 
     @property
     def size_bytes(self) -> int:
@@ -102,7 +110,7 @@ class MemoryTier:
         if entry.stale_until <= self._clock():
             self._drop(key, slot)
             return None
-        slot.visited = True
+        slot.visited += 1  # lock-free: a lost increment under thread contention costs one count
         return entry
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
@@ -220,6 +228,7 @@ class MemoryTier:
             self._oldest = slot.newer
         slot.newer = slot.older = None
         self._bytes -= slot.size
+        self._swept_hits += slot.visited
 
     def _evict(self, keep: _Slot) -> None:
         max_bytes = self.max_bytes
@@ -238,7 +247,8 @@ class MemoryTier:
                 hand = self._oldest
                 continue
             if hand.visited or hand is keep:
-                hand.visited = False
+                self._swept_hits += hand.visited
+                hand.visited = 0
                 hand = hand.newer
                 continue
             self._hand = hand.newer

@@ -44,8 +44,9 @@ class TieredCache:
     stale-while-revalidate (``swr=True``) and fail-safe (on by default: a failing loader is answered
     with the stale value). ``namespace`` prefixes every key (``namespace:key``), so caches sharing a
     Redis never see each other's keys. ``clock`` is a wall-clock function (inject a fake in tests).
-    Per-call keyword arguments override these defaults. ``metrics=False`` removes even the one
-    counter increment from the L1 hit path (``cache.stats`` then misses inline L1 hits).
+    Per-call keyword arguments override these defaults. ``metrics=False`` makes the decorators'
+    inline hit path only mark the entry visited instead of counting the hit (``cache.stats`` then
+    under-counts L1 hits).
     ``bus`` (e.g. ``RedisBus``) tells other processes to drop their L1 copies on every ``set``,
     ``delete``, ``expire``, ``invalidate_tags`` and ``clear``; tag invalidation times are cached
     for ``tag_refresh`` seconds between reads of the shared tag store. ``auto_batch`` (on by
@@ -130,8 +131,7 @@ class TieredCache:
         )
         for tier in tiers:
             tier.bind(binding)
-        # Inline L1 hits are counted in one list cell (None: metrics off, nothing on the hit path).
-        self._hit_cell: list[int] | None = self._rt.stats.l1_hit_cell if metrics else None
+        self._metrics = metrics
         # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
         # Only valid keys are ever stored, so a hit needs no key check. Early refresh needs the
         # driver on every hit, so it turns the inline path off.
@@ -240,9 +240,7 @@ class TieredCache:
                 and slot.entry.fresh_until > self.clock()
                 and (not slot.entry.tags or self._tags_ok(slot.entry) is True)
             ):
-                slot.visited = True
-                if self._hit_cell is not None:
-                    self._hit_cell[0] += 1
+                slot.visited += 1
                 return slot.entry.value
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         return (await _async.get_cached(self._rt, self.full_key(key), loader, policy)).value
@@ -422,9 +420,7 @@ class SyncTieredCache:
                 and slot.entry.fresh_until > cache.clock()
                 and (not slot.entry.tags or cache._tags_ok(slot.entry) is True)
             ):
-                slot.visited = True
-                if cache._hit_cell is not None:
-                    cache._hit_cell[0] += 1
+                slot.visited += 1
                 hit: T = slot.entry.value
                 return hit
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)

@@ -154,10 +154,9 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags
             if __tc_entry.fresh_until > __tc_clock() and (
                 not __tc_entry.tags or __tc_tags_ok(__tc_entry) is True
             ):
-                __tc_slot.visited = True
-                {count_hit}
+                {mark_hit}
                 return __tc_entry.value
-        return __tc_slow(__tc_key, lambda: __tc_fn({call}))
+        return __tc_slow(__tc_key, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
@@ -171,24 +170,23 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags
             if __tc_entry.fresh_until > __tc_clock() and (
                 not __tc_entry.tags or __tc_tags_ok(__tc_entry) is True
             ):
-                __tc_slot.visited = True
-                {count_hit}
+                {mark_hit}
                 return __tc_entry.value
-        return await __tc_slow(__tc_key, lambda: __tc_fn({call}))
+        return await __tc_slow(__tc_key, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
 _NO_L1_SYNC_TEMPLATE = """
 def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     def {name}({header}):
-        return __tc_slow({key_expr}, lambda: __tc_fn({call}))
+        return __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
 _NO_L1_ASYNC_TEMPLATE = """
 def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
     async def {name}({header}):
-        return await __tc_slow({key_expr}, lambda: __tc_fn({call}))
+        return await __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
@@ -228,15 +226,16 @@ def build_cached_function(
             return _sync.get_cached(rt, check_key(key), loader, resolve_policy()).value
 
         slow = slow_sync
-    hits = cache._hit_cell
+    metrics = cache._metrics
     # One specialised body per option set: with metrics off the hit path has no counter at all.
     wrapper = spec.compile(
-        source.replace("{count_hit}", "__tc_hits[0] += 1" if hits else "pass"),
+        # The SIEVE mark is the hit count: counting costs an increment instead of a store.
+        source.replace("{mark_hit}", "__tc_slot.visited += 1" if metrics else "__tc_slot.visited = 1"),
         lookup,
         rt.clock,
         slow,
         fn,
-        hits,
+        None,
         rt.coherence.tags_valid_locally,
     )
     make_key = spec.compile(_KEY_TEMPLATE)
@@ -295,7 +294,9 @@ class _Signature:
         self.name = fn.__name__ if getattr(fn, "__name__", "").isidentifier() else "cached"
         self.names = [p.name for p in params]
         self.defaults: dict[str, Any] = {}
-        self.env: dict[str, Any] = {"__tc_prefix": prefix}
+        # functools.partial, not a lambda, for the miss path's loader: a lambda would make every
+        # parameter a closure cell, which costs on every call, hits included.
+        self.env: dict[str, Any] = {"__tc_prefix": prefix, "__tc_partial": functools.partial}
         header: list[str] = []
         call: list[str] = []
         star_seen = False

@@ -107,7 +107,10 @@ class Runtime:
         if hook is not None:
             self.set_hooks((hook,))
         self.flights = FlightRegistry()
-        self.stats = CacheStats([TierStats(t.name, i + 1) for i, t in enumerate(self.tiers)])
+        self.stats = CacheStats(
+            [TierStats(t.name, i + 1) for i, t in enumerate(self.tiers)],
+            own_hits=[getattr(t, "hit_count", None) for t in self.tiers],
+        )
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
         self.tasks: set[asyncio.Task[Any]] = set()  # background work of async callers
@@ -242,9 +245,10 @@ class Runtime:
                 if not valid:
                     tier.delete(key, entry.version)  # invalidated by a tag: gone, not even stale
                     counters.misses += 1
+                    counters.tag_invalid += 1
                     continue
             if now < entry.fresh_until:
-                counters.hits += 1
+                counters.hits += 1  # (ignored for tiers that count their own hits)
                 if i:
                     self.write_sync(Write(range(i), key, entry, backfill=True))
                 return entry, i, stale, None

@@ -1,12 +1,14 @@
 """Counters a cache keeps about itself: per tier and per cache, cheap enough to leave on.
 
 They are plain integers bumped without locks: exact for asyncio, approximate when many threads hit
-the same cache at once (an increment can be lost, never invented). L1 hits taken on the inline hit
-path are counted in one list cell (``l1_hit_cell``) so that path stays a single ``+= 1``.
+the same cache at once (an increment can be lost, never invented). A tier that counts its own hits
+(MemoryTier, whose SIEVE mark is a hit count) is asked for them instead: that is how hits taken on
+the inline hit path are counted without a second increment there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ class TierStats:
     corrupt: int = 0
     breaker_opened: int = 0
     breaker_closed: int = 0
+    tag_invalid: int = 0  # entries found but invalidated by a tag (counted as misses too)
 
 
 @dataclass
@@ -46,12 +49,15 @@ class CacheStats:
     lease_wait_seconds: float = 0.0
     bus_messages: int = 0
     bus_gaps: int = 0
-    l1_hit_cell: list[int] = field(default_factory=lambda: [0])
+    own_hits: list[Callable[[], int] | None] = field(default_factory=list)
 
     def tier_hits(self, index: int) -> int:
-        """Hits of tier ``index`` including those taken on the inline L1 hit path."""
-        extra = self.l1_hit_cell[0] if index == 0 else 0
-        return self.tiers[index].hits + extra
+        """Hits of tier ``index``, including those taken on the inline L1 hit path."""
+        counter = self.own_hits[index] if index < len(self.own_hits) else None
+        if counter is None:
+            return self.tiers[index].hits
+        t = self.tiers[index]  # the tier counts every read that found an entry: keep the fresh ones
+        return max(0, counter() - t.stale_hits - t.tag_invalid)
 
     def snapshot(self) -> dict[str, Any]:
         """All counters as plain data (for logs, tests and exporters)."""
