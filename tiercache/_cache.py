@@ -178,7 +178,7 @@ class TieredCache:
             and stale_ttl is None
             and tags is None
             and value_type is _UNSET
-            and not any(v is not None for v in options.values())
+            and (not options or all(v is None for v in options.values()))
         ):
             return self.policy
         conv = None if value_type is _UNSET or value_type is None else converter_for(value_type)
