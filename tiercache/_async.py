@@ -104,8 +104,13 @@ class FlowRun:
                 except StopIteration as stop:
                     return stop.value
             error = None
+            op = self._pending
             try:
-                send = await self._execute(self._pending)
+                if type(op) is Read and not self.rt.tiers[op.index].in_process:
+                    # The common case, without the dispatch coroutine in between.
+                    send = await self.rt.read_async(op.index, op.key, op.converter)
+                else:
+                    send = await self._execute(op)
             except asyncio.CancelledError:
                 raise  # the operation stays pending: a resumed run redoes it
             except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
@@ -295,12 +300,8 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
         rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
-    return await fill(rt, key, loader, policy, stale)
-
-
-async def fill(rt: Runtime, key: str, loader: Loader, policy: Policy, stale: Entry | None) -> Outcome:
-    """Join the key's flight, or lead it inline (no task is created unless the leader is
-    cancelled: then a task takes over the pending operation and finishes for the joiners)."""
+    # Join the key's flight, or lead it inline (no task is created unless the leader is
+    # cancelled: then a task takes over the pending operation and finishes for the joiners).
     loop = asyncio.get_running_loop()
     rt.coherence.ensure_started()
     while True:

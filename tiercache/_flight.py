@@ -27,6 +27,9 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+_FLIGHT_LOCK = threading.Lock()
+
+
 class Flight:
     """One in-progress fill of one key."""
 
@@ -52,7 +55,7 @@ class Flight:
         self.error: BaseException | None = None
         # Set by delete() while the flight runs: its result must not reach the in-process tiers.
         self.superseded = False
-        self._lock = threading.Lock()
+        self._lock = _FLIGHT_LOCK  # one lock for all flights: held for a few instructions only
         self._event: threading.Event | None = None  # made only when a thread joins (rare)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -67,6 +70,8 @@ class Flight:
             event = self._event
         if event is not None:
             event.set()
+        if not waiters:
+            return
         try:
             current = asyncio.get_running_loop()
         except RuntimeError:

@@ -262,7 +262,8 @@ class Runtime:
         if entry is None:
             self.emit(EventKind.MISS, key, index)
             return None
-        if entry.key != key or not entry.stale_until > self.clock():
+        now = self.clock()
+        if entry.key != key or not entry.stale_until > now:
             if entry.key != key:
                 self.emit(EventKind.CORRUPT, key, index)
             return None
@@ -272,7 +273,7 @@ class Runtime:
             except SerializationError as exc:
                 self.emit(EventKind.CORRUPT, key, index, error=exc)
                 return None
-        fresh = self.clock() < entry.fresh_until
+        fresh = now < entry.fresh_until
         self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, index)
         return entry
 
