@@ -242,8 +242,13 @@ class TieredCache:
             ):
                 slot.visited += 1
                 return slot.entry.value
-        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
-        return (await _async.get_cached(self._rt, self.full_key(key), loader, policy)).value
+        if ttl is None and stale_ttl is None and tags is None and value_type is _UNSET and not options:
+            policy = self.policy
+        else:
+            policy = self.policy_for(
+                ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options
+            )
+        return (await _async.get_cached(self._rt, self._prefix + check_key(key), loader, policy)).value
 
     async def lookup(
         self,

@@ -216,7 +216,7 @@ class Runtime:
 
     def tier_usable(self, index: int, key: str) -> bool:
         breaker = self.breakers[index]
-        if breaker is None or breaker.allows(self.clock()):
+        if breaker is None or not breaker.open_until or breaker.allows(self.clock()):
             return True
         self.emit(EventKind.TIER_SKIPPED, key, index)
         return False
