@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+from tests.faults.harness import FaultProxy
+
 HOST = "127.0.0.1"
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
@@ -216,93 +218,20 @@ class RedisClusterProcesses:
             node.cleanup()
 
 
-class TcpProxy:
-    """A loopback TCP proxy in front of ``target_port`` that a test steers.
-
-    Modes: ``pass`` forwards bytes both ways; ``stall`` keeps every connection open but forwards
-    nothing (a hung server or a black-holed network); ``reset()`` aborts every open connection
-    with an RST and goes back to ``pass`` for new ones.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.mode = "pass"
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((HOST, 0))
-        self._listener.listen(128)
-        self.port = int(self._listener.getsockname()[1])
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="tc-proxy", daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+class TcpProxy(FaultProxy):
+    """The fault proxy (``tests.faults.harness.FaultProxy``) with the two switches most tests use:
+    ``stall()`` keeps connections open but forwards nothing (a hung server), ``passthrough()``
+    forwards again; ``reset()`` aborts every open connection with an RST."""
 
     def stall(self) -> None:
-        self.mode = "stall"
+        self.set_mode("stall")
 
     def passthrough(self) -> None:
-        self.mode = "pass"
+        self.set_mode("pass")
 
     def reset(self) -> None:
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                s.close()
-        self.mode = "pass"
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        self.reset()
-        self._thread.join(timeout=2)
-
-    def _accept_loop(self) -> None:
-        self._listener.settimeout(0.05)
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                upstream = socket.create_connection((HOST, self.target_port), timeout=1)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.02)
-        try:
-            while not self._closed:
-                if self.mode == "stall":
-                    time.sleep(0.01)  # leave the bytes unread: the peer sees a silent server
-                    continue
-                try:
-                    data = src.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                while self.mode == "stall" and not self._closed:
-                    time.sleep(0.01)  # received just as the stall began: hold it, too
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
+        super().reset()
+        self.set_mode("pass")  # new connections go through again
 
 
 @contextlib.contextmanager
