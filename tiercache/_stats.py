@@ -81,41 +81,40 @@ class CacheStats:
 
     def count(self, kind: str, tier: int | None, duration: float | None) -> None:
         """Record one event (called by the runtime for every event, hook or not)."""
-        if tier is not None:
-            t = self.tiers[tier]
-            if kind == EventKind.HIT:
-                t.hits += 1
-            elif kind == EventKind.MISS:
-                t.misses += 1
-            elif kind == EventKind.STALE_HIT:
-                t.stale_hits += 1
-            elif kind == EventKind.BACKFILL:
-                t.backfills += 1
-            elif kind == EventKind.TIER_ERROR:
-                t.errors += 1
-            elif kind == EventKind.TIER_SKIPPED:
-                t.skipped += 1
-            elif kind == EventKind.CORRUPT:
-                t.corrupt += 1
-            elif kind == EventKind.BREAKER_OPEN:
-                t.breaker_opened += 1
-            elif kind == EventKind.BREAKER_CLOSED:
-                t.breaker_closed += 1
-            elif kind == EventKind.LEASE_WAIT:
-                self.lease_waits += 1
-                self.lease_wait_seconds += duration or 0.0
+        if kind == EventKind.LEASE_WAIT:
+            self.lease_waits += 1
+            self.lease_wait_seconds += duration or 0.0
             return
-        if kind == EventKind.LOAD:
-            self.loads += 1
+        if tier is not None:
+            field_name = _TIER_FIELDS.get(kind)
+            if field_name is not None:
+                t = self.tiers[tier]
+                setattr(t, field_name, getattr(t, field_name) + 1)
+            return
+        field_name = _CACHE_FIELDS.get(kind)
+        if field_name is not None:
+            setattr(self, field_name, getattr(self, field_name) + 1)
+        if kind in (EventKind.LOAD, EventKind.LOAD_ERROR):
             self.load_seconds += duration or 0.0
-        elif kind == EventKind.LOAD_ERROR:
-            self.load_errors += 1
-            self.load_seconds += duration or 0.0
-        elif kind == EventKind.JOIN:
-            self.joins += 1
-        elif kind == EventKind.STALE_SERVED:
-            self.stale_served += 1
-        elif kind == EventKind.BUS_MESSAGE:
-            self.bus_messages += 1
-        elif kind == EventKind.BUS_GAP:
-            self.bus_gaps += 1
+
+
+# event kind -> the counter it bumps
+_TIER_FIELDS = {
+    EventKind.HIT: "hits",
+    EventKind.MISS: "misses",
+    EventKind.STALE_HIT: "stale_hits",
+    EventKind.BACKFILL: "backfills",
+    EventKind.TIER_ERROR: "errors",
+    EventKind.TIER_SKIPPED: "skipped",
+    EventKind.CORRUPT: "corrupt",
+    EventKind.BREAKER_OPEN: "breaker_opened",
+    EventKind.BREAKER_CLOSED: "breaker_closed",
+}
+_CACHE_FIELDS = {
+    EventKind.LOAD: "loads",
+    EventKind.LOAD_ERROR: "load_errors",
+    EventKind.JOIN: "joins",
+    EventKind.STALE_SERVED: "stale_served",
+    EventKind.BUS_MESSAGE: "bus_messages",
+    EventKind.BUS_GAP: "bus_gaps",
+}
