@@ -209,7 +209,7 @@ class CloudflareKVTier:
     ``budget`` should be this process's share of the account-wide 1,200 requests per 5 minutes
     (it is counted per tier object; divide it when several processes or tools share the token).
     ``write_interval`` paces writes to one key; KV allows one per second, so keep it above 1 s
-    (the default leaves 0.1 s for network jitter) except against a test server.
+    (the default leaves 0.25 s for network and scheduling jitter) except against a test server.
     """
 
     in_process = False
@@ -231,7 +231,7 @@ class CloudflareKVTier:
         backoff: float = 0.1,
         budget: int = 1200,
         budget_window: float = 300.0,
-        write_interval: float = 1.1,
+        write_interval: float = 1.25,
         default_retry_after: float = 60.0,
         max_retry_after: float = 600.0,
         max_value_bytes: int = MAX_VALUE_BYTES,

@@ -51,4 +51,4 @@ class TestCloudflareKVTierWithMetadataNoBulkGet(TierContract):
 
     @pytest.fixture
     def make_tier(self, kv_fast_fake: FakeKV) -> Callable[[], CloudflareKVTier]:
-        return tier_factory(kv_fast_fake, write_metadata=True, bulk_get=False, write_interval=0.15)
+        return tier_factory(kv_fast_fake, write_metadata=True, bulk_get=False, write_interval=0.3)
