@@ -111,12 +111,12 @@ def test_soft_timeout_serves_stale_and_stores_the_late_result() -> None:
         clock.advance(11)
 
         async def slow() -> str:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.8)
             return "late but good"
 
         started = time.monotonic()
         assert await cache.get_cached("k", slow) == "old"
-        assert time.monotonic() - started < 0.15
+        assert time.monotonic() - started < 0.5  # answered long before the loader finished
         await cache.aclose(grace=2)
         assert await cache.get("k") == "late but good"
 
