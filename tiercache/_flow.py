@@ -25,6 +25,11 @@ Invariants this module keeps (tests/property checks them):
 5. A loaded entry carries the version taken when its flight *started*; a ``set`` or ``delete`` that
    lands during the load has a larger version, and tiers refuse to let the older one overwrite it.
 6. A lease taken is released on every path out (value written, loader failed, driver error).
+7. A fail-safe answer throttles the loader by writing the stale entry back *unchanged but for
+   fresh_until* (same version, same stale_until): every process then serves it for the throttle
+   window, and any real write or delete, having a larger version, still wins.
+
+``many_flow`` in ``_batch`` is the same algorithm for many keys at once (get_many_cached).
 """
 
 from __future__ import annotations
