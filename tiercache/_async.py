@@ -139,7 +139,7 @@ class FlowRun:
             return await rt.write_async(op)
         if kind is Load:
             assert isinstance(op, Load)
-            return await self._load(op.has_stale)
+            return await self._load(op.has_stale, op.lease)
         if kind is AcquireLease:
             assert isinstance(op, AcquireLease)
             if not rt.tier_usable(op.index, op.key):
@@ -171,7 +171,7 @@ class FlowRun:
         return entry
         raise AssertionError(f"unknown operation {op!r}")
 
-    async def _load(self, has_stale: bool) -> LoadOutcome:
+    async def _load(self, has_stale: bool, lease: tuple[int, str] | None = None) -> LoadOutcome:
         rt, policy = self.rt, self.policy
         key = self.fence.key if self.fence is not None else ""
         if self._load_task is None:
@@ -192,8 +192,17 @@ class FlowRun:
         soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
         hard = policy.hard_timeout
         first = soft if soft is not None and (hard is None or soft < hard) else hard
-        remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
-        await asyncio.wait({task}, timeout=remaining)  # never cancels the loader itself
+        keeper = rt.lease_keeper(key, lease, policy.lease_ttl)
+        while True:
+            remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
+            step = remaining
+            if keeper is not None:
+                step = keeper.every if remaining is None else min(keeper.every, remaining)
+            await asyncio.wait({task}, timeout=step)  # never cancels the loader itself
+            if task.done() or keeper is None or (remaining is not None and step == remaining):
+                break
+            if not await keeper.aextend():
+                keeper = None  # the lease is gone: stop extending, keep waiting
         if task.done():
             if task.cancelled():
                 return self._failed(key, LoaderTimeoutError("the loader was cancelled"))

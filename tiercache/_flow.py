@@ -128,9 +128,13 @@ class Load:
     """Call the loader under the policy's timeouts; the driver sends back a LoadOutcome.
 
     ``has_stale`` tells the driver a soft timeout may be applied (there is something to serve).
+    ``lease`` is ``(tier index, token)`` while this flight holds a distributed lease: the driver
+    keeps extending it for as long as the loader runs, so a slow load does not let other processes
+    start their own (a crashed process stops extending, and the lease expires).
     """
 
     has_stale: bool
+    lease: tuple[int, str] | None = None
 
 
 @dataclass(slots=True)
@@ -246,7 +250,8 @@ def fill_flow(
                 return Outcome(entry.value, entry, f"L{lease + 1}", plan.names[lease])
 
     try:
-        loaded: LoadOutcome = yield Load(has_stale=stale is not None)
+        holding = None if token is None or lease is None else (lease, token)
+        loaded: LoadOutcome = yield Load(has_stale=stale is not None, lease=holding)
         if loaded.error is not None or loaded.soft_timed_out:
             now = clock()
             if stale is not None and policy.fail_safe and now < stale.stale_until:

@@ -671,7 +671,13 @@ class Runtime:
             except Exception as exc:
                 self.tier_failed(index, "", exc, "set_tag_times")
 
-    # --- leases ---------------------------------------------------------------------------
+    # --- leases ---
+
+    def lease_keeper(self, key: str, lease: tuple[int, str] | None, ttl: float) -> LeaseKeeper | None:
+        """A keeper that extends a held lease while a load runs (None: nothing to keep)."""
+        if lease is None or not hasattr(self.tiers[lease[0]], "extend_lease"):
+            return None
+        return LeaseKeeper(self, lease[0], key, lease[1], ttl)
 
     def lease_tier(self, index: int) -> LeaseTier:
         tier: Any = self.tiers[index]
@@ -714,3 +720,45 @@ class Runtime:
             version=version,
             delta=loaded.duration,
         )
+
+
+class LeaseKeeper:
+    """Extends a held lease every third of its TTL while a load runs: from a thread for sync
+    loads (``start``/``stop``), from the awaiting coroutine for async ones (``aextend``)."""
+
+    def __init__(self, rt: Runtime, index: int, key: str, token: str, ttl: float) -> None:
+        self.rt = rt
+        self.index = index
+        self.key = key
+        self.token = token
+        self.ttl = ttl
+        self.every = max(ttl / 3, 0.01)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _failed(self, exc: Exception) -> None:
+        self.rt.tier_failed(self.index, self.key, exc, "extend_lease")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tiercache-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        tier: Any = self.rt.tiers[self.index]
+        while not self._stop.wait(self.every):
+            try:
+                if not tier.extend_lease(self.key, self.token, self.ttl):
+                    return  # lost it (expired, or deleted): nothing left to keep
+            except Exception as exc:
+                self._failed(exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def aextend(self) -> bool:
+        tier: Any = self.rt.tiers[self.index]
+        try:
+            return bool(await tier.aextend_lease(self.key, self.token, self.ttl))
+        except Exception as exc:
+            self._failed(exc)
+            return True

@@ -82,7 +82,14 @@ def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, f
         return rt.write_sync(op)
     if kind is Load:
         assert isinstance(op, Load)
-        return _load(rt, loader, policy, op.has_stale, fence)
+        keeper = rt.lease_keeper(fence.key if fence else "", op.lease, policy.lease_ttl)
+        if keeper is None:
+            return _load(rt, loader, policy, op.has_stale, fence)
+        keeper.start()
+        try:
+            return _load(rt, loader, policy, op.has_stale, fence)
+        finally:
+            keeper.stop()
     if kind is AcquireLease:
         assert isinstance(op, AcquireLease)
         if not rt.tier_usable(op.index, op.key):

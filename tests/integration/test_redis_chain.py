@@ -253,3 +253,60 @@ def test_database_down_for_30_seconds_across_3_caches_sharing_redis(
         caches[0].sync.clear()
         for cache in caches:
             cache.sync.close()
+
+
+def test_a_load_longer_than_the_lease_keeps_other_processes_waiting(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    """The leader extends its lease while the loader runs; a second "process" (own L1, own
+    connections) arriving after the lease's first TTL still waits instead of loading too."""
+    namespace = f"lease-{redis_prefix}"
+
+    def make() -> TieredCache:
+        return TieredCache(
+            [MemoryTier(), RedisTier(url=shared_redis_url, prefix=redis_prefix, socket_timeout=0.5)],
+            namespace=namespace,
+            ttl=60,
+            lease_ttl=0.3,
+            lease_wait=5,
+        )
+
+    a, b = make(), make()
+    loads: list[str] = []
+
+    async def slow(who: str) -> str:
+        loads.append(who)
+        await asyncio.sleep(1.0)
+        return f"loaded by {who}"
+
+    async def main() -> list[str]:
+        first = asyncio.ensure_future(a.get_cached("report", lambda: slow("a")))
+        await asyncio.sleep(0.6)  # two lease TTLs later
+        second = await b.get_cached("report", lambda: slow("b"))
+        return [await first, second]
+
+    try:
+        assert asyncio.run(main()) == ["loaded by a", "loaded by a"]
+        assert loads == ["a"]
+        # the sync driver keeps its lease from a thread (another key: b's L1 holds "report")
+        import threading
+
+        results: list[str] = []
+
+        def sync_slow(who: str) -> str:
+            loads.append(who)
+            time.sleep(1.0)
+            return f"sync {who}"
+
+        leader = threading.Thread(
+            target=lambda: results.append(a.sync.get_cached("report2", lambda: sync_slow("a")))
+        )
+        leader.start()
+        time.sleep(0.6)
+        results.append(b.sync.get_cached("report2", lambda: sync_slow("b")))
+        leader.join(5)
+        assert sorted(results) == ["sync a", "sync a"] and loads == ["a", "a"]
+    finally:
+        a.sync.clear()
+        a.sync.close()
+        b.sync.close()
