@@ -29,7 +29,15 @@ from ._errors import TierError
 from ._serde import Codec, JsonCodec
 from ._tier import Tier, TierBinding
 
-__all__ = ["FakeClock", "FakeRemoteTier", "LocalBus", "TierContract", "bypass", "make_entry"]
+__all__ = [
+    "FakeClock",
+    "FakeRedisServer",
+    "FakeRemoteTier",
+    "LocalBus",
+    "TierContract",
+    "bypass",
+    "make_entry",
+]
 
 
 class FakeClock:
@@ -276,6 +284,56 @@ class LocalBus:
         self._subscriptions.clear()
 
     async def aclose(self) -> None:
+        self.close()
+
+
+class FakeRedisServer:
+    """A Redis stand-in for your tests, on a loopback port (needs ``fakeredis[lua]``).
+
+    ``tier(**options)`` builds a real ``RedisTier`` talking to it over TCP; ``down()`` makes every
+    command fail (as a dead or unreachable Redis would) and ``up()`` brings it back, to test your
+    code's behaviour when the cache tier fails. Use it as a context manager, or call ``close()``.
+    tiercache's own tests use a real redis-server; this is for projects that cannot run one.
+    """
+
+    def __init__(self) -> None:
+        try:
+            import fakeredis
+        except ImportError:
+            raise ImportError("FakeRedisServer needs fakeredis: pip install 'fakeredis[lua]'") from None
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._server = fakeredis.TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-redis", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def tier(self, **options: Any) -> Any:
+        """A ``RedisTier`` on this server (keyword options as for ``RedisTier``)."""
+        from .adapters.redis import RedisTier
+
+        return RedisTier(url=self.url, **options)
+
+    def down(self) -> None:
+        self._server.fake_server.connected = False
+
+    def up(self) -> None:
+        self._server.fake_server.connected = True
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeRedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
