@@ -33,7 +33,7 @@ from ._flow import (
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
-from ._sync import finish_many, new_entry, new_entry_unchecked
+from ._sync import finish_many, new_entry
 
 __all__ = [
     "FlowRun",
@@ -481,7 +481,7 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
-        rt.codec.dumps(new_entry_unchecked(key, value, policy, rt.clock()))  # still report bad values
+        rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
     rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)

@@ -94,7 +94,7 @@ class Coherence:
                 self._learn(entry.tags, store.get_tag_times(list(entry.tags)))
             except Exception as exc:  # the store is down: decide on what we know
                 self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
-                return self._known_valid(entry)
+                return self.known_valid(entry)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
@@ -106,15 +106,12 @@ class Coherence:
                 self._learn(entry.tags, await store.aget_tag_times(list(entry.tags)))
             except Exception as exc:
                 self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
-                return self._known_valid(entry)
+                return self.known_valid(entry)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
     def known_valid(self, entry: Entry) -> bool:
         """Decide on the tag times known so far (used when the tag store cannot be reached)."""
-        return self._known_valid(entry)
-
-    def _known_valid(self, entry: Entry) -> bool:
         for tag in entry.tags:
             item = self.tag_times.get(tag)
             if item is not None and item[0] is not None and entry.created_at <= item[0]:
@@ -177,14 +174,6 @@ class Coherence:
                 return
             self._started = True
             self.bus.start(self.channel, self.on_message, self.on_reset)
-
-    def message(
-        self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float
-    ) -> BusMessage:
-        with self._seq_lock:
-            self._seq += 1
-            seq = self._seq
-        return BusMessage(self.namespace, op, tuple(keys), tuple(tags), version, at, self.origin, seq)
 
     def publish_sync(
         self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float

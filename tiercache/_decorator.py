@@ -145,7 +145,7 @@ def _policy_resolver(
 
 
 _SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
     def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -161,7 +161,7 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags
 """
 
 _ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
     async def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -177,14 +177,14 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags
 """
 
 _NO_L1_SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
     def {name}({header}):
         return __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
 _NO_L1_ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_hits, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
     async def {name}({header}):
         return await __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
@@ -235,7 +235,6 @@ def build_cached_function(
         rt.clock,
         slow,
         fn,
-        None,
         rt.coherence.tags_valid_locally,
     )
     make_key = spec.compile(_KEY_TEMPLATE)

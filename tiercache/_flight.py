@@ -147,16 +147,10 @@ class FlightRegistry:
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
 
-    def supersede(self, key: str, version: int | None = None) -> None:
-        """Mark the running flight for ``key`` (if any, and older than ``version``) as overtaken
-        by a delete or a newer write: its result will not reach the in-process tiers."""
-        with self._lock:
-            flight = self._flights.get(key)
-            if flight is not None and (version is None or flight.version < version):
-                flight.superseded = True
-
     def supersede_locked(self, key: str, version: int | None = None) -> None:
-        """``supersede`` for a caller already holding ``lock``."""
+        """Mark the running flight for ``key`` (if any, and older than ``version``) as overtaken
+        by a delete or a newer write: its result will not reach the in-process tiers. The caller
+        holds ``lock`` (so the mark is atomic with the floor it raises beside it)."""
         flight = self._flights.get(key)
         if flight is not None and (version is None or flight.version < version):
             flight.superseded = True

@@ -73,6 +73,29 @@ class Policy:
             return self.ttl * (1.0 + random.uniform(-self.jitter, self.jitter))
         return self.ttl
 
+    def new_entry(
+        self,
+        key: str,
+        value: Any,
+        now: float,
+        *,
+        created_at: float | None = None,
+        version: int = 0,
+        delta: float = 0.0,
+    ) -> Entry:
+        """An entry for ``value`` written at ``now`` under this policy (jitter applied)."""
+        fresh_until = now + self.fresh_ttl()
+        return Entry(
+            key,
+            value,
+            created_at=now if created_at is None else created_at,
+            fresh_until=fresh_until,
+            stale_until=fresh_until + self.stale_ttl,
+            tags=self.tags,
+            version=version,
+            delta=delta,
+        )
+
     @property
     def early_refresh(self) -> bool:
         return bool(self.early_refresh_beta or self.early_refresh_ratio)

@@ -446,29 +446,39 @@ class Runtime:
     def write_sync(self, op: Write) -> int:
         """Perform a Write; returns how many tiers took the entry (-1: every tier refused it as
         too large)."""
-        entry, key = op.entry, op.key
+        if not self._encoded(op):
+            return 0
+        return _tally([self._write_one_sync(i, op) for i in op.indices])
+
+    async def write_async(self, op: Write) -> int:
+        if not self._encoded(op):
+            return 0
+        return _tally([await self._write_one_async(i, op) for i in op.indices])
+
+    def _encoded(self, op: Write) -> bool:
+        """Encode for the remote tiers once; False if a back-fill cannot be (it is then skipped;
+        a new value's SerializationError propagates)."""
         try:
-            self.prepare(entry, op.indices)
+            self.prepare(op.entry, op.indices)
         except SerializationError:
             if op.backfill:
-                return 0
+                return False
             raise
-        written = too_large = 0
-        fence: Flight | None = op.fence
-        for i in op.indices:
-            tier = self.tiers[i]
-            if tier.in_process:
-                took = self.set_in_process(i, key, entry, op.backfill, fence)
-            elif fence is not None and fence.superseded:
-                # Overtaken by a delete: best effort for tiers without tombstones (Redis has them).
-                continue
-            else:
-                took = self._set_sync(i, key, entry, op.backfill)
-            if took < 0:
-                too_large += 1
-            else:
-                written += took
-        return -1 if too_large and too_large == len(op.indices) else written
+        return True
+
+    def _write_one_sync(self, i: int, op: Write) -> int:
+        if self.tiers[i].in_process:
+            return self.set_in_process(i, op.key, op.entry, op.backfill, op.fence)
+        if op.fence is not None and op.fence.superseded:
+            return 0  # overtaken by a delete: best effort for tiers without tombstones
+        return self._set_sync(i, op.key, op.entry, op.backfill)
+
+    async def _write_one_async(self, i: int, op: Write) -> int:
+        if self.tiers[i].in_process:
+            return self.set_in_process(i, op.key, op.entry, op.backfill, op.fence)
+        if op.fence is not None and op.fence.superseded:
+            return 0
+        return await self._set_async(i, op.key, op.entry, op.backfill)
 
     def set_in_process(self, i: int, key: str, entry: Entry, backfill: bool, fence: Flight | None) -> int:
         """Write an in-process tier, unless a delete overtook the load (``fence``) or a newer
@@ -482,67 +492,46 @@ class Runtime:
                 return 0
             return self._set_sync(i, key, entry, backfill)
 
-    def _set_sync(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
-        """1 written, 0 skipped (breaker, error), -1 refused as too large."""
+    # One tier's set: 1 written, 0 skipped (breaker open, tier error), -1 refused as too large.
+
+    def _set_refused(self, i: int, key: str, entry: Entry) -> int | None:
         if not self.fits(i, entry):
             self._too_large(i, key, entry)
             return -1
-        if not self.tier_usable(i, key):
-            return 0
-        try:
-            self.tiers[i].set(key, entry)
-        except ValueTooLargeError as exc:
+        return None if self.tier_usable(i, key) else 0
+
+    def _set_failed(self, i: int, key: str, exc: Exception) -> int:
+        if isinstance(exc, ValueTooLargeError):
             self.emit(EventKind.TIER_ERROR, key, i, error=exc)
             return -1
-        except Exception as exc:
-            self.tier_failed(i, key, exc, "set")
-            return 0
+        self.tier_failed(i, key, exc, "set")
+        return 0
+
+    def _set_done(self, i: int, key: str, backfill: bool) -> int:
         self._tier_ok(i)
         if backfill:
             self.emit(EventKind.BACKFILL, key, i)
         return 1
 
-    async def write_async(self, op: Write) -> int:
-        entry, key = op.entry, op.key
+    def _set_sync(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
+        refused = self._set_refused(i, key, entry)
+        if refused is not None:
+            return refused
         try:
-            self.prepare(entry, op.indices)
-        except SerializationError:
-            if op.backfill:
-                return 0
-            raise
-        written = too_large = 0
-        fence: Flight | None = op.fence
-        for i in op.indices:
-            tier = self.tiers[i]
-            if tier.in_process:
-                took = self.set_in_process(i, key, entry, op.backfill, fence)
-                if took < 0:
-                    too_large += 1
-                else:
-                    written += took
-                continue
-            if fence is not None and fence.superseded:
-                continue  # overtaken by a delete (best effort; Redis also refuses by tombstone)
-            if not self.fits(i, entry):
-                self._too_large(i, key, entry)
-                too_large += 1
-                continue
-            if not self.tier_usable(i, key):
-                continue
-            try:
-                await tier.aset(key, entry)
-            except ValueTooLargeError as exc:
-                self.emit(EventKind.TIER_ERROR, key, i, error=exc)
-                too_large += 1
-                continue
-            except Exception as exc:
-                self.tier_failed(i, key, exc, "set")
-                continue
-            self._tier_ok(i)
-            written += 1
-            if op.backfill:
-                self.emit(EventKind.BACKFILL, key, i)
-        return -1 if too_large and too_large == len(op.indices) else written
+            self.tiers[i].set(key, entry)
+        except Exception as exc:
+            return self._set_failed(i, key, exc)
+        return self._set_done(i, key, backfill)
+
+    async def _set_async(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
+        refused = self._set_refused(i, key, entry)
+        if refused is not None:
+            return refused
+        try:
+            await self.tiers[i].aset(key, entry)
+        except Exception as exc:
+            return self._set_failed(i, key, exc)
+        return self._set_done(i, key, backfill)
 
     def delete_sync(self, key: str, version: int) -> None:
         for i in self.plan.write_order:  # shared tiers first, so L1 cannot be re-filled from them
@@ -709,17 +698,15 @@ class Runtime:
                 return None
             policy = policy.with_overrides(ttl=ctx.ttl, stale_ttl=ctx.stale_ttl, tags=ctx.tags)
         now = self.clock()
-        fresh_until = now + policy.fresh_ttl()
-        return Entry(
-            key,
-            value,
-            created_at=loaded.started_at or now,
-            fresh_until=fresh_until,
-            stale_until=fresh_until + policy.stale_ttl,
-            tags=policy.tags,
-            version=version,
-            delta=loaded.duration,
+        return policy.new_entry(
+            key, value, now, created_at=loaded.started_at or now, version=version, delta=loaded.duration
         )
+
+
+def _tally(results: list[int]) -> int:
+    """Tiers written, or -1 when every tier refused the entry as too large."""
+    too_large = results.count(-1)
+    return -1 if too_large and too_large == len(results) else sum(r for r in results if r > 0)
 
 
 class LeaseKeeper:

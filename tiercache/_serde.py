@@ -68,17 +68,6 @@ def to_json_default(obj: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(obj).__qualname__}")
 
 
-def encode_value(value: Any) -> bytes:
-    """The value alone as JSON bytes; SerializationError if it cannot be encoded."""
-    try:
-        data = orjson.dumps(value, default=to_json_default, option=_DUMPS_OPTIONS)
-    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-        kind = type(value).__qualname__
-        raise SerializationError(f"cannot serialise value of type {kind}: {exc}") from None
-    _refuse_non_finite(data, value)
-    return data
-
-
 def _refuse_non_finite(data: bytes, value: Any) -> None:
     """orjson writes NaN and +-inf as ``null``: refuse them rather than change the value. Only an
     encoding that contains ``null`` at all is searched, so most writes pay one bytes scan."""

@@ -453,36 +453,15 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
     return stale.value if allow_stale and stale is not None else default
 
 
-def new_entry_unchecked(key: str, value: Any, policy: Policy, now: float) -> Entry:
-    return Entry(
-        key,
-        value,
-        created_at=now,
-        fresh_until=now + policy.ttl,
-        stale_until=now + policy.ttl + policy.stale_ttl,
-        tags=policy.tags,
-    )
-
-
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
-    now = rt.clock()
-    fresh_until = now + policy.fresh_ttl()
-    entry = Entry(
-        key,
-        value,
-        created_at=now,
-        fresh_until=fresh_until,
-        stale_until=fresh_until + policy.stale_ttl,
-        tags=policy.tags,
-        version=next_version(),
-    )
+    entry = policy.new_entry(key, value, rt.clock(), version=next_version())
     rt.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
     return entry
 
 
 def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
-        rt.codec.dumps(new_entry_unchecked(key, value, policy, rt.clock()))  # still report bad values
+        rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
     rt.coherence.ensure_started()
     entry = new_entry(rt, key, value, policy)
