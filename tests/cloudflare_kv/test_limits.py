@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cloudflare_kv.conftest import tier_factory
-from tests.kv_fake import ACCOUNT_ID, NAMESPACE_ID, TOKEN, FakeKV
+from tests.kv_fake import ACCOUNT_ID, NAMESPACE_ID, TOKEN, FakeKV, RetryAfterWitness
 from tiercache._entry import next_version
 from tiercache._errors import ConfigurationError, TierError, ValueTooLargeError
 from tiercache._events import Event
@@ -101,6 +101,32 @@ def test_429_retry_after_is_obeyed(own_fake: FakeKV, clock: FakeClock) -> None:
     time.sleep(1.05)
     assert tier.get(key()) is None
     assert own_fake.stats.requests == 2 and own_fake.stats.retry_after_violations == 0
+    tier.close()
+
+
+def test_the_retry_after_witness_catches_a_tier_that_ignores_429(
+    own_fake: FakeKV, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client-side witness the fault runs rely on fails when the tier sends during a block."""
+    witness = RetryAfterWitness()
+    tier = bound(
+        tier_factory(own_fake, transport=witness.transport(), async_transport=witness.async_transport())(),
+        clock,
+    )
+    own_fake.faults, own_fake.fault_retry_after = ("429",), 1
+    own_fake.set_faults(1.0)
+    with pytest.raises(KVRateLimited):
+        tier.get(key())
+    own_fake.set_faults(0.0)
+    time.sleep(0.3)
+    with pytest.raises(KVRateLimited):
+        tier.get(key())  # obeyed: skipped locally
+    assert witness.violations(slack=0.1) == [] and len(witness.exchanges) == 1
+    monkeypatch.setattr(tier, "_blocked_until", 0.0)  # a tier that forgot the 429
+    with pytest.raises(KVRateLimited):
+        tier.get(key())  # sent; the fake answers 429 again (arrived during its block)
+    assert len(witness.violations(slack=0.1)) == 1
+    own_fake.stats.retry_after_violations = 0  # this test caused it on purpose
     tier.close()
 
 
