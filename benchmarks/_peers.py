@@ -170,6 +170,8 @@ TC_L2 = "tiercache get_cached (RedisTier only)"
 RAW_32 = "raw redis.asyncio GET x1,000 (gather), 32 connections"
 RAW_WIDE = "raw redis.asyncio GET x1,000 (gather), 1,000 connections"
 TC_GATHER = "tiercache get_cached x1,000 (gather)"
+# The same decorated function and cache with ``metrics=False``: what the counters cost on a hit.
+TC_METRICS_OFF = "tiercache @tiered_cache key=template, metrics=False"
 GROUPS: dict[str, list[Group]] = {
     "sync_l1_hit": [
         Group(
@@ -185,7 +187,8 @@ GROUPS: dict[str, list[Group]] = {
                 "tiercache @tiered_cache default key",
             ],
             target=(TC_SYNC, 0.5),
-        )
+        ),
+        Group("sync-l1-hit-metrics", TC_METRICS_OFF, [TC_SYNC, TC_METRICS_OFF], target=(TC_SYNC, 1.10)),
     ],
     "async_l1_hit": [
         Group(
@@ -195,6 +198,7 @@ GROUPS: dict[str, list[Group]] = {
             target=(TC_ASYNC, 4.0),
         ),
         Group("async-l1-hit-vs-cashews", CASHEWS_MEM, [TC_ASYNC, CASHEWS_MEM], target=(TC_ASYNC, 0.05)),
+        Group("async-l1-hit-metrics", TC_METRICS_OFF, [TC_ASYNC, TC_METRICS_OFF], target=(TC_ASYNC, 1.10)),
     ],
     "l2_hit": [
         Group(
@@ -253,8 +257,8 @@ async def _trivial(user_id: int) -> int:
     return user_id
 
 
-def _memory_cache() -> TieredCache:
-    return TieredCache([MemoryTier(max_entries=10_000)], ttl=3600, namespace="bench")
+def _memory_cache(metrics: bool = True) -> TieredCache:
+    return TieredCache([MemoryTier(max_entries=10_000)], ttl=3600, namespace="bench", metrics=metrics)
 
 
 def sync_l1_hit() -> Scenario:
@@ -275,6 +279,7 @@ def sync_l1_hit() -> Scenario:
         "dogpile.cache memory region": region.cache_on_arguments()(_plain),
         "tiercache @tiered_cache key=template": tiered_cache(_memory_cache(), key="user:{user_id}")(_plain),
         "tiercache @tiered_cache default key": tiered_cache(_memory_cache())(_plain),
+        TC_METRICS_OFF: tiered_cache(_memory_cache(metrics=False), key="user:{user_id}")(_plain),
     }
     s.cases = {name: Case(_sync_batch(fn), SYNC_BATCH) for name, fn in fns.items()}
     s.groups = GROUPS["sync_l1_hit"]
@@ -323,6 +328,7 @@ def async_l1_hit() -> Scenario:
         "tiercache @tiered_cache key=template": tiered_cache(_memory_cache(), key="user:{user_id}")(_trivial),
         "cashews @cache(ttl) mem://": cashews_mem(ttl=3600)(_trivial),
         "aiocache @cached in-memory": aio_cached(ttl=3600)(_trivial),
+        TC_METRICS_OFF: tiered_cache(_memory_cache(metrics=False), key="user:{user_id}")(_trivial),
     }
     s.cases = {
         name: Case(lp.batch(functools.partial(fn, 42), ASYNC_BATCH), ASYNC_BATCH) for name, fn in fns.items()

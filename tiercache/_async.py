@@ -18,6 +18,7 @@ from ._events import EventKind
 from ._flight import Flight, FlightAborted
 from ._flow import (
     NO_LEASE,
+    NOT_READ,
     AcquireLease,
     Load,
     LoadOutcome,
@@ -29,6 +30,7 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
+    tier_hit,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -309,20 +311,34 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
         rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
-    # Join the key's flight, or lead it inline (no task is created unless the leader is
-    # cancelled: then a task takes over the pending operation and finishes for the joiners).
     loop = asyncio.get_running_loop()
     rt.coherence.ensure_started()
+    first_read: Any = NOT_READ
+    first = rt.read_first
+    if first is not None and rt.flights.get(key) is None:
+        # No flight to join: read the lease tier before opening one (see _flow's theory).
+        first_read = await rt.read_async(first, key, policy.converter)
+        if first_read is not None:
+            now = rt.clock()
+            if now < first_read.fresh_until:
+                if first > 0:
+                    await rt.write_async(Write(range(first), key, first_read, backfill=True))
+                hit = tier_hit(rt.plan, policy, first, first_read, now)
+                if hit.refresh:
+                    start_refresh(rt, key, loader, policy, first_read)
+                return hit
+    # Join the key's flight, or lead it inline (no task is created unless the leader is
+    # cancelled: then a task takes over the pending operation and finishes for the joiners).
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
-            return await lead(rt, flight, key, loader, policy, stale)
+            return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
         rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
         if isinstance(flight.error, FlightAborted):
             continue
-        outcome: Outcome = flight.result()
-        return Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
+        shared: Outcome = flight.result()
+        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
 
 
 async def lead(
@@ -333,9 +349,10 @@ async def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
+    first_read: Any = NOT_READ,
 ) -> Outcome:
     """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
-    gen = rt.fill_flow(flight, key, policy, stale, refresh)
+    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
         outcome: Outcome = await run.run()

@@ -6,7 +6,13 @@ A cache is a chain of tiers, fastest first. The leading *in-process* tiers (L1) 
 caller, inline, by the drivers (and by the decorator's fast path); nothing here runs on an L1 hit.
 When L1 has no fresh entry, exactly one caller per key per process -- the *flight leader* -- runs
 :func:`fill_flow`; every other caller (asyncio task or thread) joins its flight and shares its
-outcome (see ``_flight``). So 100 callers of a cold key cost one walk, one lease, one load.
+outcome (see ``_flight``). So 100 callers of a cold key cost one lease and one load.
+
+One shortcut, because most traffic below L1 is hits on the first shared tier: a caller that finds
+no flight to join reads that tier itself first (concurrent reads in one event-loop tick go out as
+one multi-key read, see ``_batch.ReadCoalescer``). A fresh answer is returned at once, through
+:func:`tier_hit`, the same function the flow uses; anything else opens (or joins) the flight, and
+the leader hands what it read to ``fill_flow`` as ``first_read``, so no tier is read twice.
 
 ``fill_flow`` never touches I/O. It yields *operations* (:class:`Read`, :class:`Write`,
 :class:`Load`, lease operations) and is sent their results; the driver does the I/O, the timing,
@@ -56,6 +62,7 @@ __all__ = [
     "Write",
     "better_stale",
     "fill_flow",
+    "tier_hit",
 ]
 
 
@@ -70,6 +77,7 @@ class Source:
 
 
 NO_LEASE = "<no lease>"  # AcquireLease's answer when the lease tier failed: load without one
+NOT_READ: Any = object()  # ``fill_flow(first_read=...)``: the caller did not read the first tier
 
 # --- operations the flow yields -----------------------------------------------------------------
 
@@ -178,6 +186,15 @@ def better_stale(entry: Entry, than: Entry | None) -> bool:
     return than is None or (entry.version, entry.stale_until) > (than.version, than.stale_until)
 
 
+def tier_hit(
+    plan: FillPlan, policy: Policy, index: int, entry: Entry, now: float, refresh: bool = False
+) -> Outcome:
+    """The answer when tier ``index`` (below L1) held ``entry`` fresh at ``now``: the value, and
+    whether the caller should start an early (XFetch) refresh. Back-fill is the caller's part."""
+    early = not refresh and policy.early_refresh and policy.wants_early_refresh(entry, now)
+    return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index], refresh=early)
+
+
 # --- the flow -----------------------------------------------------------------------------------
 
 
@@ -191,26 +208,31 @@ def fill_flow(
     fence: Any,
     refresh: bool = False,
     build: Callable[[str, Any, Policy, LoadOutcome, int], Entry | None],
+    first_read: Any = NOT_READ,
 ) -> Generator[Operation, Any, Outcome]:
     """Walk the tiers below L1, then lease, load and store. See the module docstring.
 
     ``stale`` is the best stale entry L1 held (or None). ``refresh`` marks a background refresh
     (SWR or early refresh): it never answers with stale, and re-reads the shared tiers first.
     ``build`` turns a load outcome into the entry to store (None: do not cache it).
+    ``first_read`` is what the first tier below L1 answered the caller just before (not fresh),
+    if the caller read it: the walk starts below it.
     """
     clock = plan.clock
     now = clock()
     conv = policy.converter
 
     for index in plan.remote:
-        entry = yield Read(index, key, conv)
+        if first_read is NOT_READ:
+            entry = yield Read(index, key, conv)
+        else:
+            entry, first_read = first_read, NOT_READ
         if entry is None:
             continue
         if now < entry.fresh_until and not (refresh and stale is not None and entry.version <= stale.version):
             if index > 0:
                 yield Write(range(index), key, entry, backfill=True)
-            early = not refresh and policy.early_refresh and policy.wants_early_refresh(entry, now)
-            return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index], refresh=early)
+            return tier_hit(plan, policy, index, entry, now, refresh)
         if now < entry.stale_until and better_stale(entry, stale):
             stale = entry
 

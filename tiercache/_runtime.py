@@ -21,7 +21,7 @@ from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
 from ._flight import Flight, FlightRegistry
-from ._flow import FillPlan, LoadOutcome, Operation, Outcome, Write, better_stale, fill_flow
+from ._flow import NOT_READ, FillPlan, LoadOutcome, Operation, Outcome, Write, better_stale, fill_flow
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
@@ -134,6 +134,10 @@ class Runtime:
             write_order=tuple(reversed(range(len(self.tiers)))),
             clock=clock,
         )
+        # The tier a caller with no flight to join reads before opening one (see _flow): only the
+        # lease tier, whose re-read after the lease is taken closes the window between that read
+        # and the flight (a flight that finished meanwhile has written its value there).
+        self.read_first: int | None = lease if lease is not None and self.remote[:1] == (lease,) else None
         self.coherence = Coherence(self, namespace, bus, tag_refresh)
         # Concurrent async reads of a remote tier within one loop tick become one multi-key read.
         self.coalescers: tuple[ReadCoalescer | None, ...] = tuple(
@@ -673,7 +677,13 @@ class Runtime:
         return tier  # type: ignore[no-any-return]
 
     def fill_flow(
-        self, flight: Flight, key: str, policy: Policy, stale: Entry | None, refresh: bool
+        self,
+        flight: Flight,
+        key: str,
+        policy: Policy,
+        stale: Entry | None,
+        refresh: bool,
+        first_read: Any = NOT_READ,
     ) -> Generator[Operation, Any, Outcome]:
         """The flow a flight's leader runs (see ``_flow``), bound to this cache's tiers."""
         return fill_flow(
@@ -685,6 +695,7 @@ class Runtime:
             fence=flight,
             refresh=refresh,
             build=self.build_entry,
+            first_read=first_read,
         )
 
     # --- entries --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ._events import EventKind
 from ._flight import Flight, FlightAborted
 from ._flow import (
     NO_LEASE,
+    NOT_READ,
     AcquireLease,
     Load,
     LoadOutcome,
@@ -30,6 +31,7 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
+    tier_hit,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -358,20 +360,34 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
     rt.coherence.ensure_started()
+    first_read: Any = NOT_READ
+    first = rt.read_first
+    if first is not None and rt.flights.get(key) is None:
+        # No flight to join: read the lease tier before opening one (see _flow's theory).
+        first_read = rt.read_sync(first, key, policy.converter)
+        if first_read is not None:
+            now = rt.clock()
+            if now < first_read.fresh_until:
+                if first > 0:
+                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
+                hit = tier_hit(rt.plan, policy, first, first_read, now)
+                if hit.refresh:
+                    start_refresh(rt, key, loader, policy, first_read)
+                return hit
     while True:
         flight, leader = rt.flights.join_or_lead(key, None)
         if leader:
-            return lead(rt, flight, key, loader, policy, stale)
+            return lead(rt, flight, key, loader, policy, stale, first_read=first_read)
         if flight.loop is not None and flight.loop is _current_loop():
             # Joining would block the very loop the leader runs on: fill on our own instead.
             solo = Flight(key, next_version(), None)
-            return _run_leader_flow(rt, solo, key, loader, policy, stale)
+            return _run_leader_flow(rt, solo, key, loader, policy, stale, first_read=first_read)
         rt.emit(EventKind.JOIN, key)
         flight.wait_sync()
         if isinstance(flight.error, FlightAborted):
             continue
-        outcome: Outcome = flight.result()
-        return Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
+        shared: Outcome = flight.result()
+        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
 
 
 def _run_leader_flow(
@@ -382,8 +398,9 @@ def _run_leader_flow(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
+    first_read: Any = NOT_READ,
 ) -> Outcome:
-    gen = rt.fill_flow(flight, key, policy, stale, refresh)
+    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
         rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
@@ -398,10 +415,11 @@ def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
+    first_read: Any = NOT_READ,
 ) -> Outcome:
     """Run the flow as this flight's leader, then resolve the flight for everyone who joined."""
     try:
-        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh)
+        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh, first_read)
     except BaseException as exc:
         rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
         raise

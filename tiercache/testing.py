@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 import uuid
@@ -62,14 +63,21 @@ class FakeClock:
         self._now = now
 
 
+_lease_tokens = itertools.count(1)
+
+
 class FakeRemoteTier:
     """A remote-like tier held in memory: it stores envelope *bytes* (so values round-trip through
     the codec, as with Redis or KV), can be shared between instances (``store=``), counts calls,
     and fails on demand (``down = True``, or ``fail_next(n)``). For tests of the chain, not a cache.
+
+    With ``leases=True`` it also offers the distributed-stampede lease, as RedisTier does, minus
+    the waking: ``wait_for_entry`` answers at once with what is stored (one process, no waiting).
     """
 
     in_process = False
     shared = True
+    offers_lease = False
 
     def __init__(
         self,
@@ -79,8 +87,11 @@ class FakeRemoteTier:
         max_ttl: float | None = None,
         max_value_bytes: int | None = None,
         tag_times: dict[str, float] | None = None,
+        leases: bool = False,
     ) -> None:
         self.name = name
+        self.offers_lease = leases
+        self.leases: dict[str, tuple[str, float]] = {}  # key -> (token, expires at)
         self.max_ttl = max_ttl
         self.max_value_bytes = max_value_bytes
         self.store: dict[str, tuple[bytes, float]] = {} if store is None else store
@@ -95,6 +106,7 @@ class FakeRemoteTier:
             "clear": 0,
             "get_many": 0,
             "set_many": 0,
+            "lease": 0,
         }
         self._failures_left = 0
         self._clock: Callable[[], float] = time.time
@@ -196,8 +208,37 @@ class FakeRemoteTier:
                 k = f"{self._namespace}/{t}"
                 self.tag_times[k] = max(at, self.tag_times.get(k, at))
 
+    def acquire_lease(self, key: str, ttl: float) -> str | None:
+        self._call("lease")
+        now = self._clock()
+        with self._lock:
+            held = self.leases.get(key)
+            if held is not None and held[1] > now:
+                return None
+            token = f"lease-{next(_lease_tokens)}"
+            self.leases[key] = (token, now + ttl)
+            return token
+
+    def release_lease(self, key: str, token: str) -> None:
+        self._call("lease")
+        with self._lock:
+            if self.leases.get(key, ("",))[0] == token:
+                del self.leases[key]
+
+    def wait_for_entry(self, key: str, timeout: float) -> Entry | None:
+        return self.get(key)
+
     def close(self) -> None:
         return None
+
+    async def aacquire_lease(self, key: str, ttl: float) -> str | None:
+        return self.acquire_lease(key, ttl)
+
+    async def arelease_lease(self, key: str, token: str) -> None:
+        self.release_lease(key, token)
+
+    async def await_for_entry(self, key: str, timeout: float) -> Entry | None:
+        return self.wait_for_entry(key, timeout)
 
     async def aclear(self, prefix: str) -> int:
         return self.clear(prefix)

@@ -214,8 +214,17 @@ class RemoteChainMachine(ChainMachine):
         return FakeRemoteTier()
 
 
-for machine in (ChainMachine, RemoteChainMachine):
+class LeasedRemoteChainMachine(ChainMachine):
+    """Memory over a remote-like tier that offers the lease: callers read it before opening a
+    flight, and a flight's leader starts below that read (``fill_flow(first_read=...)``)."""
+
+    def make_l2(self) -> Any:
+        return FakeRemoteTier(leases=True)
+
+
+for machine in (ChainMachine, RemoteChainMachine, LeasedRemoteChainMachine):
     machine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 
 test_memory_over_memory_matches_model = ChainMachine.TestCase
 test_memory_over_remote_matches_model = RemoteChainMachine.TestCase
+test_memory_over_leased_remote_matches_model = LeasedRemoteChainMachine.TestCase
