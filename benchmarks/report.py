@@ -252,7 +252,8 @@ def main() -> None:
         lines += [f"- {k}: {v}" for k, v in probes.items()] + [""]
     (out_dir / "benchmarks.md").write_text("\n".join(lines))
     write_chart(out_dir / "benchmarks.png", chart_rows)
-    print("\n".join(lines[lines.index("## Targets (issues 7 and 8)") : lines.index("![ratios](benchmarks.png)")]))
+    targets = lines.index("## Targets (issues 7 and 8)")
+    print("\n".join(lines[targets : lines.index("![ratios](benchmarks.png)")]))
     print(f"wrote {out_dir / 'benchmarks.md'} and benchmarks.png in {time.monotonic() - started:.0f} s")
 
 

@@ -27,11 +27,13 @@ import pytest
 
 from ._entry import Entry, next_version
 from ._errors import TierError
+from ._fake_kv import FakeCloudflareKV
 from ._serde import Codec, JsonCodec
 from ._tier import Tier, TierBinding
 
 __all__ = [
     "FakeClock",
+    "FakeCloudflareKV",
     "FakeRedisServer",
     "FakeRemoteTier",
     "LocalBus",

@@ -73,7 +73,12 @@ def test_miss_reads_the_lease_tier_once_before_and_once_under_the_lease(
     events: list[Event] = []
     cache = chain(remote, clock, events)
     calls: list[int] = []
-    got = run(cache, use_async, "cold", lambda: calls.append(1) or "loaded")
+
+    def load() -> str:
+        calls.append(1)
+        return "loaded"
+
+    got = run(cache, use_async, "cold", load)
     assert (got.value, got.source, calls) == ("loaded", "LOADED", [1])
     # Read before the flight, then again once the lease is held (a flight that finished in
     # between has written there): the same two reads as before the shortcut, never three.
