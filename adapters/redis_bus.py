@@ -36,7 +36,9 @@ Classic ``PUBLISH``/``SUBSCRIBE``: Redis Cluster forwards a classic publish to e
 cluster bus, so the subscriber may sit on any node and needs no resubscription when slots move.
 Sharded pub/sub (``SPUBLISH``) would keep the traffic inside one shard but must follow the
 channel's slot through resharding and failover; invalidation traffic is small, so the simpler,
-failover-proof broadcast is the choice. The cost is one copy of each message per node.
+failover-proof broadcast is the choice. The cost is one copy of each message per node. A process
+publishes every message (sync or async) through one node, the owner of the channel's slot: two
+publishes sent through two nodes can reach a subscriber in either order.
 
 Connections
 ===========
@@ -149,7 +151,14 @@ class RedisBus:
                 self._thread.start()
 
     def publish(self, channel: str, data: bytes) -> None:
-        self._tier._sync_client().publish(channel, data)
+        client = self._tier._sync_client()
+        if self._tier._cluster:
+            # Every publish of this process, sync or async, leaves from one node (the channel
+            # slot's owner): two nodes would forward them over the cluster bus in either order.
+            node = client.get_node_from_key(channel)
+            client.execute_command("PUBLISH", channel, data, target_nodes=node)
+        else:
+            client.publish(channel, data)
 
     async def apublish(self, channel: str, data: bytes) -> None:
         # One lock per loop, taken before the first await: asyncio.Lock is FIFO, so messages leave
@@ -159,7 +168,13 @@ class RedisBus:
         if lock is None:
             lock = self._locks[loop] = asyncio.Lock()
         async with lock:
-            await self._tier._aclient().publish(channel, data)
+            client = self._tier._aclient()
+            if self._tier._cluster:  # one node for every publish: see publish()
+                await client.initialize()  # the slot map (a no-op once loaded)
+                node = client.get_node_from_key(channel)
+                await client.execute_command("PUBLISH", channel, data, target_nodes=node)
+            else:
+                await client.publish(channel, data)
 
     def close(self) -> None:
         thread = self._stop_thread()

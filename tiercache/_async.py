@@ -313,26 +313,12 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
         return Outcome(stale.value, stale, Source.STALE_SWR)
     loop = asyncio.get_running_loop()
     rt.coherence.ensure_started()
-    first_read: Any = NOT_READ
-    first = rt.read_first
-    if first is not None and rt.flights.get(key) is None:
-        # No flight to join: read the lease tier before opening one (see _flow's theory).
-        first_read = await rt.read_async(first, key, policy.converter)
-        if first_read is not None:
-            now = rt.clock()
-            if now < first_read.fresh_until:
-                if first > 0:
-                    await rt.write_async(Write(range(first), key, first_read, backfill=True))
-                hit = tier_hit(rt.plan, policy, first, first_read, now)
-                if hit.refresh:
-                    start_refresh(rt, key, loader, policy, first_read)
-                return hit
     # Join the key's flight, or lead it inline (no task is created unless the leader is
     # cancelled: then a task takes over the pending operation and finishes for the joiners).
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
-            return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
+            return await lead(rt, flight, key, loader, policy, stale)
         rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
         if isinstance(flight.error, FlightAborted):
@@ -349,9 +335,34 @@ async def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
-    first_read: Any = NOT_READ,
 ) -> Outcome:
     """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
+    first_read: Any = NOT_READ
+    first = rt.read_first
+    if first is not None and not refresh:
+        # The lease tier is read here, without the flow's machinery: most flights end on a hit
+        # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
+        try:
+            first_read = await rt.read_async(first, key, policy.converter)
+        except asyncio.CancelledError:
+            if rt.closing:
+                rt.flights.finish(flight, error=FlightAborted("cache closed"))
+                raise
+            # As below: the joiners still wait, so a task runs the whole flow for them.
+            run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, refresh), loader, policy, flight)
+            rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
+            raise
+        except BaseException as exc:
+            rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
+            raise
+        if first_read is not None:
+            now = rt.clock()
+            if now < first_read.fresh_until:
+                if first > 0:  # the tiers above are in-process: a sync write, no await
+                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
+                hit = tier_hit(rt.plan, policy, first, first_read, now)
+                _finished(rt, flight, key, loader, policy, hit)
+                return hit
     gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
@@ -532,5 +543,6 @@ async def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
 
 
 async def clear(rt: Runtime) -> None:
-    await rt.clear_async(rt.coherence.prefix)
-    await rt.coherence.publish_async("clear", (), (), next_version(), rt.clock())
+    version = next_version()
+    await rt.clear_async(rt.coherence.prefix, version)
+    await rt.coherence.publish_async("clear", (), (), version, rt.clock())

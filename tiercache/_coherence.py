@@ -55,6 +55,9 @@ class Coherence:
         # cannot be written to L1 just after it. Guarded by the flight registry's lock.
         self._floors: dict[str, tuple[int, float]] = {}
         self.floor_seconds = 5.0
+        # The same for the whole namespace, raised by clear() here or in another process: entries
+        # older than the last clear never reach L1 again (they can only have been read before it).
+        self._clear_floor = 0
         self._started = bus is None
         self._start_lock = threading.Lock()
         self._resets = 0
@@ -125,6 +128,8 @@ class Coherence:
 
     def admits(self, key: str, entry: Entry) -> bool:
         """May ``entry`` be written to L1? (Caller holds ``rt.flights.lock``.)"""
+        if entry.version < self._clear_floor:
+            return False
         floor = self._floors.get(key)
         if floor is None:
             return True
@@ -145,6 +150,13 @@ class Coherence:
         if len(self._floors) > 10_000:
             for k in [k for k, (_, until) in self._floors.items() if until < now]:
                 del self._floors[k]
+
+    def cleared(self, version: int) -> None:
+        """The namespace was cleared at ``version``: refuse older entries in L1 from now on, and
+        mark running flights overtaken. The caller empties the tiers after this."""
+        with self.rt.flights.lock:
+            self._clear_floor = max(self._clear_floor, version)
+        self.rt.flights.supersede_prefix(self.prefix)
 
     def invalidate_locally(self, key: str, version: int, op: str, at: float = 0.0) -> None:
         """Raise the key's floor to ``version``, mark a running load superseded, then bring the
@@ -236,6 +248,7 @@ class Coherence:
         elif msg.op == "tags":
             self._learn(msg.tags, [msg.at] * len(msg.tags))
         elif msg.op == "clear":
+            self.cleared(msg.version)
             self.clear_local()
 
     def on_reset(self) -> None:

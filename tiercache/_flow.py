@@ -8,11 +8,11 @@ When L1 has no fresh entry, exactly one caller per key per process -- the *fligh
 :func:`fill_flow`; every other caller (asyncio task or thread) joins its flight and shares its
 outcome (see ``_flight``). So 100 callers of a cold key cost one lease and one load.
 
-One shortcut, because most traffic below L1 is hits on the first shared tier: a caller that finds
-no flight to join reads that tier itself first (concurrent reads in one event-loop tick go out as
-one multi-key read, see ``_batch.ReadCoalescer``). A fresh answer is returned at once, through
-:func:`tier_hit`, the same function the flow uses; anything else opens (or joins) the flight, and
-the leader hands what it read to ``fill_flow`` as ``first_read``, so no tier is read twice.
+One shortcut, because most flights end on a hit in the first shared tier: when that tier is also
+the lease tier (memory -> Redis), the drivers' leader reads it before building the flow, and a
+fresh answer is back-filled and returned through :func:`tier_hit`, the function the flow uses for
+the same case. Anything else is handed to ``fill_flow`` as ``first_read``, and the walk starts
+below it, so no tier is read twice. Joiners are unaffected: they still wait on the flight.
 
 ``fill_flow`` never touches I/O. It yields *operations* (:class:`Read`, :class:`Write`,
 :class:`Load`, lease operations) and is sent their results; the driver does the I/O, the timing,

@@ -134,9 +134,8 @@ class Runtime:
             write_order=tuple(reversed(range(len(self.tiers)))),
             clock=clock,
         )
-        # The tier a caller with no flight to join reads before opening one (see _flow): only the
-        # lease tier, whose re-read after the lease is taken closes the window between that read
-        # and the flight (a flight that finished meanwhile has written its value there).
+        # The tier a flight's leader reads before starting the flow (see _flow): the first tier
+        # below L1, when it is also the lease tier (the common memory -> Redis chain).
         self.read_first: int | None = lease if lease is not None and self.remote[:1] == (lease,) else None
         self.coherence = Coherence(self, namespace, bus, tag_refresh)
         # Concurrent async reads of a remote tier within one loop tick become one multi-key read.
@@ -618,8 +617,8 @@ class Runtime:
             if copy is not None:
                 tier.set(key, copy)
 
-    def clear_sync(self, prefix: str) -> None:
-        self.flights.supersede_prefix(prefix)
+    def clear_sync(self, prefix: str, version: int) -> None:
+        self.coherence.cleared(version)
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
@@ -631,8 +630,8 @@ class Runtime:
                 except Exception as exc:
                     self.tier_failed(i, prefix, exc, "clear")
 
-    async def clear_async(self, prefix: str) -> None:
-        self.flights.supersede_prefix(prefix)
+    async def clear_async(self, prefix: str, version: int) -> None:
+        self.coherence.cleared(version)
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):

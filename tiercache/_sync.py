@@ -360,28 +360,14 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
         start_refresh(rt, key, loader, policy, stale)
         return Outcome(stale.value, stale, Source.STALE_SWR)
     rt.coherence.ensure_started()
-    first_read: Any = NOT_READ
-    first = rt.read_first
-    if first is not None and rt.flights.get(key) is None:
-        # No flight to join: read the lease tier before opening one (see _flow's theory).
-        first_read = rt.read_sync(first, key, policy.converter)
-        if first_read is not None:
-            now = rt.clock()
-            if now < first_read.fresh_until:
-                if first > 0:
-                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
-                hit = tier_hit(rt.plan, policy, first, first_read, now)
-                if hit.refresh:
-                    start_refresh(rt, key, loader, policy, first_read)
-                return hit
     while True:
         flight, leader = rt.flights.join_or_lead(key, None)
         if leader:
-            return lead(rt, flight, key, loader, policy, stale, first_read=first_read)
+            return lead(rt, flight, key, loader, policy, stale)
         if flight.loop is not None and flight.loop is _current_loop():
             # Joining would block the very loop the leader runs on: fill on our own instead.
             solo = Flight(key, next_version(), None)
-            return _run_leader_flow(rt, solo, key, loader, policy, stale, first_read=first_read)
+            return _run_leader_flow(rt, solo, key, loader, policy, stale)
         rt.emit(EventKind.JOIN, key)
         flight.wait_sync()
         if isinstance(flight.error, FlightAborted):
@@ -398,8 +384,19 @@ def _run_leader_flow(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
-    first_read: Any = NOT_READ,
 ) -> Outcome:
+    first_read: Any = NOT_READ
+    first = rt.read_first
+    if first is not None and not refresh:
+        # The lease tier is read here, without the flow's machinery: most flights end on a hit
+        # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
+        first_read = rt.read_sync(first, key, policy.converter)
+        if first_read is not None:
+            now = rt.clock()
+            if now < first_read.fresh_until:
+                if first > 0:
+                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
+                return tier_hit(rt.plan, policy, first, first_read, now)
     gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
@@ -415,11 +412,10 @@ def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
-    first_read: Any = NOT_READ,
 ) -> Outcome:
     """Run the flow as this flight's leader, then resolve the flight for everyone who joined."""
     try:
-        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh, first_read)
+        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh)
     except BaseException as exc:
         rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
         raise
@@ -513,5 +509,6 @@ def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
 
 
 def clear(rt: Runtime) -> None:
-    rt.clear_sync(rt.coherence.prefix)
-    rt.coherence.publish_sync("clear", (), (), next_version(), rt.clock())
+    version = next_version()
+    rt.clear_sync(rt.coherence.prefix, version)
+    rt.coherence.publish_sync("clear", (), (), version, rt.clock())

@@ -435,7 +435,7 @@ def test_bus_on_cluster_reaches_a_subscriber_on_another_node(
         assert got.wait(lambda g: len(g.messages) == 3)
         asyncio.run(receiver.apublish(channel, b"async"))
         receiver.publish(channel, b"sync")
-        assert got.wait(lambda g: g.messages[-2:] == [b"async", b"sync"])
+        assert got.wait(lambda g: g.messages[-2:] == [b"async", b"sync"]), got.messages
         for port in redis_cluster.ports:
             redis.Redis(port=port).client_kill_filter(_type="pubsub")
         assert got.wait(lambda g: g.resets >= 2)

@@ -141,6 +141,39 @@ def test_clear_reaches_other_processes() -> None:
     assert p.in_l1(1, "mine") is None and b.get("mine") is None
 
 
+class SlowReads(FakeRemoteTier):
+    """Async reads take the value first and answer 50 ms later, as over a slow network."""
+
+    async def aget(self, key: str) -> Any:
+        entry = self.get(key)
+        await asyncio.sleep(0.05)
+        return entry
+
+
+@pytest.mark.parametrize("cleared_by", ["this process", "another process"])
+def test_a_value_read_before_a_clear_does_not_land_in_l1_after_it(cleared_by: str) -> None:
+    store: dict[str, tuple[bytes, float]] = {}
+    hub: dict[str, list[LocalBus]] = {}
+    l1 = MemoryTier()
+    reader = TieredCache([l1, SlowReads(store)], namespace="app", ttl=60, bus=LocalBus(hub))
+    other = TieredCache([MemoryTier(), FakeRemoteTier(store)], namespace="app", ttl=60, bus=LocalBus(hub))
+    clearer = reader if cleared_by == "this process" else other
+
+    async def scenario() -> tuple[Any, Any]:
+        await reader.set("k", "old")
+        l1.clear("app:")  # only the shared copy is left
+        read = asyncio.ensure_future(reader.lookup("k", lambda: "loaded"))
+        await asyncio.sleep(0.01)  # the read has taken "old" and is on its way back
+        await clearer.clear()
+        first = await read
+        return first.value, await reader.lookup("k", lambda: "loaded")
+
+    first, after = asyncio.run(scenario())
+    assert first == "old"  # answered from before the clear: acceptable, it was read before it
+    assert l1.get("app:k") is None or l1.get("app:k").value == "loaded"  # type: ignore[union-attr]
+    assert (after.value, after.source) == ("loaded", "LOADED")  # not "old" from L1
+
+
 # --- tags ------------------------------------------------------------------------------------
 
 

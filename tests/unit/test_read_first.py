@@ -1,7 +1,7 @@
-"""A caller with no flight to join reads the lease tier before opening one (``Runtime.read_first``).
+"""A flight's leader reads the lease tier before building the flow (``Runtime.read_first``).
 
-A fresh answer there is returned without a flight; anything else opens the flight, whose leader
-starts below that read, so every tier is still read once per call (as events and counters show).
+A fresh answer there is returned at once; anything else goes to the flow, which starts below that
+read, so every tier is still read once per flight (as events and counters show).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def clock() -> FakeClock:
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
-def test_lease_tier_hit_needs_no_flight_and_backfills(clock: FakeClock, use_async: bool) -> None:
+def test_lease_tier_hit_is_answered_before_the_flow_and_backfilled(clock: FakeClock, use_async: bool) -> None:
     store: dict[str, tuple[bytes, float]] = {}
     chain(FakeRemoteTier(store, leases=True), clock).sync.set("k", "shared")  # another process
     remote = FakeRemoteTier(store, leases=True)
@@ -139,3 +139,57 @@ def test_concurrent_cold_callers_load_once(clock: FakeClock) -> None:
     # second runs: its read, its re-read under the lease, and 99 joiners that read nothing.
     # (Against Redis the first tick's readers are coalesced: tests/integration, the stampede.)
     assert remote.calls["get"] == 2 and remote.calls["get_many"] == 0
+
+
+class SlowRemote(FakeRemoteTier):
+    """Answers async reads after a pause, so concurrent callers interleave as with a network."""
+
+    async def aget(self, key: str) -> Any:
+        await asyncio.sleep(0.01)
+        return self.get(key)
+
+
+def test_concurrent_callers_of_a_stale_key_all_get_it_under_swr(clock: FakeClock) -> None:
+    remote = SlowRemote(leases=True)
+    cache = chain(remote, clock)
+    cache.sync.set("k", "old")
+    cache._rt.tiers[0].clear("rf:")  # type: ignore[attr-defined]
+    clock.advance(15)
+    loads: list[int] = []
+
+    async def load() -> str:
+        loads.append(1)
+        await asyncio.sleep(0.2)
+        return "new"
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(cache.lookup("k", load, swr=True))
+        await asyncio.sleep(0.005)  # the second caller arrives while the first one's read runs
+        second = asyncio.ensure_future(cache.lookup("k", load, swr=True))
+        results = [await first, await second]
+        await asyncio.sleep(0.05)  # the one background refresh has started its load
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.value for r in results] == ["old", "old"]  # nobody waits for the refresh
+    assert loads == [1]
+
+
+def test_concurrent_cold_callers_share_a_failing_load(clock: FakeClock) -> None:
+    remote = SlowRemote(leases=True)
+    cache = chain(remote, clock)
+    loads: list[int] = []
+
+    async def load() -> str:
+        loads.append(1)
+        raise RuntimeError("database down")
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(cache.get_cached("cold", load))
+        await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(cache.get_cached("cold", load))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+    assert loads == [1]  # the second caller joined the first one's flight
