@@ -318,7 +318,36 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
     while True:
         flight, leader = rt.flights.join_or_lead(key, loop)
         if leader:
-            return await lead(rt, flight, key, loader, policy, stale)
+            first = rt.read_first
+            if first is None:
+                return await lead(rt, flight, key, loader, policy, stale)
+            # The lease tier is read here, without the flow's machinery: most flights end on a
+            # hit there (see _flow's theory). Anything but a fresh answer goes to the flow.
+            try:
+                first_read = await rt.read_async(first, key, policy.converter)
+            except asyncio.CancelledError:
+                if rt.closing:
+                    rt.flights.finish(flight, error=FlightAborted("cache closed"))
+                    raise
+                # As in lead(): the joiners still wait, so a task runs the whole flow for them.
+                run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, False), loader, policy, flight)
+                rt.track(loop.create_task(_take_over(rt, run, flight, key, loader, policy)))
+                raise
+            except BaseException as exc:
+                aborted = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
+                rt.flights.finish(flight, error=aborted)
+                raise
+            if first_read is not None:
+                now = rt.clock()
+                if now < first_read.fresh_until:
+                    if first > 0:  # the tiers above are in-process: a sync write, no await
+                        rt.write_sync(Write(range(first), key, first_read, backfill=True))
+                    hit = tier_hit(rt.plan, policy, first, first_read, now)
+                    rt.flights.finish(flight, hit)
+                    if hit.refresh:
+                        start_refresh(rt, key, loader, policy, first_read)
+                    return hit
+            return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
         rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
         if isinstance(flight.error, FlightAborted):
@@ -335,34 +364,9 @@ async def lead(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
+    first_read: Any = NOT_READ,
 ) -> Outcome:
     """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
-    first_read: Any = NOT_READ
-    first = rt.read_first
-    if first is not None and not refresh:
-        # The lease tier is read here, without the flow's machinery: most flights end on a hit
-        # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
-        try:
-            first_read = await rt.read_async(first, key, policy.converter)
-        except asyncio.CancelledError:
-            if rt.closing:
-                rt.flights.finish(flight, error=FlightAborted("cache closed"))
-                raise
-            # As below: the joiners still wait, so a task runs the whole flow for them.
-            run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, refresh), loader, policy, flight)
-            rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
-            raise
-        except BaseException as exc:
-            rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
-            raise
-        if first_read is not None:
-            now = rt.clock()
-            if now < first_read.fresh_until:
-                if first > 0:  # the tiers above are in-process: a sync write, no await
-                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
-                hit = tier_hit(rt.plan, policy, first, first_read, now)
-                _finished(rt, flight, key, loader, policy, hit)
-                return hit
     gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     run = FlowRun(rt, gen, loader, policy, flight)
     try:

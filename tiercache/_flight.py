@@ -36,7 +36,6 @@ class Flight:
     __slots__ = (
         "_async_waiters",
         "_event",
-        "_lock",
         "done",
         "error",
         "key",
@@ -55,18 +54,19 @@ class Flight:
         self.error: BaseException | None = None
         # Set by delete() while the flight runs: its result must not reach the in-process tiers.
         self.superseded = False
-        self._lock = _FLIGHT_LOCK  # one lock for all flights: held for a few instructions only
-        self._event: threading.Event | None = None  # made only when a thread joins (rare)
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # Made only when somebody joins (most flights have no joiner). All flights share one
+        # lock (_FLIGHT_LOCK), held for a few instructions only.
+        self._event: threading.Event | None = None
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None = None
 
     def resolve(self, outcome: Any = None, error: BaseException | None = None) -> None:
-        with self._lock:
+        with _FLIGHT_LOCK:
             if self.done:
                 return
             self.outcome = outcome
             self.error = error
             self.done = True
-            waiters, self._async_waiters = self._async_waiters, []
+            waiters, self._async_waiters = self._async_waiters, None
             event = self._event
         if event is not None:
             event.set()
@@ -90,7 +90,7 @@ class Flight:
 
     def wait_sync(self, timeout: float | None = None) -> bool:
         """Block the calling thread until resolved; False if ``timeout`` passed first."""
-        with self._lock:
+        with _FLIGHT_LOCK:
             if self.done:
                 return True
             if self._event is None:
@@ -103,15 +103,19 @@ class Flight:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        with self._lock:
+        with _FLIGHT_LOCK:
             if self.done:
                 return
+            if self._async_waiters is None:
+                self._async_waiters = []
             self._async_waiters.append((loop, fut))
         try:
             await fut
         except asyncio.CancelledError:
-            with self._lock, contextlib.suppress(ValueError):
-                self._async_waiters.remove((loop, fut))
+            with _FLIGHT_LOCK:
+                waiters = self._async_waiters
+                if waiters is not None and (loop, fut) in waiters:
+                    waiters.remove((loop, fut))
             raise
 
 
@@ -126,22 +130,27 @@ class FlightRegistry:
 
     def join_or_lead(self, key: str, loop: asyncio.AbstractEventLoop | None) -> tuple[Flight, bool]:
         """The running flight for ``key`` (False), or a new one this caller now leads (True)."""
-        flight = self._flights.get(key)
-        if flight is not None and not flight.done:
-            return flight, False
-        with self._lock:
-            flight = self._flights.get(key)
-            if flight is not None and not flight.done:
+        flights = self._flights
+        while True:
+            flight = flights.get(key)
+            if flight is not None:
                 return flight, False
-            flight = Flight(key, next_version(), loop)
-            self._flights[key] = flight
-            return flight, True
+            # No lock: dict.setdefault is one atomic step, so of two racing callers exactly one
+            # registers its flight and the other gets it back. (A registered flight is never
+            # done: finish() unregisters it before resolving it.)
+            new = Flight(key, next_version(), loop)
+            if flights.setdefault(key, new) is new:
+                return new, True
 
     def finish(self, flight: Flight, outcome: Any = None, error: BaseException | None = None) -> None:
         """Unregister and resolve. Unregister first, so a caller arriving after it starts anew."""
-        with self._lock:
-            if self._flights.get(flight.key) is flight:
+        # Only the flight's own finisher removes it, and nobody can replace a registered flight,
+        # so the check and the delete need no lock (a second finish of one flight finds it gone).
+        if self._flights.get(flight.key) is flight:
+            try:  # noqa: SIM105 -- contextlib.suppress costs more than the rest of finish()
                 del self._flights[flight.key]
+            except KeyError:
+                pass
         flight.resolve(outcome, error)
 
     def get(self, key: str) -> Flight | None:

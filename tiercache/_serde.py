@@ -135,6 +135,40 @@ def _number(doc: Mapping[str, Any], name: str) -> float:
 
 def entry_from_document(doc: Any) -> Entry:
     """Validate a decoded envelope and build an (untyped) Entry; SerializationError if malformed."""
+    # Every read below L1 lands here: envelopes as JsonCodec writes them are checked in one pass.
+    if type(doc) is dict and len(doc) == 9:
+        get = doc.get
+        key, created, fresh, stale, tags, version, delta = (
+            get("k"), get("c"), get("f"), get("s"), get("t"), get("n"), get("d"),
+        )  # fmt: skip
+        if (
+            get("tc") == ENVELOPE_FORMAT
+            and type(key) is str
+            and "v" in doc
+            and type(created) is float
+            and type(fresh) is float
+            and type(stale) is float
+            and type(version) is int
+            and type(delta) is float
+            and type(tags) is list
+            and (not tags or all(type(t) is str for t in tags))
+        ):
+            return Entry(
+                key,
+                doc["v"],
+                created_at=created,
+                fresh_until=fresh,
+                stale_until=stale,
+                tags=tuple(tags),
+                version=version,
+                delta=delta,
+                typed=False,
+            )
+    return _entry_from_any_document(doc)
+
+
+def _entry_from_any_document(doc: Any) -> Entry:
+    """The careful path: integer times, missing optional fields, and the precise complaint."""
     if type(doc) is not dict or doc.get("tc") != ENVELOPE_FORMAT:
         raise SerializationError("not a tiercache envelope (format 1)")
     key = doc.get("k")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -530,6 +531,33 @@ def test_stalled_connection_is_bounded_by_the_socket_timeout(redis_server: Redis
         proxy.reset()  # drop the hung connections; new ones pass through again
         got = tier.get("app:p")
         assert got is not None and got.value == "v"
+    finally:
+        tier.close()
+        proxy.close()
+
+
+def test_a_cancelled_read_never_leaves_its_reply_for_the_next_one(redis_server: RedisServer) -> None:
+    """A pooled connection: a read cancelled while its GET is on the wire must drop the
+    connection, or the next read on it would be handed the first key's reply."""
+    proxy = TcpProxy(redis_server.port)
+    tier = bound(RedisTier(url=proxy.url, max_connections=2, socket_timeout=5, connect_timeout=1))
+    try:
+        tier.set("app:one", make_entry("app:one", "one", time.time()))
+        tier.set("app:two", make_entry("app:two", "two", time.time()))
+
+        async def scenario() -> Any:
+            assert (await tier.aget("app:one")) is not None  # the pool's one connection is open
+            proxy.stall()
+            first = asyncio.ensure_future(tier.aget("app:one"))
+            await asyncio.sleep(0.1)  # the GET is written; its reply is held by the proxy
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            proxy.passthrough()
+            return await tier.aget("app:two")
+
+        got = asyncio.run(scenario())
+        assert got is not None and (got.key, got.value) == ("app:two", "two")
     finally:
         tier.close()
         proxy.close()
