@@ -167,7 +167,8 @@ class FlightRegistry:
     def supersede_prefix(self, prefix: str) -> None:
         """Mark every running flight whose key starts with ``prefix`` (a namespace clear)."""
         with self._lock:
-            for key, flight in self._flights.items():
+            # A snapshot: flights are registered without the lock (list() copies in one step).
+            for key, flight in list(self._flights.items()):
                 if key.startswith(prefix):
                     flight.superseded = True
 
