@@ -37,6 +37,8 @@ def faulty_fake(request: pytest.FixtureRequest) -> Iterator[FakeKV]:
         budget_window=60,
         seed=11,
     ) as fake:
+        for kind in fake.faults:  # one of each up front: the random draws alone may miss a kind
+            fake.fail_next(1, kind)
         yield fake
 
 

@@ -326,6 +326,10 @@ def test_soak_memory_kv_redis_with_30_percent_kv_faults(redis_server: RedisServe
             ],
             deadline=seconds,
         ).start()
+        # Random faults (30 %) at a time-based seed, and one of each kind up front, so a run
+        # whose random draws happen to miss a kind still exercises it.
+        for kind in ("500", "timeout", "429"):
+            fake.fail_next(1, kind)
         try:
             calls = run_load(cache, history, seconds, seed=2)
         finally:
