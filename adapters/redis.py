@@ -1278,9 +1278,10 @@ _POOL_CLASS: Any = None
 
 async def _direct_get(pool: Any, name: str) -> Any:
     """GET through a connection of the tier's own pool, without redis-py's per-command layers
-    (retry wrapper, observability recorders): about a hundred Python calls per read, a tenth of
-    an L2 hit. Nothing is lost: the read path never retries (see Failure policy), and a failed
-    or cancelled read drops its connection, whose reply may still be on the wire."""
+    (the retry wrapper, redis-py's own operation metrics): a few dozen Python calls fewer per
+    L2 hit. The read path never retries anyway (see Failure policy), and a failed or cancelled
+    read drops its connection, whose reply may still be on the wire (redis-py does too). Needs
+    redis-py >= 5.3 (``get_connection()`` without a command name)."""
     conn = await pool.get_connection()
     try:
         await conn.send_command("GET", name)

@@ -55,9 +55,10 @@ class Coherence:
         # cannot be written to L1 just after it. Guarded by the flight registry's lock.
         self._floors: dict[str, tuple[int, float]] = {}
         self.floor_seconds = 5.0
-        # The same for the whole namespace, raised by clear() here or in another process: entries
-        # older than the last clear never reach L1 again (they can only have been read before it).
-        self._clear_floor = 0
+        # The same for the whole namespace, raised by clear() here or in another process, for
+        # floor_seconds as well: long enough for reads that were on their way back during the
+        # clear; short, because the version comes from the clearing process's clock.
+        self._clear_floor = (0, 0.0)
         self._started = bus is None
         self._start_lock = threading.Lock()
         self._resets = 0
@@ -128,7 +129,7 @@ class Coherence:
 
     def admits(self, key: str, entry: Entry) -> bool:
         """May ``entry`` be written to L1? (Caller holds ``rt.flights.lock``.)"""
-        if entry.version < self._clear_floor:
+        if entry.version < self._clear_floor[0] and self._clear_floor[1] >= time.monotonic():
             return False
         floor = self._floors.get(key)
         if floor is None:
@@ -155,7 +156,8 @@ class Coherence:
         """The namespace was cleared at ``version``: refuse older entries in L1 from now on, and
         mark running flights overtaken. The caller empties the tiers after this."""
         with self.rt.flights.lock:
-            self._clear_floor = max(self._clear_floor, version)
+            until = time.monotonic() + self.floor_seconds
+            self._clear_floor = (max(self._clear_floor[0], version), until)
         self.rt.flights.supersede_prefix(self.prefix)
 
     def invalidate_locally(self, key: str, version: int, op: str, at: float = 0.0) -> None:

@@ -137,7 +137,10 @@ class FlightRegistry:
                 return flight, False
             # No lock: dict.setdefault is one atomic step, so of two racing callers exactly one
             # registers its flight and the other gets it back. (A registered flight is never
-            # done: finish() unregisters it before resolving it.)
+            # done: finish() unregisters it before resolving it.) The version is taken before
+            # registering, so a flight a little older than a delete can register just after the
+            # delete marked the running ones; the delete's floor still keeps its result out of
+            # L1, and the shared tiers keep whichever write carries the newer version.
             new = Flight(key, next_version(), loop)
             if flights.setdefault(key, new) is new:
                 return new, True
@@ -167,8 +170,9 @@ class FlightRegistry:
     def supersede_prefix(self, prefix: str) -> None:
         """Mark every running flight whose key starts with ``prefix`` (a namespace clear)."""
         with self._lock:
-            # A snapshot: flights are registered without the lock (list() copies in one step).
-            for key, flight in list(self._flights.items()):
+            # A snapshot: flights are registered without the lock, and dict.copy() is one C call
+            # (list(items()) allocates per item, so a GC pass could let another thread in).
+            for key, flight in self._flights.copy().items():
                 if key.startswith(prefix):
                     flight.superseded = True
 

@@ -351,3 +351,19 @@ def test_every_write_publishes_exactly_one_message(op: str) -> None:
         "clear": cache.clear,
     }[op]()
     assert len(p.buses[0].published) == before + 1
+
+
+def test_the_clear_floor_lapses_so_a_clearer_with_a_fast_clock_cannot_keep_l1_empty() -> None:
+    import time
+
+    from tiercache._entry import next_version
+
+    l1 = MemoryTier()
+    cache = TieredCache([l1, FakeRemoteTier()], namespace="app", ttl=60)
+    cache._rt.coherence.floor_seconds = 0.05
+    cache._rt.coherence.cleared(next_version() + 10**12)  # a clear stamped 1,000 s ahead
+    cache.sync.set("k", "during")
+    assert l1.get("app:k") is None and cache.sync.get("k") == "during"  # refused by L1, kept below
+    time.sleep(0.06)
+    cache.sync.set("k", "after")
+    assert l1.get("app:k") is not None and l1.get("app:k").value == "after"  # type: ignore[union-attr]
