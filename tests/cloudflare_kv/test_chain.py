@@ -44,16 +44,7 @@ def faulty_fake(request: pytest.FixtureRequest) -> Iterator[FakeKV]:
 
 def test_memory_kv_loader_chain_with_30_percent_faults(faulty_fake: FakeKV) -> None:
     witness = RetryAfterWitness()
-    kv = tier_factory(
-        faulty_fake,
-        transport=witness.transport(),
-        async_transport=witness.async_transport(),
-        timeout=0.1,
-        deadline=0.3,
-        backoff=0.01,
-        budget=BUDGET,
-        budget_window=60,
-    )()
+    kv = witness.tier(faulty_fake, timeout=0.1, deadline=0.3, backoff=0.01, budget=BUDGET, budget_window=60)
     events: list[Event] = []
     cache = TieredCache([MemoryTier(max_entries=5), kv], ttl=30, namespace="faults", on_event=events.append)
     keys = [f"item:{i}" for i in range(300)]

@@ -21,10 +21,9 @@ from tests.faults.harness import (
     latency_figures,
     report,
 )
-from tests.kv_fake import ACCOUNT_ID, NAMESPACE_ID, TOKEN, FakeKV, RetryAfterWitness
+from tests.kv_fake import FakeKV, RetryAfterWitness
 from tests.redis_servers import RedisServer
 from tiercache import EventKind, TieredCache
-from tiercache.adapters.cloudflare_kv import CloudflareKVTier
 from tiercache.adapters.memory import MemoryTier
 from tiercache.adapters.redis import RedisTier
 
@@ -280,19 +279,7 @@ def test_soak_memory_kv_redis_with_30_percent_kv_faults(redis_server: RedisServe
         seed=int(time.time()),
     ) as fake:
         witness = RetryAfterWitness()
-        kv = CloudflareKVTier(
-            account_id=ACCOUNT_ID,
-            namespace_id=NAMESPACE_ID,
-            api_token=TOKEN,
-            base_url=fake.base_url,
-            transport=witness.transport(),
-            async_transport=witness.async_transport(),
-            timeout=0.25,
-            deadline=0.5,
-            backoff=0.01,
-            budget=budget,
-            budget_window=60,
-        )
+        kv = witness.tier(fake, timeout=0.25, deadline=0.5, backoff=0.01, budget=budget, budget_window=60)
         cache = TieredCache(
             [MemoryTier(max_entries=1000), kv, RedisTier(url=proxy.url, prefix=prefix)],
             ttl=TTL,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -31,6 +32,20 @@ class RetryAfterWitness:
 
     exchanges: list[Exchange] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tier(self, fake: Any, **options: Any) -> Any:
+        """A CloudflareKVTier on ``fake`` (a started FakeKV) whose requests this witness logs."""
+        from tiercache.adapters.cloudflare_kv import CloudflareKVTier
+
+        return CloudflareKVTier(
+            account_id=fake.account_id,
+            namespace_id=fake.namespace_id,
+            api_token=fake.token,
+            base_url=fake.base_url,
+            transport=self.transport(),
+            async_transport=self.async_transport(),
+            **options,
+        )
 
     def transport(self) -> httpx.BaseTransport:
         return _Sync(self, httpx.HTTPTransport())
