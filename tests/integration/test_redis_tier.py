@@ -20,6 +20,7 @@ from tests.redis_servers import (
     RedisSentinelProcess,
     RedisServer,
     TcpProxy,
+    command,
     purge_prefix,
 )
 from tiercache._entry import Entry, next_version
@@ -598,6 +599,77 @@ def test_sentinel_constructor_finds_the_master(redis_server: RedisServer) -> Non
     finally:
         tier.close()
         sentinel.cleanup()
+
+
+def _until(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sentinel_failover_moves_the_tier_to_the_promoted_replica() -> None:
+    """A real failover (SENTINEL FAILOVER): after a bounded number of failed calls (never an
+    exception through the cache; here at the tier they are counted), reads and writes reach the
+    promoted replica, and what was written before the failover is still there."""
+    master = RedisServer().start()
+    replica = RedisServer(extra=["--replicaof", "127.0.0.1", str(master.port)]).start()
+    sentinel = RedisSentinelProcess(master.port).start()
+    tier = bound(
+        RedisTier(
+            sentinels=[("127.0.0.1", sentinel.port)],
+            service_name=sentinel.service,
+            socket_timeout=0.5,
+            connect_timeout=0.5,
+        )
+    )
+    try:
+        _until(lambda: "master_link_status:up" in command(replica.port, "INFO", "replication"), 10, "sync")
+        _until(
+            lambda: str(replica.port) in command(sentinel.port, "SENTINEL", "REPLICAS", sentinel.service),
+            15,
+            "the sentinel to know the replica",
+        )
+        tier.set("app:before", make_entry("app:before", "before", time.time()))
+        _until(lambda: command(replica.port, "EXISTS", tier._vkey("app:before")).strip() == "1", 5, "replication")
+        assert command(sentinel.port, "SENTINEL", "FAILOVER", sentinel.service).strip() == "OK"
+        _until(
+            lambda: (
+                str(replica.port)
+                in command(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", sentinel.service)
+            ),
+            20,
+            "the promotion",
+        )
+        # Until Sentinel has turned the old master into a replica it still takes writes, and the
+        # resync then drops them: Redis's own failover window, not something a client can close.
+        _until(lambda: "role:slave" in command(master.port, "INFO", "replication"), 20, "the demotion")
+        failures = 0
+
+        def write_and_read() -> bool:
+            nonlocal failures
+            try:
+                tier.set("app:after", make_entry("app:after", "after", time.time()))
+                got = tier.get("app:after")
+            except Exception:  # the old master refuses writes (READONLY) or drops connections
+                failures += 1
+                return False
+            return got is not None and got.value == "after"
+
+        _until(write_and_read, 15, "the tier to write to the new master")
+        assert command(replica.port, "EXISTS", tier._vkey("app:after")).strip() == "1"  # the promoted one
+        before = asyncio.run(tier.aget("app:before"))
+        assert before is not None and before.value == "before"
+        print(f"\nsentinel failover: {failures} failed call(s) before the tier followed the promotion")
+    finally:
+        tier.close()
+        sentinel.cleanup()
+        replica.cleanup()
+        master.cleanup()
 
 
 def test_cluster_waiter_is_woken_by_the_write(
