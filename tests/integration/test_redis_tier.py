@@ -635,7 +635,9 @@ def test_sentinel_failover_moves_the_tier_to_the_promoted_replica() -> None:
             "the sentinel to know the replica",
         )
         tier.set("app:before", make_entry("app:before", "before", time.time()))
-        _until(lambda: command(replica.port, "EXISTS", tier._vkey("app:before")).strip() == "1", 5, "replication")
+        _until(
+            lambda: command(replica.port, "EXISTS", tier._vkey("app:before")).strip() == "1", 5, "replication"
+        )
         assert command(sentinel.port, "SENTINEL", "FAILOVER", sentinel.service).strip() == "OK"
         _until(
             lambda: (
