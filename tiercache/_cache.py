@@ -240,7 +240,7 @@ class TieredCache:
                 and slot.entry.fresh_until > self.clock()
                 and (not slot.entry.tags or self._tags_ok(slot.entry) is True)
             ):
-                slot.visited += 1
+                slot.visited = slot.visited.next
                 return slot.entry.value
         if ttl is None and stale_ttl is None and tags is None and value_type is _UNSET and not options:
             policy = self.policy
@@ -425,7 +425,7 @@ class SyncTieredCache:
                 and slot.entry.fresh_until > cache.clock()
                 and (not slot.entry.tags or cache._tags_ok(slot.entry) is True)
             ):
-                slot.visited += 1
+                slot.visited = slot.visited.next
                 hit: T = slot.entry.value
                 return hit
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)

@@ -145,7 +145,7 @@ def _policy_resolver(
 
 
 _SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok, __tc_seen{defaults}):
     def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -161,7 +161,7 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{default
 """
 
 _ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok, __tc_seen{defaults}):
     async def {name}({header}):
         __tc_key = {key_expr}
         __tc_slot = __tc_lookup(__tc_key)
@@ -177,14 +177,14 @@ def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{default
 """
 
 _NO_L1_SYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok, __tc_seen{defaults}):
     def {name}({header}):
         return __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
 """
 
 _NO_L1_ASYNC_TEMPLATE = """
-def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok{defaults}):
+def __tc_build(__tc_lookup, __tc_clock, __tc_slow, __tc_fn, __tc_tags_ok, __tc_seen{defaults}):
     async def {name}({header}):
         return await __tc_slow({key_expr}, __tc_partial(__tc_fn, {call}))
     return {name}
@@ -227,15 +227,20 @@ def build_cached_function(
 
         slow = slow_sync
     metrics = cache._metrics
-    # One specialised body per option set: with metrics off the hit path has no counter at all.
+    # One specialised body per option set. The SIEVE mark is the hit count (adapters/memory.py):
+    # counting moves the slot to its next mark, not counting stores the tier's "visited" mark.
+    seen = getattr(rt.tiers[0], "marks", (None, None))[1] if lookup is not None else None
     wrapper = spec.compile(
-        # The SIEVE mark is the hit count: counting costs an increment instead of a store.
-        source.replace("{mark_hit}", "__tc_slot.visited += 1" if metrics else "__tc_slot.visited = 1"),
+        source.replace(
+            "{mark_hit}",
+            "__tc_slot.visited = __tc_slot.visited.next" if metrics else "__tc_slot.visited = __tc_seen",
+        ),
         lookup,
         rt.clock,
         slow,
         fn,
         rt.coherence.tags_valid_locally,
+        seen,
     )
     make_key = spec.compile(_KEY_TEMPLATE)
 
