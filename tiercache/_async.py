@@ -298,8 +298,8 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
         if inspect.isawaitable(value):
             value = await value
         return Outcome(value, None, Source.LOADED)
-    now = rt.clock()
     if rt.l1:
+        now = rt.clock()
         entry, i, stale = await l1_walk(rt, key, now)
     else:
         entry, i, stale = None, -1, None

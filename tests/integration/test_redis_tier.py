@@ -564,6 +564,31 @@ def test_a_cancelled_read_never_leaves_its_reply_for_the_next_one(redis_server: 
         proxy.close()
 
 
+def test_the_lean_pool_reconnects_dropped_connections_and_ignores_a_second_release(
+    redis_server: RedisServer,
+) -> None:
+    from tiercache.adapters.redis import _async_pool_class
+
+    async def scenario() -> None:
+        pool = _async_pool_class().from_url(redis_server.url, max_connections=2)
+        conn = await pool.get_connection()
+        await conn.send_command("PING")
+        assert await conn.read_response() in (b"PONG", "PONG")
+        await pool.release(conn)
+        await pool.release(conn)  # a second release must not list it twice
+        first, second = await pool.get_connection(), await pool.get_connection()
+        assert first is not second  # two connections, not one handed out twice
+        await first.disconnect()  # as after a failed command
+        await pool.release(second)
+        await pool.release(first)  # released last: handed out next
+        again = await pool.get_connection()
+        assert again is first and again.is_connected  # reconnected on checkout
+        await pool.release(again)
+        await pool.disconnect()
+
+    asyncio.run(scenario())
+
+
 def test_async_pool_is_bounded_and_callers_wait_for_a_free_connection(redis_server: RedisServer) -> None:
     tier = bound(RedisTier(url=redis_server.url, max_connections=2, socket_timeout=0.5, connect_timeout=0.5))
     raw = redis.Redis(port=redis_server.port)
