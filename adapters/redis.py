@@ -1294,14 +1294,13 @@ def _async_pool_class() -> Any:
     with a lean checkout. Built on first use (redis is imported lazily).
 
     Measured on loopback, where a GET takes about 100 µs: redis-py 8's pool spends about 8 µs per
-    checkout and release (connection-count metrics, a probe for unread bytes on the socket, an
-    event for credential providers), and its BlockingConnectionPool adds a Condition and a timer.
-    This pool keeps only what the tier needs: take a free connection (connect it if it is new or
-    was dropped), give it back (dropping it if the server asked to reconnect), and wake one
-    waiter. The probe is not needed here: every command path drops a connection on an error or a
-    cancellation (redis-py's and the tier's own reads), so none comes back with a reply unread.
-    It does not dispatch redis-py's release event, so credential providers that re-authenticate
-    on release are not supported by RedisTier's own pool (pass your own client for those).
+    checkout and release, mostly on connection-count metrics, plus a lock and an event for
+    credential providers; its BlockingConnectionPool adds a Condition and a timer. This pool keeps
+    what the tier needs: take a free connection and check it as redis-py does (connect it if new,
+    reconnect it if the server closed it), give it back (dropping it if the server asked to
+    reconnect), and wake waiters. It does not dispatch redis-py's release event, so credential
+    providers that re-authenticate on release, and RESP3 maintenance notifications, need your own
+    client (``RedisTier(client=..., async_client=...)``).
     """
     global _POOL_CLASS
     if _POOL_CLASS is not None:
@@ -1318,12 +1317,14 @@ def _async_pool_class() -> Any:
                 await self._wait_for_a_release()
             # No await between the check and the take: nobody else on this loop can take it.
             connection = self.get_available_connection()  # type: ignore[no-untyped-call]
-            if not connection.is_connected:
-                try:
-                    await connection.connect()
-                except BaseException:
-                    await self.release(connection)
-                    raise
+            try:
+                # redis-py's own check: connect if needed, and reconnect a connection the server
+                # closed while it sat idle (restart, CLIENT KILL, idle timeout) or one with bytes
+                # waiting, instead of failing the next command on it.
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
             return connection
 
         async def _wait_for_a_release(self) -> None:

@@ -22,6 +22,7 @@ from tests.redis_servers import (
     TcpProxy,
     command,
     purge_prefix,
+    running_server,
 )
 from tiercache._entry import Entry, next_version
 from tiercache._events import Event, EventKind
@@ -587,6 +588,36 @@ def test_the_lean_pool_reconnects_dropped_connections_and_ignores_a_second_relea
         await pool.disconnect()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["client kill", "idle timeout"])
+def test_connections_the_server_closed_while_idle_are_replaced_not_failed(how: str) -> None:
+    """A restart, CLIENT KILL or the server's idle timeout closes pooled connections; the next
+    burst of reads and writes must reconnect them, not fail (the tier never retries)."""
+    with running_server() as server:
+        events: list[Event] = []
+        tier = bound(RedisTier(url=server.url, max_connections=8, socket_timeout=1), hook=events.append)
+        try:
+            for i in range(8):
+                tier.set(f"app:idle{i}", make_entry(f"app:idle{i}", i, time.time()))
+
+            async def burst() -> list[Any]:
+                return await asyncio.gather(*(tier.aget(f"app:idle{i}") for i in range(8)))
+
+            async def scenario() -> list[Any]:
+                assert all(e is not None for e in await burst())  # eight pooled connections
+                if how == "client kill":
+                    command(server.port, "CLIENT", "KILL", "TYPE", "normal")
+                    await asyncio.sleep(0.1)  # idle in the pool while the loop reads the FIN
+                else:
+                    command(server.port, "CONFIG", "SET", "timeout", "1")
+                    await asyncio.sleep(2.5)  # the server's idle check closes them
+                return await burst()
+
+            got = asyncio.run(scenario())
+            assert [e.value for e in got] == list(range(8))
+        finally:
+            tier.close()
 
 
 def test_async_pool_is_bounded_and_callers_wait_for_a_free_connection(redis_server: RedisServer) -> None:
