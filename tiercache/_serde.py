@@ -28,7 +28,7 @@ import threading
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -126,70 +126,38 @@ class JsonCodec:
         return entry_from_document(doc)
 
 
-def _number(doc: Mapping[str, Any], name: str) -> float:
-    v = doc.get(name)
-    if type(v) is float or type(v) is int:
+def _number(v: Any, name: str) -> float:
+    if type(v) is float:  # what JsonCodec writes
+        return v
+    if type(v) is int:
         return float(v)
     raise SerializationError(f"not a tiercache envelope: field {name!r} is not a number")
 
 
 def entry_from_document(doc: Any) -> Entry:
-    """Validate a decoded envelope and build an (untyped) Entry; SerializationError if malformed."""
-    # Every read below L1 lands here: envelopes as JsonCodec writes them are checked in one pass.
-    if type(doc) is dict and len(doc) == 9:
-        get = doc.get
-        key, created, fresh, stale, tags, version, delta = (
-            get("k"), get("c"), get("f"), get("s"), get("t"), get("n"), get("d"),
-        )  # fmt: skip
-        if (
-            get("tc") == ENVELOPE_FORMAT
-            and type(key) is str
-            and "v" in doc
-            and type(created) is float
-            and type(fresh) is float
-            and type(stale) is float
-            and type(version) is int
-            and type(delta) is float
-            and type(tags) is list
-            and (not tags or all(type(t) is str for t in tags))
-        ):
-            return Entry(
-                key,
-                doc["v"],
-                created_at=created,
-                fresh_until=fresh,
-                stale_until=stale,
-                tags=tuple(tags),
-                version=version,
-                delta=delta,
-                typed=False,
-            )
-    return _entry_from_any_document(doc)
+    """Validate a decoded envelope and build an (untyped) Entry; SerializationError if malformed.
 
-
-def _entry_from_any_document(doc: Any) -> Entry:
-    """The careful path: integer times, missing optional fields, and the precise complaint."""
+    Every read below L1 lands here: one ``get`` per field, and exact type checks, which the
+    envelopes JsonCodec writes pass at the first test."""
     if type(doc) is not dict or doc.get("tc") != ENVELOPE_FORMAT:
         raise SerializationError("not a tiercache envelope (format 1)")
-    key = doc.get("k")
-    tags = doc.get("t", [])
-    version = doc.get("n", 0)
+    get = doc.get
+    key, tags, version, delta = get("k"), get("t", []), get("n", 0), get("d", 0.0)
     if type(key) is not str or "v" not in doc:
         raise SerializationError("not a tiercache envelope: missing key or value")
-    if type(tags) is not list or not all(type(t) is str for t in tags):
+    if type(tags) is not list or (tags and not all(type(t) is str for t in tags)):
         raise SerializationError("not a tiercache envelope: tags are not a list of strings")
     if type(version) is not int:
         raise SerializationError("not a tiercache envelope: version is not an integer")
-    delta = doc.get("d", 0.0)
     return Entry(
         key,
         doc["v"],
-        created_at=_number(doc, "c"),
-        fresh_until=_number(doc, "f"),
-        stale_until=_number(doc, "s"),
+        created_at=_number(get("c"), "c"),
+        fresh_until=_number(get("f"), "f"),
+        stale_until=_number(get("s"), "s"),
         tags=tuple(tags),
         version=version,
-        delta=float(delta) if type(delta) in (int, float) else 0.0,
+        delta=delta if type(delta) is float else float(delta) if type(delta) is int else 0.0,
         typed=False,
     )
 
