@@ -30,7 +30,6 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
-    tier_hit,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -325,28 +324,14 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
             # hit there (see _flow's theory). Anything but a fresh answer goes to the flow.
             try:
                 first_read = await rt.read_async(first, key, policy.converter)
-            except asyncio.CancelledError:
-                if rt.closing:
-                    rt.flights.finish(flight, error=FlightAborted("cache closed"))
-                    raise
-                # As in lead(): the joiners still wait, so a task runs the whole flow for them.
+            except BaseException as exc:  # as in lead(); a take-over runs the whole flow
                 run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, False), loader, policy, flight)
-                rt.track(loop.create_task(_take_over(rt, run, flight, key, loader, policy)))
+                _leader_gave_up(rt, run, flight, key, loader, policy, exc)
                 raise
-            except BaseException as exc:
-                aborted = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
-                rt.flights.finish(flight, error=aborted)
-                raise
-            if first_read is not None:
-                now = rt.clock()
-                if now < first_read.fresh_until:
-                    if first > 0:  # the tiers above are in-process: a sync write, no await
-                        rt.write_sync(Write(range(first), key, first_read, backfill=True))
-                    hit = tier_hit(rt.plan, policy, first, first_read, now)
-                    rt.flights.finish(flight, hit)
-                    if hit.refresh:
-                        start_refresh(rt, key, loader, policy, first_read)
-                    return hit
+            hit = rt.read_first_hit(key, policy, first_read)
+            if hit is not None:
+                _finished(rt, flight, key, loader, policy, hit)
+                return hit
             return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
         rt.emit(EventKind.JOIN, key)
         await flight.wait_async()
@@ -371,22 +356,29 @@ async def lead(
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
         outcome: Outcome = await run.run()
-    except asyncio.CancelledError:
-        if rt.closing:  # aclose(): abandon the flight, stop the loader
-            run.abort()
-            rt.flights.finish(flight, error=FlightAborted("cache closed"))
-            raise
-        # The caller gave up, the others have not: a task finishes the flight for them.
-        rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
-        raise
-    except Exception as exc:
-        rt.flights.finish(flight, error=exc)
-        raise
     except BaseException as exc:
-        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        _leader_gave_up(rt, run, flight, key, loader, policy, exc)
         raise
     _finished(rt, flight, key, loader, policy, outcome)
     return outcome
+
+
+def _leader_gave_up(
+    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy, exc: BaseException
+) -> None:
+    """The leader's await raised ``exc`` (the caller re-raises it). Cancelled: the caller gave up,
+    the joiners have not, so a task finishes ``run`` for them (on aclose() the flight is abandoned
+    and the loader stopped instead). Anything else ends the flight with that error."""
+    if isinstance(exc, asyncio.CancelledError):
+        if rt.closing:
+            run.abort()
+            rt.flights.finish(flight, error=FlightAborted("cache closed"))
+        else:
+            rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
+    elif isinstance(exc, Exception):
+        rt.flights.finish(flight, error=exc)
+    else:
+        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
 
 
 async def _take_over(

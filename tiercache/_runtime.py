@@ -21,7 +21,17 @@ from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
 from ._flight import Flight, FlightRegistry
-from ._flow import NOT_READ, FillPlan, LoadOutcome, Operation, Outcome, Write, better_stale, fill_flow
+from ._flow import (
+    NOT_READ,
+    FillPlan,
+    LoadOutcome,
+    Operation,
+    Outcome,
+    Write,
+    better_stale,
+    fill_flow,
+    tier_hit,
+)
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
@@ -674,6 +684,20 @@ class Runtime:
     def lease_tier(self, index: int) -> LeaseTier:
         tier: Any = self.tiers[index]
         return tier  # type: ignore[no-any-return]
+
+    def read_first_hit(self, key: str, policy: Policy, entry: Entry | None) -> Outcome | None:
+        """The leader's answer from the ``read_first`` tier when it is fresh, back-filled into the
+        in-process tiers above it (a sync write: nothing to await); None hands it to the flow."""
+        if entry is None:
+            return None
+        now = self.clock()
+        if not now < entry.fresh_until:
+            return None
+        first = self.read_first
+        assert first is not None  # only the drivers' read_first path calls this
+        if first > 0:
+            self.write_sync(Write(range(first), key, entry, backfill=True))
+        return tier_hit(self.plan, policy, first, entry, now)
 
     def fill_flow(
         self,

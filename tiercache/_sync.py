@@ -31,7 +31,6 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
-    tier_hit,
 )
 from ._policy import Policy
 from ._runtime import Runtime
@@ -391,12 +390,9 @@ def _run_leader_flow(
         # The lease tier is read here, without the flow's machinery: most flights end on a hit
         # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
         first_read = rt.read_sync(first, key, policy.converter)
-        if first_read is not None:
-            now = rt.clock()
-            if now < first_read.fresh_until:
-                if first > 0:
-                    rt.write_sync(Write(range(first), key, first_read, backfill=True))
-                return tier_hit(rt.plan, policy, first, first_read, now)
+        hit = rt.read_first_hit(key, policy, first_read)
+        if hit is not None:
+            return hit
     gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
