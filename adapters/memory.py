@@ -3,15 +3,15 @@
 Reads are a plain ``dict.get`` plus one attribute store (the SIEVE "visited" mark, kept as a
 count of hits so that it doubles as the tier's hit counter): no lock, no list surgery, so threads
 and the event loop can read at once. Writes and evictions take one lock.
+SIEVE (Zhang et al., NSDI 2024) keeps a FIFO queue and a hand that sweeps from the oldest entry,
+sparing (and un-marking) visited ones and evicting the first unvisited one; it matches or beats LRU
+on web cache traces while letting hits stay lock-free. Expiry is checked on read; there are no
+per-key timers.
 
 The count is not an int: ``visited += 1`` allocates a new int on every hit once a hot key passes
 256 hits, which measured 8-10 % of a decorated L1 hit. Instead each tier owns a ring of
 preallocated marks (``_Mark``), and a hit moves the slot to the next one (``visited =
 visited.next``); the ring's last mark hands its count to the tier when a hit moves past it.
-SIEVE (Zhang et al., NSDI 2024) keeps a FIFO queue and a hand that sweeps from the oldest entry,
-sparing (and un-marking) visited ones and evicting the first unvisited one; it matches or beats LRU
-on web cache traces while letting hits stay lock-free. Expiry is checked on read; there are no
-per-key timers.
 """
 
 from __future__ import annotations
