@@ -812,10 +812,12 @@ class RedisTier:
         now = self._clock()
         return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
 
-    def set(self, key: str, entry: Entry) -> None:
+    def set(self, key: str, entry: Entry) -> bool:
+        """Set-if-newer; False when a newer record (value or tombstone) kept its place."""
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            self._eval(self._sync_client(), "set", 2, *args)
+            return bool(self._eval(self._sync_client(), "set", 2, *args))
+        return True
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1111,10 +1113,11 @@ class RedisTier:
         now = self._clock()
         return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
 
-    async def aset(self, key: str, entry: Entry) -> None:
+    async def aset(self, key: str, entry: Entry) -> bool:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            await self._aeval(self._aclient(), "set", 2, *args)
+            return bool(await self._aeval(self._aclient(), "set", 2, *args))
+        return True
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any
 
 from ._adaptive import LoadContext
@@ -30,9 +31,10 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
+    join_limit,
 )
 from ._policy import Policy
-from ._runtime import Runtime
+from ._runtime import LeaseKeeper, Runtime
 from ._serde import Converter
 from ._sync import finish_many, new_entry
 
@@ -53,6 +55,50 @@ logger = logging.getLogger("tiercache")
 Loader = Callable[[], Any]
 
 
+_HAS_CANCELLING = sys.version_info >= (3, 11)
+
+
+def _cancel_requests(task: asyncio.Task[Any]) -> int:
+    """How many cancels of ``task`` are pending (``Task.cancelling()``; 0 before 3.11)."""
+    if sys.version_info >= (3, 11):
+        return task.cancelling()
+    return 0  # pragma: no cover - 3.10 awaits tier calls apart instead (see CancelGuard)
+
+
+class CancelGuard:
+    """Makes a cancel of the current task stick across tier awaits.
+
+    A tier client may swallow a cancel that arrives as its reply does (redis-py's ``wait_for``
+    on Python 3.10 and 3.11 returns the reply instead of raising). On 3.11+ the task still
+    counts the request (``Task.cancelling()``), so :meth:`cancelled` tells the flow to raise
+    after the await. On 3.10 there is no such count: :meth:`run` awaits the tier call as a task
+    of its own through ``asyncio.wait``, which never swallows the caller's cancel.
+    """
+
+    __slots__ = ("_base", "_task")
+
+    def __init__(self) -> None:
+        task = asyncio.current_task() if _HAS_CANCELLING else None
+        self._task = task
+        self._base = _cancel_requests(task) if task is not None else 0
+
+    def run(self, call: Coroutine[Any, Any, Any]) -> Awaitable[Any]:
+        return call if _HAS_CANCELLING else _apart(call)
+
+    def cancelled(self) -> bool:
+        return self._task is not None and _cancel_requests(self._task) > self._base
+
+
+async def _apart(call: Coroutine[Any, Any, Any]) -> Any:
+    inner = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait({inner})
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
+    return inner.result()
+
+
 class FlowRun:
     """One run of the flow, resumable: if the task driving it is cancelled mid-operation, the
     pending operation is kept and :meth:`run` can be called again (from another task) to redo it
@@ -60,6 +106,7 @@ class FlowRun:
 
     __slots__ = (
         "_context",
+        "_done",
         "_load_started",
         "_load_t0",
         "_load_task",
@@ -85,6 +132,7 @@ class FlowRun:
         self.policy = policy
         self.fence = fence
         self._pending: Operation | None = None
+        self._done: tuple[Any] | None = None  # the pending operation's result, kept across a cancel
         self._load_task: asyncio.Future[Any] | None = None
         self._load_started = 0.0
         self._load_t0 = 0.0
@@ -98,6 +146,7 @@ class FlowRun:
     async def run(self) -> Any:
         send: Any = None
         error: BaseException | None = None
+        guard = CancelGuard()
         while True:
             if self._pending is None:
                 try:
@@ -106,16 +155,25 @@ class FlowRun:
                     return stop.value
             error = None
             op = self._pending
+            if self._done is not None:  # done before a cancel we honoured: do not redo it
+                (send,), self._done = self._done, None
+                self._pending = None
+                continue
             try:
                 if type(op) is Read and not self.rt.tiers[op.index].in_process:
                     # The common case, without the dispatch coroutine in between.
-                    send = await self.rt.read_async(op.index, op.key, op.converter)
+                    send = await guard.run(self.rt.read_async(op.index, op.key, op.converter))
                 else:
-                    send = await self._execute(op)
+                    send = await guard.run(self._execute(op))
             except asyncio.CancelledError:
                 raise  # the operation stays pending: a resumed run redoes it
             except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
                 error, send = exc, None
+            if error is None and guard.cancelled():
+                # Cancelled during the await, but the tier client swallowed it (redis-py's
+                # wait_for on 3.10/3.11): honour it. A resumed run takes the result as it is.
+                self._done = (send,)
+                raise asyncio.CancelledError
             self._pending = None
 
     async def _execute(self, op: Any) -> Any:
@@ -167,9 +225,9 @@ class FlowRun:
                 return None
             rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
             entry = rt.typed(op.index, op.key, raw, op.converter)
-        if entry is not None and entry.tags and not await rt.coherence.tags_valid_async(entry):
-            return None
-        return entry
+            if entry is not None and entry.tags and not await rt.coherence.tags_valid_async(entry):
+                return None
+            return entry
         raise AssertionError(f"unknown operation {op!r}")
 
     async def _load(self, has_stale: bool, lease: tuple[int, str] | None = None) -> LoadOutcome:
@@ -214,8 +272,9 @@ class FlowRun:
                 return self._failed(key, failure)
             return self._loaded(key, task.result())
         if first == soft and soft is not None:
-            # Soft timeout with something stale to serve: the load goes on and stores its result.
-            rt.track(asyncio.get_running_loop().create_task(self._finish_late(task)))
+            # Soft timeout with something stale to serve: the load goes on, keeps the flight and
+            # the lease (extended), stores its result, then resolves the flight and releases.
+            rt.track(asyncio.get_running_loop().create_task(self._finish_late(task, lease, keeper)))
             return LoadOutcome(soft_timed_out=True, started_at=self._load_started)
         task.cancel()
         return self._failed(
@@ -249,29 +308,71 @@ class FlowRun:
         self.rt.emit(EventKind.LOAD_ERROR, key, duration=duration, error=exc)
         return LoadOutcome(error=exc, started_at=self._load_started, duration=duration)
 
-    async def _finish_late(self, task: asyncio.Future[Any]) -> None:
-        """After a soft timeout: wait (up to the hard timeout) and store the result, fenced."""
+    async def _finish_late(
+        self, task: asyncio.Future[Any], lease: tuple[int, str] | None, keeper: LeaseKeeper | None
+    ) -> None:
+        """After a soft timeout: wait (up to the hard timeout, extending the lease), store the
+        result fenced by version, then release the lease and resolve the flight (see _flow)."""
         rt, policy, fence = self.rt, self.policy, self.fence
+        key = fence.key if fence else ""
         hard = policy.hard_timeout
-        remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
+        outcome: Outcome | None = None
+        error: BaseException | None = None
         try:
-            value = await asyncio.wait_for(task, remaining)
-        except Exception as exc:  # the caller already got stale; a late failure is only logged
-            logger.debug(
-                "tiercache: late loader for %s failed: %r", rt.log_key(fence.key if fence else ""), exc
-            )
-            return
-        if fence is None:
-            return
-        loaded = LoadOutcome(
-            value,
-            started_at=self._load_started,
-            duration=time.perf_counter() - self._load_t0,
-            context=self._context,
-        )
-        entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
-        if entry is not None:
-            await rt.write_async(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
+            while True:
+                remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
+                step = (
+                    remaining
+                    if keeper is None
+                    else (keeper.every if remaining is None else min(keeper.every, remaining))
+                )
+                await asyncio.wait({task}, timeout=step)
+                if task.done() or (remaining is not None and step == remaining):
+                    break
+                if keeper is not None and not await keeper.aextend():
+                    keeper = None
+            if not task.done():
+                task.cancel()
+                error = LoaderTimeoutError(
+                    f"loader did not finish within hard_timeout={hard}s; it was cancelled"
+                )
+            elif task.cancelled():
+                error = LoaderTimeoutError("the loader was cancelled")
+            elif task.exception() is not None:
+                error = task.exception()
+                logger.debug("tiercache: late loader for %s failed: %r", rt.log_key(key), error)
+            elif fence is not None:
+                value = task.result()
+                loaded = LoadOutcome(
+                    value,
+                    started_at=self._load_started,
+                    duration=time.perf_counter() - self._load_t0,
+                    context=self._context,
+                )
+                entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
+                if entry is not None:
+                    await rt.write_async(
+                        Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence)
+                    )
+                outcome = Outcome(value, entry, Source.LOADED)
+        except BaseException as exc:  # cancelled (loop closing): joiners start anew
+            task.cancel()
+            if fence is not None:
+                rt.flights.finish(fence, error=FlightAborted(repr(exc)))
+            raise
+        finally:
+            if lease is not None:
+                try:
+                    await rt.lease_tier(lease[0]).arelease_lease(key, lease[1])
+                except Exception as exc:
+                    rt.tier_failed(lease[0], key, exc, "release_lease")
+        if fence is not None:
+            if outcome is not None:
+                rt.flights.finish(fence, outcome)
+            else:
+                rt.flights.finish(
+                    fence, error=error if isinstance(error, Exception) else FlightAborted(repr(error))
+                )
 
 
 # --- the public operations ----------------------------------------------------------------
@@ -297,8 +398,8 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
         if inspect.isawaitable(value):
             value = await value
         return Outcome(value, None, Source.LOADED)
+    now = rt.clock()
     if rt.l1:
-        now = rt.clock()
         entry, i, stale = await l1_walk(rt, key, now)
     else:
         entry, i, stale = None, -1, None
@@ -322,8 +423,11 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
                 return await lead(rt, flight, key, loader, policy, stale)
             # The lease tier is read here, without the flow's machinery: most flights end on a
             # hit there (see _flow's theory). Anything but a fresh answer goes to the flow.
+            guard = CancelGuard()
             try:
-                first_read = await rt.read_async(first, key, policy.converter)
+                first_read = await guard.run(rt.read_async(first, key, policy.converter))
+                if guard.cancelled():  # swallowed by the tier client: honour it (see CancelGuard)
+                    raise asyncio.CancelledError
             except BaseException as exc:  # as in lead(); a take-over runs the whole flow
                 run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, False), loader, policy, flight)
                 _leader_gave_up(rt, run, flight, key, loader, policy, exc)
@@ -334,11 +438,39 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
                 return hit
             return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
         rt.emit(EventKind.JOIN, key)
-        await flight.wait_async()
+        limit, serve_stale = join_limit(policy, stale, now)
+        if not await wait_joined(rt, flight, limit):
+            if serve_stale and stale is not None:
+                rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
+            rt.flights.detach(flight)  # hung past our own hard_timeout: lead a new flight
+            continue
         if isinstance(flight.error, FlightAborted):
             continue
         shared: Outcome = flight.result()
         return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+
+
+_ORPHAN_CHECK = 0.25  # how often a joiner of another loop's flight checks that loop still runs
+
+
+async def wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
+    """Wait for a joined flight; False if ``limit`` passed first. A flight whose leader's event
+    loop closed is ended with FlightAborted (the caller starts anew) instead of awaited forever."""
+    if flight.loop is asyncio.get_running_loop():  # our own loop cannot close under us
+        return await flight.wait_async(limit)
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        step = (
+            _ORPHAN_CHECK if deadline is None else min(_ORPHAN_CHECK, max(0.0, deadline - time.monotonic()))
+        )
+        if await flight.wait_async(step):
+            return True
+        if flight.orphaned:
+            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 async def lead(
@@ -351,13 +483,21 @@ async def lead(
     refresh: bool = False,
     first_read: Any = NOT_READ,
 ) -> Outcome:
-    """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
+    """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome.
+
+    A cancelled *background* refresh (``refresh``) is abandoned, never taken over: nobody awaits
+    it, and its cancel usually means the loop is ending (``asyncio.run`` returning), where a new
+    task would never run and the flight would never be resolved."""
     gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
     run = FlowRun(rt, gen, loader, policy, flight)
     try:
         outcome: Outcome = await run.run()
     except BaseException as exc:
-        _leader_gave_up(rt, run, flight, key, loader, policy, exc)
+        if refresh and isinstance(exc, asyncio.CancelledError):
+            run.abort()
+            rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
+        else:
+            _leader_gave_up(rt, run, flight, key, loader, policy, exc)
         raise
     _finished(rt, flight, key, loader, policy, outcome)
     return outcome
@@ -399,7 +539,8 @@ async def _take_over(
 def _finished(
     rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, outcome: Outcome
 ) -> None:
-    rt.flights.finish(flight, outcome)
+    if not outcome.late:  # else the late finisher resolves the flight (FlowRun._finish_late)
+        rt.flights.finish(flight, outcome)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
         rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
     if outcome.refresh:
@@ -469,7 +610,7 @@ async def get_many_cached(
         finish_many(rt, led, lambda: result)
         results.update(result.outcomes)
     for key, flight in joined.items():
-        await flight.wait_async()
+        await wait_joined(rt, flight, None)
         if flight.error is None:
             outcome: Outcome = flight.outcome
             results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._bus import Bus, BusMessage
-from ._entry import Entry
+from ._entry import Entry, next_version
 from ._events import EventKind
 from ._tier import NamespaceClearingTier, TagStore
 
@@ -237,6 +237,7 @@ class Coherence:
                 msg.seq,
                 self.namespace,
             )
+            self.cleared(next_version())  # what is on its way back may predate a lost message
             self.clear_local()
             self.rt.emit(EventKind.BUS_GAP, "")
         self.rt.emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
@@ -261,6 +262,8 @@ class Coherence:
         if self._resets > 1:
             logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
             self.rt.emit(EventKind.BUS_GAP, "")
+            # Like clear(): a read or load on its way back must not land after the L1 clear.
+            self.cleared(next_version())
         self.clear_local()
 
     def clear_local(self) -> None:

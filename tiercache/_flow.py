@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._entry import Entry
+from ._errors import LoaderTimeoutError
 from ._policy import Policy
 from ._serde import Converter
 
@@ -62,6 +63,7 @@ __all__ = [
     "Write",
     "better_stale",
     "fill_flow",
+    "join_limit",
     "tier_hit",
 ]
 
@@ -167,6 +169,9 @@ class Outcome:
     source: str  # "L1", "L2"... for a tier hit, else one of Source's names
     tier: str | None = None  # the name of the tier that answered, for tier hits
     refresh: bool = False  # the caller should start a background refresh (SWR)
+    # A soft timeout answered with stale while the load goes on: the flight (and the lease) now
+    # belong to the driver's late finisher, which stores the result and then resolves the flight.
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +198,25 @@ def tier_hit(
     whether the caller should start an early (XFetch) refresh. Back-fill is the caller's part."""
     early = not refresh and policy.early_refresh and policy.wants_early_refresh(entry, now)
     return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index], refresh=early)
+
+
+def join_limit(policy: Policy, stale: Entry | None, now: float) -> tuple[float | None, bool]:
+    """How long a caller that joined a running flight waits for it, and what it does then.
+
+    ``(seconds, True)``: serve the stale entry after ``seconds`` (the caller's own soft timeout,
+    as if it had led). ``(seconds, False)``: the caller's own ``hard_timeout``; after it the hung
+    flight is detached (later callers do not join it) and the caller leads a new one. ``None``
+    seconds: wait for the flight however long it takes (no deadline of its own)."""
+    soft, hard = policy.soft_timeout, policy.hard_timeout
+    if (
+        stale is not None
+        and policy.fail_safe
+        and soft is not None
+        and (hard is None or soft < hard)
+        and now + soft < stale.stale_until
+    ):
+        return soft, True
+    return hard, False
 
 
 # --- the flow -----------------------------------------------------------------------------------
@@ -274,7 +298,14 @@ def fill_flow(
     try:
         holding = None if token is None or lease is None else (lease, token)
         loaded: LoadOutcome = yield Load(has_stale=stale is not None, lease=holding)
-        if loaded.error is not None or loaded.soft_timed_out:
+        if loaded.soft_timed_out:
+            # The load goes on: the lease stays held (and extended) until its result is stored,
+            # so no other process starts the same load; the driver's late finisher releases it.
+            token = None
+            if stale is not None and clock() < stale.stale_until:
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE, late=True)
+            raise LoaderTimeoutError("the loader passed soft_timeout and the stale value expired meanwhile")
+        if loaded.error is not None:
             now = clock()
             if stale is not None and policy.fail_safe and now < stale.stale_until:
                 if loaded.error is not None and policy.fail_safe_throttle > 0 and not refresh:
@@ -284,7 +315,6 @@ def fill_flow(
                     held = stale.replace(fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until))
                     yield Write(plan.write_order, key, held, backfill=True, fence=fence)
                 return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
-            assert loaded.error is not None
             raise loaded.error
         new = build(key, loaded.value, policy, loaded, version)
         if new is not None:

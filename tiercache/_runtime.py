@@ -458,15 +458,30 @@ class Runtime:
 
     def write_sync(self, op: Write) -> int:
         """Perform a Write; returns how many tiers took the entry (-1: every tier refused it as
-        too large)."""
+        too large).
+
+        Tiers are written in ``op.indices`` order (shared tiers first for new values). When a
+        shared tier refuses the entry because it holds a newer version (its set-if-newer said
+        no), the in-process tiers are not written: L1 must never keep a copy its shared tier
+        refused (invariant 4 of ``_flow``), with or without a bus to correct it later."""
         if not self._encoded(op):
             return 0
-        return _tally([self._write_one_sync(i, op) for i in op.indices])
+        results: list[int] = []
+        for i in op.indices:
+            if _REFUSED in results and self.tiers[i].in_process:
+                continue
+            results.append(self._write_one_sync(i, op))
+        return _tally(results)
 
     async def write_async(self, op: Write) -> int:
         if not self._encoded(op):
             return 0
-        return _tally([await self._write_one_async(i, op) for i in op.indices])
+        results: list[int] = []
+        for i in op.indices:
+            if _REFUSED in results and self.tiers[i].in_process:
+                continue
+            results.append(await self._write_one_async(i, op))
+        return _tally(results)
 
     def _encoded(self, op: Write) -> bool:
         """Encode for the remote tiers once; False if a back-fill cannot be (it is then skipped;
@@ -505,7 +520,8 @@ class Runtime:
                 return 0
             return self._set_sync(i, key, entry, backfill)
 
-    # One tier's set: 1 written, 0 skipped (breaker open, tier error), -1 refused as too large.
+    # One tier's set: 1 written, 0 skipped (breaker open, tier error), -1 refused as too large,
+    # _REFUSED (-2) refused because the tier holds a newer version.
 
     def _set_refused(self, i: int, key: str, entry: Entry) -> int | None:
         if not self.fits(i, entry):
@@ -520,8 +536,10 @@ class Runtime:
         self.tier_failed(i, key, exc, "set")
         return 0
 
-    def _set_done(self, i: int, key: str, backfill: bool) -> int:
+    def _set_done(self, i: int, key: str, backfill: bool, taken: bool | None) -> int:
         self._tier_ok(i)
+        if taken is False:  # the tier holds a newer version (see Tier.set)
+            return _REFUSED
         if backfill:
             self.emit(EventKind.BACKFILL, key, i)
         return 1
@@ -531,20 +549,20 @@ class Runtime:
         if refused is not None:
             return refused
         try:
-            self.tiers[i].set(key, entry)
+            taken = self.tiers[i].set(key, entry)
         except Exception as exc:
             return self._set_failed(i, key, exc)
-        return self._set_done(i, key, backfill)
+        return self._set_done(i, key, backfill, taken)
 
     async def _set_async(self, i: int, key: str, entry: Entry, backfill: bool) -> int:
         refused = self._set_refused(i, key, entry)
         if refused is not None:
             return refused
         try:
-            await self.tiers[i].aset(key, entry)
+            taken = await self.tiers[i].aset(key, entry)
         except Exception as exc:
             return self._set_failed(i, key, exc)
-        return self._set_done(i, key, backfill)
+        return self._set_done(i, key, backfill, taken)
 
     def delete_sync(self, key: str, version: int) -> None:
         for i in self.plan.write_order:  # shared tiers first, so L1 cannot be re-filled from them
@@ -735,6 +753,9 @@ class Runtime:
         return policy.new_entry(
             key, value, now, created_at=loaded.started_at or now, version=version, delta=loaded.duration
         )
+
+
+_REFUSED = -2  # a tier's set-if-newer kept the newer version it holds
 
 
 def _tally(results: list[int]) -> int:

@@ -31,9 +31,10 @@ from ._flow import (
     WaitForEntry,
     Write,
     better_stale,
+    join_limit,
 )
 from ._policy import Policy
-from ._runtime import Runtime
+from ._runtime import LeaseKeeper, Runtime
 from ._serde import Converter
 
 __all__ = [
@@ -84,13 +85,16 @@ def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, f
     if kind is Load:
         assert isinstance(op, Load)
         keeper = rt.lease_keeper(fence.key if fence else "", op.lease, policy.lease_ttl)
-        if keeper is None:
-            return _load(rt, loader, policy, op.has_stale, fence)
-        keeper.start()
+        if keeper is not None:
+            keeper.start()
+        handed_over = False
         try:
-            return _load(rt, loader, policy, op.has_stale, fence)
+            loaded = _load(rt, loader, policy, op.has_stale, fence, op.lease, keeper)
+            handed_over = loaded.soft_timed_out  # the late finisher stops the keeper
+            return loaded
         finally:
-            keeper.stop()
+            if keeper is not None and not handed_over:
+                keeper.stop()
     if kind is AcquireLease:
         assert isinstance(op, AcquireLease)
         if not rt.tier_usable(op.index, op.key):
@@ -185,7 +189,7 @@ def get_many_cached(
         result = finish_many(rt, led, lambda: run_flow(rt, gen, load_many, policy, None))
         results.update(result.outcomes)
     for key, flight in joined.items():
-        flight.wait_sync()
+        _wait_joined(rt, flight, None)
         if flight.error is None:
             outcome: Outcome = flight.outcome
             results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
@@ -257,7 +261,13 @@ class _Box:
 
 
 def _load(
-    rt: Runtime, loader: Callable[[], Any], policy: Policy, has_stale: bool, fence: Flight | None
+    rt: Runtime,
+    loader: Callable[[], Any],
+    policy: Policy,
+    has_stale: bool,
+    fence: Flight | None,
+    lease: tuple[int, str] | None = None,
+    keeper: LeaseKeeper | None = None,
 ) -> LoadOutcome:
     key = fence.key if fence else ""
     started = rt.clock()
@@ -289,10 +299,13 @@ def _load(
     first = soft if soft is not None and (hard is None or soft < hard) else hard
     if not box.done.wait(first):
         if first == soft and soft is not None:
-            _finish_late(rt, box, policy, started, t0, fence)
+            # The caller gets stale now; the flight and the lease stay with the load (_Late).
+            _Late(rt, box, policy, started, t0, fence, lease, keeper).start()
             return LoadOutcome(soft_timed_out=True, started_at=started)
         timeout = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
         rt.emit(EventKind.LOAD_ERROR, key, duration=time.perf_counter() - t0, error=timeout)
+        # The flight ends with the timeout; the result, if it ever comes, is still stored.
+        _Late(rt, box, policy, started, t0, fence, None, None, owns_flight=False).start()
         return LoadOutcome(error=timeout, started_at=started)
     duration = time.perf_counter() - t0
     if box.error is not None:
@@ -304,34 +317,98 @@ def _load(
     return LoadOutcome(box.value, started_at=started, duration=duration, context=ctx)
 
 
-def _finish_late(
-    rt: Runtime, box: _Box, policy: Policy, started: float, t0: float, fence: Flight | None
-) -> None:
-    """After a soft timeout: store the loader's result when it arrives (fenced by version)."""
-    deadline = None if policy.hard_timeout is None else t0 + policy.hard_timeout
+class _Late:
+    """A sync load that outlived the caller's wait. Its result is stored when it arrives (fenced
+    by the flight's version: a newer write or delete wins). After a soft timeout it also owns the
+    flight (resolved with the late result, so no duplicate load starts meanwhile) and the lease
+    (extended until the result is stored, then released); at ``hard_timeout`` it gives those up
+    -- joiners get LoaderTimeoutError, the lease is released -- but still stores a late result."""
 
-    def store(b: _Box) -> None:
-        if b.error is not None or fence is None:
-            return
-        if deadline is not None and time.perf_counter() > deadline:
-            return
-        loaded = LoadOutcome(
-            b.value, started_at=started, duration=time.perf_counter() - t0, context=b.context
-        )
-        entry = rt.build_entry(fence.key, b.value, policy, loaded, fence.version)
-        if entry is not None:
+    def __init__(
+        self,
+        rt: Runtime,
+        box: _Box,
+        policy: Policy,
+        started: float,
+        t0: float,
+        fence: Flight | None,
+        lease: tuple[int, str] | None,
+        keeper: LeaseKeeper | None,
+        owns_flight: bool = True,
+    ) -> None:
+        self.rt, self.box, self.policy, self.fence = rt, box, policy, fence
+        self.started, self.t0 = started, t0
+        self.lease, self.keeper = lease, keeper
+        self.owns_flight = owns_flight and fence is not None
+        self._ended = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        hard = self.policy.hard_timeout
+        if self.owns_flight and hard is not None:
+            remaining = max(0.0, self.t0 + hard - time.perf_counter())
+            self._timer = threading.Timer(remaining, self._end, args=(None,))
+            self._timer.daemon = True
+            self._timer.start()
+        with self.box.lock:
+            if not self.box.done.is_set():
+                self.box.on_done = self._arrived
+                return
+        self._arrived(self.box)
+
+    def _arrived(self, box: _Box) -> None:
+        rt, fence = self.rt, self.fence
+        outcome: Outcome | None = None
+        if box.error is None and fence is not None:
+            loaded = LoadOutcome(
+                box.value,
+                started_at=self.started,
+                duration=time.perf_counter() - self.t0,
+                context=box.context,
+            )
+            entry = rt.build_entry(fence.key, box.value, self.policy, loaded, fence.version)
+            if entry is not None:
+                try:
+                    rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
+                except Exception:
+                    logger.exception(
+                        "tiercache: storing a late loader result for %s failed", rt.log_key(fence.key)
+                    )
+            outcome = Outcome(box.value, entry, Source.LOADED)
+        elif box.error is not None:
+            logger.debug("tiercache: late loader failed: %r", box.error)
+        self._end(outcome)
+
+    def _end(self, outcome: Outcome | None) -> None:
+        """Give up the flight and the lease (once): with the late outcome, or at hard_timeout."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+        rt = self.rt
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.lease is not None and self.fence is not None:
+            index, token = self.lease
             try:
-                rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
-            except Exception:
-                logger.exception(
-                    "tiercache: storing a late loader result for %s failed", rt.log_key(fence.key)
+                rt.lease_tier(index).release_lease(self.fence.key, token)
+            except Exception as exc:
+                rt.tier_failed(index, self.fence.key, exc, "release_lease")
+        if self.owns_flight and self.fence is not None:
+            if outcome is not None:
+                rt.flights.finish(self.fence, outcome)
+            else:
+                error = self.box.error if isinstance(self.box.error, Exception) else None
+                rt.flights.finish(
+                    self.fence,
+                    error=error
+                    or LoaderTimeoutError(
+                        f"loader did not finish within hard_timeout={self.policy.hard_timeout}s"
+                    ),
                 )
-
-    with box.lock:
-        if not box.done.is_set():
-            box.on_done = store
-            return
-    store(box)
 
 
 # --- the public operations ----------------------------------------------------------------
@@ -368,11 +445,38 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
             solo = Flight(key, next_version(), None)
             return _run_leader_flow(rt, solo, key, loader, policy, stale)
         rt.emit(EventKind.JOIN, key)
-        flight.wait_sync()
+        limit, serve_stale = join_limit(policy, stale, now)
+        if not _wait_joined(rt, flight, limit):
+            if serve_stale and stale is not None:
+                rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
+            rt.flights.detach(flight)  # hung past our own hard_timeout: lead a new flight
+            continue
         if isinstance(flight.error, FlightAborted):
             continue
         shared: Outcome = flight.result()
         return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+
+
+_ORPHAN_CHECK = 0.25  # how often a waiting joiner checks that its leader's event loop still runs
+
+
+def _wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
+    """Wait for a joined flight; False if ``limit`` passed first. A flight whose leader's event
+    loop closed (an ``asyncio.run`` that ended under it) is ended here with FlightAborted, so
+    the caller starts anew instead of waiting forever."""
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        step = (
+            _ORPHAN_CHECK if deadline is None else min(_ORPHAN_CHECK, max(0.0, deadline - time.monotonic()))
+        )
+        if flight.wait_sync(step):
+            return True
+        if flight.orphaned:
+            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def _run_leader_flow(
@@ -415,7 +519,8 @@ def lead(
     except BaseException as exc:
         rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
         raise
-    rt.flights.finish(flight, outcome)
+    if not outcome.late:  # else the late finisher resolves the flight (see _Late)
+        rt.flights.finish(flight, outcome)
     if outcome.refresh:
         start_refresh(rt, key, loader, policy, outcome.entry)
     return outcome

@@ -9,7 +9,9 @@ Contract (checked by ``tiercache.testing.TierContract``):
 
 * ``get`` returns an entry stored under ``key`` that is not past ``stale_until``, or None;
 * ``set`` keeps the entry for at most ``min(max_ttl, stale_until - now)`` and never replaces a
-  stored entry of a *higher* version (a late result must not overwrite a newer write);
+  stored entry of a *higher* version (a late result must not overwrite a newer write); a shared
+  tier returns False when it refused for that reason (True or None otherwise), so the core keeps
+  the refused entry out of L1 as well;
 * ``delete(key, version)`` removes the key; a tier that can should also refuse, for a short while,
   a ``set`` of an entry older than ``version`` (a tombstone);
 * ``get_many``/``set_many`` behave as repeated ``get``/``set`` but may do it in one round trip.
@@ -56,7 +58,7 @@ class Tier(Protocol):
 
     def get(self, key: str) -> Entry | None: ...
 
-    def set(self, key: str, entry: Entry) -> None: ...
+    def set(self, key: str, entry: Entry) -> bool | None: ...
 
     def delete(self, key: str, version: int) -> None: ...
 
@@ -68,7 +70,7 @@ class Tier(Protocol):
 
     async def aget(self, key: str) -> Entry | None: ...
 
-    async def aset(self, key: str, entry: Entry) -> None: ...
+    async def aset(self, key: str, entry: Entry) -> bool | None: ...
 
     async def adelete(self, key: str, version: int) -> None: ...
 

@@ -149,22 +149,23 @@ class FakeRemoteTier:
         entry.payload = item[0]
         return entry if entry.stale_until > self._clock() else None
 
-    def set(self, key: str, entry: Entry) -> None:
+    def set(self, key: str, entry: Entry) -> bool:
         self._call("set")
         now = self._clock()
         until = entry.stale_until if self.max_ttl is None else min(entry.stale_until, now + self.max_ttl)
         if until <= now:
-            return
+            return True
         data = entry.payload if entry.payload is not None else self._codec.dumps(entry)
         with self._lock:
             old = self.store.get(key)
             if old is not None and old[1] > now:
                 try:
                     if self._codec.loads(old[0]).version > entry.version:
-                        return
+                        return False  # a newer version is stored: refused
                 except Exception:  # foreign bytes: overwrite them
                     pass
             self.store[key] = (data, until)
+        return True
 
     def delete(self, key: str, version: int) -> None:
         self._call("delete")
@@ -254,8 +255,8 @@ class FakeRemoteTier:
     async def aget(self, key: str) -> Entry | None:
         return self.get(key)
 
-    async def aset(self, key: str, entry: Entry) -> None:
-        self.set(key, entry)
+    async def aset(self, key: str, entry: Entry) -> bool:
+        return self.set(key, entry)
 
     async def adelete(self, key: str, version: int) -> None:
         self.delete(key, version)
