@@ -466,6 +466,7 @@ class RedisTier:
         self.max_key_bytes = max_key_bytes
         self.tombstone_ttl = tombstone_ttl
         self.socket_timeout = socket_timeout
+        self._sweeps: set[asyncio.Task[None]] = set()  # see _unsure_lease
         self.connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_connections = max_connections
@@ -837,8 +838,47 @@ class RedisTier:
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        try:
+            ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        except Exception:
+            self._unsure_lease(key, token, ttl)
+            raise
         return token if ok else None
+
+    # A SET NX that failed on our side (a timeout) may still run on the server later (a hung
+    # Redis that comes back), leaving a lease nobody holds: other processes' waiters would sit
+    # out their whole lease_wait. Its token is ours, so we delete it (compare-and-delete) when it
+    # shows up: tries spaced out, doubling, until it is deleted or its TTL is over anyway.
+
+    def _unsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+
+        def sweep() -> None:
+            deadline, pause = time.monotonic() + ttl, 0.05
+            while time.monotonic() < deadline:
+                try:
+                    if self._eval(self._sync_client(), "release", 1, *args):
+                        return
+                except Exception:  # still unreachable: try again later
+                    pass
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause *= 2
+
+        threading.Thread(target=sweep, name="tiercache-lease-sweep", daemon=True).start()
+
+    async def _aunsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+        deadline, pause = time.monotonic() + ttl, 0.05
+        while time.monotonic() < deadline:
+            try:
+                if await self._aeval(self._aclient(), "release", 1, *args):
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause *= 2
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
@@ -1137,7 +1177,13 @@ class RedisTier:
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        try:
+            ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        except Exception:
+            sweep = asyncio.get_running_loop().create_task(self._aunsure_lease(key, token, ttl))
+            self._sweeps.add(sweep)  # referenced until done
+            sweep.add_done_callback(self._sweeps.discard)
+            raise
         return token if ok else None
 
     async def arelease_lease(self, key: str, token: str) -> None:
