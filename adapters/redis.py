@@ -113,12 +113,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tiercache._entry import Entry
-from tiercache._errors import ConfigurationError
-from tiercache._events import Event, EventKind, emit_safely
-from tiercache._keys import hashed_key
-from tiercache._serde import Codec, JsonCodec
-from tiercache._tier import TierBinding
+from tiercache.tier import (
+    Codec,
+    ConfigurationError,
+    Entry,
+    Event,
+    EventKind,
+    JsonCodec,
+    TierBinding,
+    emit_safely,
+    hashed_key,
+)
 
 __all__ = ["RedisBus", "RedisTier"]
 

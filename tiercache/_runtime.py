@@ -35,11 +35,23 @@ from ._flow import (
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
-from ._tier import ExpiringTier, LeaseTier, NamespaceClearingTier, Tier
+from ._tier import (
+    CountsOwnHits,
+    ExpiringTier,
+    ExtendableLease,
+    LeaseTier,
+    NamespaceClearingTier,
+    SizeLimited,
+    Tier,
+)
 
 __all__ = ["Breaker", "Runtime"]
 
 logger = logging.getLogger("tiercache")
+
+
+def _offers_lease(tier: Tier) -> bool:
+    return isinstance(tier, LeaseTier) and bool(tier.offers_lease)
 
 
 class Breaker:
@@ -119,7 +131,7 @@ class Runtime:
         self.flights = FlightRegistry()
         self.stats = CacheStats(
             [TierStats(t.name, i + 1) for i, t in enumerate(self.tiers)],
-            own_hits=[getattr(t, "hit_count", None) for t in self.tiers],
+            own_hits=[t.hit_count if isinstance(t, CountsOwnHits) else None for t in self.tiers],
         )
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.threads: set[threading.Thread] = set()  # background refreshes of sync callers
@@ -133,10 +145,7 @@ class Runtime:
             l1 += 1
         self.l1 = tuple(range(l1))  # the in-process prefix, read by every caller
         self.remote = tuple(range(l1, len(self.tiers)))
-        lease = next(
-            (i for i in self.remote if getattr(self.tiers[i], "offers_lease", False)),
-            None,
-        )
+        lease = next((i for i in self.remote if _offers_lease(self.tiers[i])), None)
         self.plan = FillPlan(
             names=self.names,
             remote=self.remote,
@@ -444,7 +453,8 @@ class Runtime:
             entry.payload = self.codec.dumps(entry)
 
     def fits(self, index: int, entry: Entry) -> bool:
-        limit = getattr(self.tiers[index], "max_value_bytes", None)
+        tier = self.tiers[index]
+        limit = tier.max_value_bytes if isinstance(tier, SizeLimited) else None
         return limit is None or entry.payload is None or len(entry.payload) <= limit
 
     def _too_large(self, index: int, key: str, entry: Entry) -> None:
@@ -695,7 +705,7 @@ class Runtime:
 
     def lease_keeper(self, key: str, lease: tuple[int, str] | None, ttl: float) -> LeaseKeeper | None:
         """A keeper that extends a held lease while a load runs (None: nothing to keep)."""
-        if lease is None or not hasattr(self.tiers[lease[0]], "extend_lease"):
+        if lease is None or not isinstance(self.tiers[lease[0]], ExtendableLease):
             return None
         return LeaseKeeper(self, lease[0], key, lease[1], ttl)
 
@@ -786,7 +796,8 @@ class LeaseKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        tier: Any = self.rt.tiers[self.index]
+        tier = self.rt.tiers[self.index]
+        assert isinstance(tier, ExtendableLease)  # lease_keeper() checked
         while not self._stop.wait(self.every):
             try:
                 if not tier.extend_lease(self.key, self.token, self.ttl):
@@ -798,7 +809,8 @@ class LeaseKeeper:
         self._stop.set()
 
     async def aextend(self) -> bool:
-        tier: Any = self.rt.tiers[self.index]
+        tier = self.rt.tiers[self.index]
+        assert isinstance(tier, ExtendableLease)
         try:
             return bool(await tier.aextend_lease(self.key, self.token, self.ttl))
         except Exception as exc:
