@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._batch import ReadCoalescer
 from ._bus import Bus
@@ -42,6 +42,7 @@ from ._tier import (
     LeaseTier,
     NamespaceClearingTier,
     SizeLimited,
+    TagStore,
     Tier,
 )
 
@@ -156,7 +157,19 @@ class Runtime:
         # The tier a flight's leader reads before starting the flow (see _flow): the first tier
         # below L1, when it is also the lease tier (the common memory -> Redis chain).
         self.read_first: int | None = lease if lease is not None and self.remote[:1] == (lease,) else None
-        self.coherence = Coherence(self, namespace, bus, tag_refresh)
+        store = next((i for i in self.remote if isinstance(self.tiers[i], TagStore)), None)
+        self.coherence = Coherence(
+            namespace,
+            bus,
+            tag_refresh,
+            clock=clock,
+            flights=self.flights,
+            l1=[(i, self.tiers[i]) for i in self.l1],
+            tag_store=None if store is None else (store, cast(TagStore, self.tiers[store])),
+            emit=self.emit,
+            tier_failed=self.tier_failed,
+            expire_in_process=self.expire_in_process,
+        )
         # Concurrent async reads of a remote tier within one loop tick become one multi-key read.
         self.coalescers: tuple[ReadCoalescer | None, ...] = tuple(
             ReadCoalescer(t) if auto_batch and not t.in_process else None for t in self.tiers
