@@ -12,27 +12,36 @@ from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
-from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
-from ._entry import Entry, next_version
-from ._errors import LoaderTimeoutError, ValueTooLargeError
-from ._events import EventKind
-from ._flight import Flight, FlightAborted
-from ._flow import (
-    NO_LEASE,
+from ._compat import assert_never
+from ._engine import (
     NOT_READ,
     AcquireLease,
+    ClearAll,
+    Command,
+    DeleteAll,
+    ExpireAll,
     Load,
+    LoadMany,
     LoadOutcome,
-    Operation,
+    ManyResult,
     Outcome,
+    Publish,
     Read,
+    ReadMany,
     ReleaseLease,
     Source,
+    StoreTagTimes,
     WaitForEntry,
     Write,
-    better_stale,
+    WriteMany,
     join_limit,
+    many_flow,
+    ops,
 )
+from ._entry import Entry, next_version
+from ._errors import LoaderTimeoutError
+from ._events import EventKind
+from ._flight import Flight, FlightAborted
 from ._policy import Policy
 from ._runtime import LeaseKeeper, Runtime
 from ._serde import Converter
@@ -123,7 +132,7 @@ class FlowRun:
         rt: Runtime,
         gen: Generator[Any, Any, Any],
         loader: Loader,
-        policy: Policy,
+        policy: Policy | None,
         fence: Flight | None,
     ) -> None:
         self.rt = rt
@@ -131,7 +140,7 @@ class FlowRun:
         self.loader = loader
         self.policy = policy
         self.fence = fence
-        self._pending: Operation | None = None
+        self._pending: Command | None = None
         self._done: tuple[Any] | None = None  # the pending operation's result, kept across a cancel
         self._load_task: asyncio.Future[Any] | None = None
         self._load_started = 0.0
@@ -160,7 +169,7 @@ class FlowRun:
                 self._pending = None
                 continue
             try:
-                if type(op) is Read and not self.rt.tiers[op.index].in_process:
+                if type(op) is Read and not self.rt.tiers[op.index].in_process and self.rt.trace is None:
                     # The common case, without the dispatch coroutine in between.
                     send = await guard.run(self.rt.read_async(op.index, op.key, op.converter))
                 else:
@@ -176,62 +185,55 @@ class FlowRun:
                 raise asyncio.CancelledError
             self._pending = None
 
-    async def _execute(self, op: Any) -> Any:
+    async def _execute(self, cmd: Command) -> Any:
+        """Do one command, awaited (through the runtime's tier gateway)."""
         rt = self.rt
-        kind = type(op)
-        if kind is ReadMany:
-            if rt.tiers[op.index].in_process:
-                return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
-            return await rt.read_many_async(op.index, op.keys, op.converter)
-        if kind is WriteMany:
-            await rt.write_many_async(op.indices, op.items, op.fences, op.backfill)
-            return None
-        if kind is LoadMany:
-            return await self._load_many(op.keys)
-        if kind is Read:
-            assert isinstance(op, Read)
-            if rt.tiers[op.index].in_process:
-                return rt.read_sync(op.index, op.key, op.converter)
-            return await rt.read_async(op.index, op.key, op.converter)
-        if kind is Write:
-            assert isinstance(op, Write)
-            return await rt.write_async(op)
-        if kind is Load:
-            assert isinstance(op, Load)
-            return await self._load(op.has_stale, op.lease)
-        if kind is AcquireLease:
-            assert isinstance(op, AcquireLease)
-            if not rt.tier_usable(op.index, op.key):
-                return NO_LEASE
-            try:
-                return await rt.lease_tier(op.index).aacquire_lease(op.key, op.ttl)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "acquire_lease")
-                return NO_LEASE
-        if kind is ReleaseLease:
-            assert isinstance(op, ReleaseLease)
-            try:
-                await rt.lease_tier(op.index).arelease_lease(op.key, op.token)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "release_lease")
-            return None
-        if kind is WaitForEntry:
-            assert isinstance(op, WaitForEntry)
-            started = time.perf_counter()
-            try:
-                raw = await rt.lease_tier(op.index).await_for_entry(op.key, op.timeout)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+        if rt.trace is not None:
+            rt.trace.append(cmd)
+        match cmd:
+            case Read():
+                if rt.tiers[cmd.index].in_process:
+                    return rt.read_sync(cmd.index, cmd.key, cmd.converter)
+                return await rt.read_async(cmd.index, cmd.key, cmd.converter)
+            case Write():
+                return await rt.write_async(cmd)
+            case Load():
+                return await self._load(cmd.has_stale, cmd.lease)
+            case AcquireLease():
+                return await rt.acquire_lease_async(cmd)
+            case ReleaseLease():
+                await rt.release_lease_async(cmd)
                 return None
-            rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-            entry = rt.typed(op.index, op.key, raw, op.converter)
-            if entry is not None and entry.tags and not await rt.coherence.tags_valid_async(entry):
+            case WaitForEntry():
+                return await rt.wait_for_entry_async(cmd)
+            case ReadMany():
+                return await rt.read_many_async(cmd.index, cmd.keys, cmd.converter)
+            case WriteMany():
+                await rt.write_many_async(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
                 return None
-            return entry
-        raise AssertionError(f"unknown operation {op!r}")
+            case LoadMany():
+                return await self._load_many(cmd.keys)
+            case DeleteAll():
+                await rt.delete_async(cmd.key, cmd.version)
+                return None
+            case ExpireAll():
+                await rt.expire_async(cmd.key, cmd.at, cmd.version)
+                return None
+            case ClearAll():
+                await rt.clear_async(cmd.prefix)
+                return None
+            case StoreTagTimes():
+                await rt.store_tag_times_async(cmd.tags, cmd.at)
+                return None
+            case Publish():
+                await rt.coherence.publish_async(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
+                return None
+            case _:
+                assert_never(cmd)
 
     async def _load(self, has_stale: bool, lease: tuple[int, str] | None = None) -> LoadOutcome:
         rt, policy = self.rt, self.policy
+        assert policy is not None  # only get_cached's flows load
         key = self.fence.key if self.fence is not None else ""
         if self._load_task is None:
             self._load_started = rt.clock()
@@ -312,8 +314,9 @@ class FlowRun:
         self, task: asyncio.Future[Any], lease: tuple[int, str] | None, keeper: LeaseKeeper | None
     ) -> None:
         """After a soft timeout: wait (up to the hard timeout, extending the lease), store the
-        result fenced by version, then release the lease and resolve the flight (see _flow)."""
+        result fenced by version, then release the lease and resolve the flight (see _engine)."""
         rt, policy, fence = self.rt, self.policy, self.fence
+        assert policy is not None
         key = fence.key if fence else ""
         hard = policy.hard_timeout
         outcome: Outcome | None = None
@@ -422,7 +425,7 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
             if first is None:
                 return await lead(rt, flight, key, loader, policy, stale)
             # The lease tier is read here, without the flow's machinery: most flights end on a
-            # hit there (see _flow's theory). Anything but a fresh answer goes to the flow.
+            # hit there (see _engine's theory). Anything but a fresh answer goes to the flow.
             guard = CancelGuard()
             try:
                 first_read = await guard.run(rt.read_async(first, key, policy.converter))
@@ -624,6 +627,15 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
     return again
 
 
+async def _run_op(rt: Runtime, gen: Generator[Any, Any, Any]) -> Any:
+    """Run one of the engine's operation flows (no loader involved)."""
+    return await FlowRun(rt, gen, _no_loader, None, None).run()
+
+
+def _no_loader(*_: Any) -> Any:
+    raise AssertionError("this flow loads nothing")
+
+
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
     if rt.bypass:
         return default
@@ -632,54 +644,28 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
     entry, _, stale = await l1_walk(rt, key, now)
     if entry is not None:
         return entry.value
-    for i in rt.remote:
-        entry = await rt.read_async(i, key, conv)
-        if entry is None:
-            continue
-        if now < entry.fresh_until:
-            await rt.write_async(Write(range(i), key, entry, backfill=True))
-            return entry.value
-        if now < entry.stale_until and better_stale(entry, stale):
-            stale = entry
-    return stale.value if allow_stale and stale is not None else default
+    found, value = await _run_op(rt, ops.get_flow(rt.plan, key, conv, stale, now, allow_stale))
+    return value if found else default
 
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
         rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
-    rt.coherence.ensure_started()
-    entry = new_entry(rt, key, value, policy)
-    # A load of this key already running started before this write: it must not store its
-    # (older) result, even in an L1 that has meanwhile evicted this entry.
-    rt.coherence.invalidate_locally(key, entry.version, "mark")
-    if await rt.write_async(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
-        raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
-    await rt.coherence.publish_async("set", (key,), (), entry.version, entry.created_at)
+    await _run_op(rt, ops.set_flow(rt.coherence, rt.plan, key, new_entry(rt, key, value, policy)))
 
 
 async def delete(rt: Runtime, key: str) -> None:
-    version = next_version()
-    rt.coherence.invalidate_locally(key, version, "delete")
-    await rt.delete_async(key, version)
-    await rt.coherence.publish_async("delete", (key,), (), version, rt.clock())
+    await _run_op(rt, ops.delete_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 async def expire(rt: Runtime, key: str) -> None:
-    version, at = next_version(), rt.clock()
-    rt.coherence.invalidate_locally(key, version, "mark")
-    await rt.expire_async(key, at, version)
-    await rt.coherence.publish_async("expire", (key,), (), version, at)
+    await _run_op(rt, ops.expire_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 async def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
-    at = rt.clock()
-    rt.coherence.invalidate_tags_locally(tags, at)
-    await rt.store_tag_times_async(tags, at)
-    await rt.coherence.publish_async("tags", (), tags, next_version(), at)
+    await _run_op(rt, ops.tags_flow(rt.coherence, tags, next_version(), rt.clock()))
 
 
 async def clear(rt: Runtime) -> None:
-    version = next_version()
-    await rt.clear_async(rt.coherence.prefix, version)
-    await rt.coherence.publish_async("clear", (), (), version, rt.clock())
+    await _run_op(rt, ops.clear_flow(rt.coherence, next_version(), rt.clock()))

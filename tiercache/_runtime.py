@@ -11,27 +11,32 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, cast
 
-from ._batch import ReadCoalescer
 from ._bus import Bus
+from ._coalesce import ReadCoalescer
 from ._coherence import Coherence
-from ._entry import Entry
-from ._errors import SerializationError, ValueTooLargeError
-from ._events import Event, EventHook, EventKind, emit_safely
-from ._flight import Flight, FlightRegistry
-from ._flow import (
+from ._engine import (
+    NO_LEASE,
     NOT_READ,
+    AcquireLease,
+    Command,
     FillPlan,
     LoadOutcome,
-    Operation,
     Outcome,
+    ReleaseLease,
+    WaitForEntry,
     Write,
     better_stale,
     fill_flow,
     tier_hit,
 )
+from ._entry import Entry
+from ._errors import SerializationError, ValueTooLargeError
+from ._events import Event, EventHook, EventKind, emit_safely
+from ._flight import Flight, FlightRegistry
 from ._policy import Policy
 from ._serde import Codec, Converter, convert_entry
 from ._stats import CacheStats, TierStats
@@ -141,6 +146,8 @@ class Runtime:
         # tiercache.testing.bypass(): every read misses, every write is dropped, loaders run.
         self.bypass = False
         self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)
+        # Tests: a list the drivers append every command they execute to (driver parity).
+        self.trace: list[Any] | None = None
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
             l1 += 1
@@ -154,7 +161,7 @@ class Runtime:
             write_order=tuple(reversed(range(len(self.tiers)))),
             clock=clock,
         )
-        # The tier a flight's leader reads before starting the flow (see _flow): the first tier
+        # The tier a flight's leader reads before starting the flow (see _engine): the first tier
         # below L1, when it is also the lease tier (the common memory -> Redis chain).
         self.read_first: int | None = lease if lease is not None and self.remote[:1] == (lease,) else None
         store = next((i for i in self.remote if isinstance(self.tiers[i], TagStore)), None)
@@ -356,6 +363,8 @@ class Runtime:
         return [self.typed(index, key, entry, conv) for key, entry in zip(keys, entries, strict=True)]
 
     def read_many_sync(self, index: int, keys: Sequence[str], conv: Converter | None) -> list[Entry | None]:
+        if self.tiers[index].in_process:
+            return [self.read_sync(index, k, conv) for k in keys]
         if not self.tier_usable(index, keys[0]):
             return [None] * len(keys)
         try:
@@ -370,6 +379,8 @@ class Runtime:
     async def read_many_async(
         self, index: int, keys: Sequence[str], conv: Converter | None
     ) -> list[Entry | None]:
+        if self.tiers[index].in_process:
+            return [self.read_sync(index, k, conv) for k in keys]
         if not self.tier_usable(index, keys[0]):
             return [None] * len(keys)
         try:
@@ -486,7 +497,7 @@ class Runtime:
         Tiers are written in ``op.indices`` order (shared tiers first for new values). When a
         shared tier refuses the entry because it holds a newer version (its set-if-newer said
         no), the in-process tiers are not written: L1 must never keep a copy its shared tier
-        refused (invariant 4 of ``_flow``), with or without a bus to correct it later."""
+        refused (invariant 4 of ``_engine``), with or without a bus to correct it later."""
         if not self._encoded(op):
             return 0
         results: list[int] = []
@@ -668,8 +679,7 @@ class Runtime:
             if copy is not None:
                 tier.set(key, copy)
 
-    def clear_sync(self, prefix: str, version: int) -> None:
-        self.coherence.cleared(version)
+    def clear_sync(self, prefix: str) -> None:
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
@@ -681,8 +691,7 @@ class Runtime:
                 except Exception as exc:
                     self.tier_failed(i, prefix, exc, "clear")
 
-    async def clear_async(self, prefix: str, version: int) -> None:
-        self.coherence.cleared(version)
+    async def clear_async(self, prefix: str) -> None:
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
@@ -722,6 +731,65 @@ class Runtime:
             return None
         return LeaseKeeper(self, lease[0], key, lease[1], ttl)
 
+    def acquire_lease_sync(self, op: AcquireLease) -> str | None:
+        """The lease's token, None (another process holds it) or NO_LEASE (the tier failed)."""
+        if not self.tier_usable(op.index, op.key):
+            return NO_LEASE
+        try:
+            return self.lease_tier(op.index).acquire_lease(op.key, op.ttl)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "acquire_lease")
+            return NO_LEASE
+
+    async def acquire_lease_async(self, op: AcquireLease) -> str | None:
+        if not self.tier_usable(op.index, op.key):
+            return NO_LEASE
+        try:
+            return await self.lease_tier(op.index).aacquire_lease(op.key, op.ttl)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "acquire_lease")
+            return NO_LEASE
+
+    def release_lease_sync(self, op: ReleaseLease) -> None:
+        try:
+            self.lease_tier(op.index).release_lease(op.key, op.token)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "release_lease")
+
+    async def release_lease_async(self, op: ReleaseLease) -> None:
+        try:
+            await self.lease_tier(op.index).arelease_lease(op.key, op.token)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "release_lease")
+
+    def wait_for_entry_sync(self, op: WaitForEntry) -> Entry | None:
+        started = time.perf_counter()
+        try:
+            raw = self.lease_tier(op.index).wait_for_entry(op.key, op.timeout)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "wait_for_entry")
+            return None
+        entry = self._waited(op, raw, started)
+        if entry is not None and entry.tags and not self.coherence.tags_valid_sync(entry):
+            return None
+        return entry
+
+    async def wait_for_entry_async(self, op: WaitForEntry) -> Entry | None:
+        started = time.perf_counter()
+        try:
+            raw = await self.lease_tier(op.index).await_for_entry(op.key, op.timeout)
+        except Exception as exc:
+            self.tier_failed(op.index, op.key, exc, "wait_for_entry")
+            return None
+        entry = self._waited(op, raw, started)
+        if entry is not None and entry.tags and not await self.coherence.tags_valid_async(entry):
+            return None
+        return entry
+
+    def _waited(self, op: WaitForEntry, raw: Entry | None, started: float) -> Entry | None:
+        self.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
+        return self.typed(op.index, op.key, raw, op.converter)
+
     def lease_tier(self, index: int) -> LeaseTier:
         tier: Any = self.tiers[index]
         return tier  # type: ignore[no-any-return]
@@ -748,8 +816,8 @@ class Runtime:
         stale: Entry | None,
         refresh: bool,
         first_read: Any = NOT_READ,
-    ) -> Generator[Operation, Any, Outcome]:
-        """The flow a flight's leader runs (see ``_flow``), bound to this cache's tiers."""
+    ) -> Generator[Command, Any, Outcome]:
+        """The flow a flight's leader runs (see ``_engine``), bound to this cache's tiers."""
         return fill_flow(
             self.plan,
             key,

@@ -13,26 +13,36 @@ from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
-from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
-from ._entry import Entry, next_version
-from ._errors import ConfigurationError, LoaderTimeoutError, ValueTooLargeError
-from ._events import EventKind
-from ._flight import Flight, FlightAborted
-from ._flow import (
-    NO_LEASE,
+from ._compat import assert_never
+from ._engine import (
     NOT_READ,
     AcquireLease,
+    ClearAll,
+    Command,
+    DeleteAll,
+    ExpireAll,
     Load,
+    LoadMany,
     LoadOutcome,
+    ManyResult,
     Outcome,
+    Publish,
     Read,
+    ReadMany,
     ReleaseLease,
     Source,
+    StoreTagTimes,
     WaitForEntry,
     Write,
-    better_stale,
+    WriteMany,
     join_limit,
+    many_flow,
+    ops,
 )
+from ._entry import Entry, next_version
+from ._errors import ConfigurationError, LoaderTimeoutError
+from ._events import EventKind
+from ._flight import Flight, FlightAborted
 from ._policy import Policy
 from ._runtime import LeaseKeeper, Runtime
 from ._serde import Converter
@@ -56,7 +66,7 @@ def run_flow(
     rt: Runtime,
     gen: Generator[Any, Any, Any],
     loader: Callable[..., Any],
-    policy: Policy,
+    policy: Policy | None,
     fence: Flight | None,
 ) -> Any:
     """Drive ``gen`` to its outcome, doing each operation with blocking calls."""
@@ -74,69 +84,77 @@ def run_flow(
             error, send = exc, None
 
 
-def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, fence: Flight | None) -> Any:
-    kind = type(op)
-    if kind is Read:
-        assert isinstance(op, Read)
-        return rt.read_sync(op.index, op.key, op.converter)
-    if kind is Write:
-        assert isinstance(op, Write)
-        return rt.write_sync(op)
-    if kind is Load:
-        assert isinstance(op, Load)
-        keeper = rt.lease_keeper(fence.key if fence else "", op.lease, policy.lease_ttl)
-        if keeper is not None:
-            keeper.start()
-        handed_over = False
-        try:
-            loaded = _load(rt, loader, policy, op.has_stale, fence, op.lease, keeper)
-            handed_over = loaded.soft_timed_out  # the late finisher stops the keeper
-            return loaded
-        finally:
-            if keeper is not None and not handed_over:
-                keeper.stop()
-    if kind is AcquireLease:
-        assert isinstance(op, AcquireLease)
-        if not rt.tier_usable(op.index, op.key):
-            return NO_LEASE
-        try:
-            return rt.lease_tier(op.index).acquire_lease(op.key, op.ttl)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "acquire_lease")
-            return NO_LEASE
-    if kind is ReleaseLease:
-        assert isinstance(op, ReleaseLease)
-        try:
-            rt.lease_tier(op.index).release_lease(op.key, op.token)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "release_lease")
-        return None
-    if kind is ReadMany:
-        assert isinstance(op, ReadMany)
-        if rt.tiers[op.index].in_process:
-            return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
-        return rt.read_many_sync(op.index, op.keys, op.converter)
-    if kind is WriteMany:
-        assert isinstance(op, WriteMany)
-        rt.write_many_sync(op.indices, op.items, op.fences, op.backfill)
-        return None
-    if kind is LoadMany:
-        assert isinstance(op, LoadMany)
-        return _load_many(rt, loader, op.keys)
-    if kind is WaitForEntry:
-        assert isinstance(op, WaitForEntry)
-        started = time.perf_counter()
-        try:
-            raw = rt.lease_tier(op.index).wait_for_entry(op.key, op.timeout)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+def _execute(
+    rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Policy | None, fence: Flight | None
+) -> Any:
+    """Do one command with blocking calls (through the runtime's tier gateway)."""
+    if rt.trace is not None:
+        rt.trace.append(cmd)
+    match cmd:
+        case Read():
+            return rt.read_sync(cmd.index, cmd.key, cmd.converter)
+        case Write():
+            return rt.write_sync(cmd)
+        case Load():
+            assert policy is not None  # only get_cached's flows load
+            return _run_load(rt, cmd, loader, policy, fence)
+        case AcquireLease():
+            return rt.acquire_lease_sync(cmd)
+        case ReleaseLease():
+            rt.release_lease_sync(cmd)
             return None
-        rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-        entry = rt.typed(op.index, op.key, raw, op.converter)
-        if entry is not None and entry.tags and not rt.coherence.tags_valid_sync(entry):
+        case WaitForEntry():
+            return rt.wait_for_entry_sync(cmd)
+        case ReadMany():
+            return rt.read_many_sync(cmd.index, cmd.keys, cmd.converter)
+        case WriteMany():
+            rt.write_many_sync(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
             return None
-        return entry
-    raise AssertionError(f"unknown operation {op!r}")
+        case LoadMany():
+            return _load_many(rt, loader, cmd.keys)
+        case DeleteAll():
+            rt.delete_sync(cmd.key, cmd.version)
+            return None
+        case ExpireAll():
+            rt.expire_sync(cmd.key, cmd.at, cmd.version)
+            return None
+        case ClearAll():
+            rt.clear_sync(cmd.prefix)
+            return None
+        case StoreTagTimes():
+            rt.store_tag_times_sync(cmd.tags, cmd.at)
+            return None
+        case Publish():
+            rt.coherence.publish_sync(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
+            return None
+        case _:
+            assert_never(cmd)
+
+
+def _run_load(
+    rt: Runtime, cmd: Load, loader: Callable[..., Any], policy: Policy, fence: Flight | None
+) -> Any:
+    """The loader under the policy's timeouts, with the lease kept alive by a thread meanwhile."""
+    keeper = rt.lease_keeper(fence.key if fence else "", cmd.lease, policy.lease_ttl)
+    if keeper is not None:
+        keeper.start()
+    handed_over = False
+    try:
+        loaded = _load(rt, loader, policy, cmd.has_stale, fence, cmd.lease, keeper)
+        handed_over = loaded.soft_timed_out  # the late finisher stops the keeper
+        return loaded
+    finally:
+        if keeper is not None and not handed_over:
+            keeper.stop()
+
+
+def _run_op(rt: Runtime, gen: Generator[Any, Any, Any]) -> Any:
+    """Run one of the engine's operation flows (no loader involved)."""
+    return run_flow(rt, gen, _no_loader, None, None)
+
+
+def _no_loader(*_: Any) -> Any:
+    raise AssertionError("this flow loads nothing")
 
 
 def _load_many(rt: Runtime, load_many: Callable[..., Any], keys: Sequence[str]) -> LoadOutcome:
@@ -492,7 +510,7 @@ def _run_leader_flow(
     first = rt.read_first
     if first is not None and not refresh:
         # The lease tier is read here, without the flow's machinery: most flights end on a hit
-        # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
+        # there (see _engine's theory). Anything but a fresh answer is handed to the flow.
         first_read = rt.read_sync(first, key, policy.converter)
         hit = rt.read_first_hit(key, policy, first_read)
         if hit is not None:
@@ -556,16 +574,8 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
     entry, _, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None:
         return entry.value
-    for i in rt.remote:
-        entry = rt.read_sync(i, key, conv)
-        if entry is None:
-            continue
-        if now < entry.fresh_until:
-            rt.write_sync(Write(range(i), key, entry, backfill=True))
-            return entry.value
-        if now < entry.stale_until and better_stale(entry, stale):
-            stale = entry
-    return stale.value if allow_stale and stale is not None else default
+    found, value = _run_op(rt, ops.get_flow(rt.plan, key, conv, stale, now, allow_stale))
+    return value if found else default
 
 
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
@@ -578,38 +588,20 @@ def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
         rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
-    rt.coherence.ensure_started()
-    entry = new_entry(rt, key, value, policy)
-    # A load of this key already running started before this write: it must not store its
-    # (older) result, even in an L1 that has meanwhile evicted this entry.
-    rt.coherence.invalidate_locally(key, entry.version, "mark")
-    if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
-        raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
-    rt.coherence.publish_sync("set", (key,), (), entry.version, entry.created_at)
+    _run_op(rt, ops.set_flow(rt.coherence, rt.plan, key, new_entry(rt, key, value, policy)))
 
 
 def delete(rt: Runtime, key: str) -> None:
-    version = next_version()
-    rt.coherence.invalidate_locally(key, version, "delete")
-    rt.delete_sync(key, version)
-    rt.coherence.publish_sync("delete", (key,), (), version, rt.clock())
+    _run_op(rt, ops.delete_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 def expire(rt: Runtime, key: str) -> None:
-    version, at = next_version(), rt.clock()
-    rt.coherence.invalidate_locally(key, version, "mark")
-    rt.expire_sync(key, at, version)
-    rt.coherence.publish_sync("expire", (key,), (), version, at)
+    _run_op(rt, ops.expire_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
-    at = rt.clock()
-    rt.coherence.invalidate_tags_locally(tags, at)
-    rt.store_tag_times_sync(tags, at)
-    rt.coherence.publish_sync("tags", (), tags, next_version(), at)
+    _run_op(rt, ops.tags_flow(rt.coherence, tags, next_version(), rt.clock()))
 
 
 def clear(rt: Runtime) -> None:
-    version = next_version()
-    rt.clear_sync(rt.coherence.prefix, version)
-    rt.coherence.publish_sync("clear", (), (), version, rt.clock())
+    _run_op(rt, ops.clear_flow(rt.coherence, next_version(), rt.clock()))
