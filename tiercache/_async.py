@@ -14,12 +14,13 @@ from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
 from ._compat import assert_never
 from ._engine import (
-    NOT_READ,
     AcquireLease,
     ClearAll,
     Command,
     DeleteAll,
     ExpireAll,
+    Join,
+    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -28,16 +29,17 @@ from ._engine import (
     Publish,
     Read,
     ReadMany,
+    Refresh,
     ReleaseLease,
     Source,
     StoreTagTimes,
     WaitForEntry,
     Write,
     WriteMany,
-    join_limit,
     many_flow,
     ops,
 )
+from ._engine.cached import cached_flow, lead_flow, refresh_flight
 from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError
 from ._events import EventKind
@@ -228,6 +230,15 @@ class FlowRun:
             case Publish():
                 await rt.coherence.publish_async(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
                 return None
+            case Leading():
+                self.fence = cmd.flight
+                return None
+            case Join():
+                return await wait_joined(rt, cmd.flight, cmd.limit)
+            case Refresh():
+                assert self.policy is not None
+                start_refresh(rt, cmd.key, self.loader, self.policy, cmd.current)
+                return None
             case _:
                 assert_never(cmd)
 
@@ -395,7 +406,7 @@ async def l1_walk(rt: Runtime, key: str, now: float) -> tuple[Entry | None, int,
 
 
 async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Outcome:
-    """The async get_cached after key checks: L1 walk, then join or lead the flight."""
+    """The async get_cached after key checks: the L1 walk here, the rest in the engine."""
     if rt.bypass:
         value = loader()
         if inspect.isawaitable(value):
@@ -404,54 +415,18 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
     now = rt.clock()
     if rt.l1:
         entry, i, stale = await l1_walk(rt, key, now)
+        if entry is not None and not policy.early_refresh:  # the common hit, without a flow
+            return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     else:
         entry, i, stale = None, -1, None
-    if entry is not None:
-        if policy.early_refresh and policy.wants_early_refresh(entry, now):
-            start_refresh(rt, key, loader, policy, entry)
-        return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
-        start_refresh(rt, key, loader, policy, stale)
-        return Outcome(stale.value, stale, Source.STALE_SWR)
     loop = asyncio.get_running_loop()
-    rt.coherence.ensure_started()
-    # Join the key's flight, or lead it inline (no task is created unless the leader is
-    # cancelled: then a task takes over the pending operation and finishes for the joiners).
-    while True:
-        flight, leader = rt.flights.join_or_lead(key, loop)
-        if leader:
-            first = rt.read_first
-            if first is None:
-                return await lead(rt, flight, key, loader, policy, stale)
-            # The lease tier is read here, without the flow's machinery: most flights end on a
-            # hit there (see _engine's theory). Anything but a fresh answer goes to the flow.
-            guard = CancelGuard()
-            try:
-                first_read = await guard.run(rt.read_async(first, key, policy.converter))
-                if guard.cancelled():  # swallowed by the tier client: honour it (see CancelGuard)
-                    raise asyncio.CancelledError
-            except BaseException as exc:  # as in lead(); a take-over runs the whole flow
-                run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, False), loader, policy, flight)
-                _leader_gave_up(rt, run, flight, key, loader, policy, exc)
-                raise
-            hit = rt.read_first_hit(key, policy, first_read)
-            if hit is not None:
-                _finished(rt, flight, key, loader, policy, hit)
-                return hit
-            return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
-        rt.emit(EventKind.JOIN, key)
-        limit, serve_stale = join_limit(policy, stale, now)
-        if not await wait_joined(rt, flight, limit):
-            if serve_stale and stale is not None:
-                rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
-                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
-            rt.flights.detach(flight)  # hung past our own hard_timeout: lead a new flight
-            continue
-        if isinstance(flight.error, FlightAborted):
-            continue
-        shared: Outcome = flight.result()
-        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+    run = FlowRun(rt, cached_flow(rt, key, policy, (entry, i, stale), now, loop=loop), loader, policy, None)
+    try:
+        outcome: Outcome = await run.run()
+    except asyncio.CancelledError:
+        _leader_cancelled(rt, run)
+        raise
+    return outcome
 
 
 _ORPHAN_CHECK = 0.25  # how often a joiner of another loop's flight checks that loop still runs
@@ -476,93 +451,53 @@ async def wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
             return False
 
 
-async def lead(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Loader,
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-    first_read: Any = NOT_READ,
-) -> Outcome:
-    """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome.
-
-    A cancelled *background* refresh (``refresh``) is abandoned, never taken over: nobody awaits
-    it, and its cancel usually means the loop is ending (``asyncio.run`` returning), where a new
-    task would never run and the flight would never be resolved."""
-    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
-    run = FlowRun(rt, gen, loader, policy, flight)
-    try:
-        outcome: Outcome = await run.run()
-    except BaseException as exc:
-        if refresh and isinstance(exc, asyncio.CancelledError):
-            run.abort()
-            rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
-        else:
-            _leader_gave_up(rt, run, flight, key, loader, policy, exc)
-        raise
-    _finished(rt, flight, key, loader, policy, outcome)
-    return outcome
-
-
-def _leader_gave_up(
-    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy, exc: BaseException
-) -> None:
-    """The leader's await raised ``exc`` (the caller re-raises it). Cancelled: the caller gave up,
-    the joiners have not, so a task finishes ``run`` for them (on aclose() the flight is abandoned
-    and the loader stopped instead). Anything else ends the flight with that error."""
-    if isinstance(exc, asyncio.CancelledError):
-        if rt.closing:
-            run.abort()
-            rt.flights.finish(flight, error=FlightAborted("cache closed"))
-        else:
-            rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
-    elif isinstance(exc, Exception):
-        rt.flights.finish(flight, error=exc)
+def _leader_cancelled(rt: Runtime, run: FlowRun) -> None:
+    """The caller was cancelled (it re-raises). If it led a flight, its joiners still wait: a
+    task finishes the run for them -- the pending command redone, a started loader re-awaited,
+    the flight resolved by the flow itself. On aclose() the flight is abandoned instead."""
+    flight = run.fence
+    if flight is None or flight.done:
+        return  # a joiner only stops waiting
+    if rt.closing:
+        run.abort()
+        rt.flights.finish(flight, error=FlightAborted("cache closed"))
     else:
-        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run)))
 
 
-async def _take_over(
-    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy
-) -> None:
+async def _take_over(rt: Runtime, run: FlowRun) -> None:
     try:
-        outcome: Outcome = await run.run()
-    except Exception as exc:
-        rt.flights.finish(flight, error=exc)
+        await run.run()
+    except Exception:  # the flow ended its flight with it already
         return
     except BaseException as exc:  # cancelled again (loop shutting down, aclose): joiners start anew
         run.abort()
-        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        if run.fence is not None:
+            rt.flights.finish(run.fence, error=FlightAborted(repr(exc)))
         raise
-    _finished(rt, flight, key, loader, policy, outcome)
-
-
-def _finished(
-    rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, outcome: Outcome
-) -> None:
-    if not outcome.late:  # else the late finisher resolves the flight (FlowRun._finish_late)
-        rt.flights.finish(flight, outcome)
-    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
-    if outcome.refresh:
-        start_refresh(rt, key, loader, policy, outcome.entry)
 
 
 def start_refresh(rt: Runtime, key: str, loader: Loader, policy: Policy, current: Entry | None) -> None:
     """Refresh ``key`` in a background task, unless a flight for it is already running."""
     loop = asyncio.get_running_loop()
-    flight, leader = rt.flights.join_or_lead(key, loop)
-    if leader:
+    flight = refresh_flight(rt, key, loop)
+    if flight is not None:
         rt.track(loop.create_task(_refresh(rt, flight, key, loader, policy, current)))
 
 
 async def _refresh(
     rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, current: Entry | None
 ) -> None:
+    """A background refresh. Cancelled, it is abandoned, never taken over: nobody awaits it, and
+    its cancel usually means the loop is ending (``asyncio.run`` returning), where a new task
+    would never run and the flight would never be resolved."""
+    run = FlowRun(rt, lead_flow(rt, flight, key, policy, current, refresh=True), loader, policy, flight)
     try:
-        await lead(rt, flight, key, loader, policy, current, refresh=True)
+        await run.run()
+    except asyncio.CancelledError:
+        run.abort()
+        rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
+        raise
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
         logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
 

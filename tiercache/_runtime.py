@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from ._bus import Bus
@@ -20,18 +20,13 @@ from ._coalesce import ReadCoalescer
 from ._coherence import Coherence
 from ._engine import (
     NO_LEASE,
-    NOT_READ,
     AcquireLease,
-    Command,
     FillPlan,
     LoadOutcome,
-    Outcome,
     ReleaseLease,
     WaitForEntry,
     Write,
     better_stale,
-    fill_flow,
-    tier_hit,
 )
 from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
@@ -161,9 +156,6 @@ class Runtime:
             write_order=tuple(reversed(range(len(self.tiers)))),
             clock=clock,
         )
-        # The tier a flight's leader reads before starting the flow (see _engine): the first tier
-        # below L1, when it is also the lease tier (the common memory -> Redis chain).
-        self.read_first: int | None = lease if lease is not None and self.remote[:1] == (lease,) else None
         store = next((i for i in self.remote if isinstance(self.tiers[i], TagStore)), None)
         self.coherence = Coherence(
             namespace,
@@ -793,42 +785,6 @@ class Runtime:
     def lease_tier(self, index: int) -> LeaseTier:
         tier: Any = self.tiers[index]
         return tier  # type: ignore[no-any-return]
-
-    def read_first_hit(self, key: str, policy: Policy, entry: Entry | None) -> Outcome | None:
-        """The leader's answer from the ``read_first`` tier when it is fresh, back-filled into the
-        in-process tiers above it (a sync write: nothing to await); None hands it to the flow."""
-        if entry is None:
-            return None
-        now = self.clock()
-        if not now < entry.fresh_until:
-            return None
-        first = self.read_first
-        assert first is not None  # only the drivers' read_first path calls this
-        if first > 0:
-            self.write_sync(Write(range(first), key, entry, backfill=True))
-        return tier_hit(self.plan, policy, first, entry, now)
-
-    def fill_flow(
-        self,
-        flight: Flight,
-        key: str,
-        policy: Policy,
-        stale: Entry | None,
-        refresh: bool,
-        first_read: Any = NOT_READ,
-    ) -> Generator[Command, Any, Outcome]:
-        """The flow a flight's leader runs (see ``_engine``), bound to this cache's tiers."""
-        return fill_flow(
-            self.plan,
-            key,
-            policy,
-            stale=stale,
-            version=flight.version,
-            fence=flight,
-            refresh=refresh,
-            build=self.build_entry,
-            first_read=first_read,
-        )
 
     # --- entries --------------------------------------------------------------------------
 

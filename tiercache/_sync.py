@@ -15,12 +15,13 @@ from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
 from ._compat import assert_never
 from ._engine import (
-    NOT_READ,
     AcquireLease,
     ClearAll,
     Command,
     DeleteAll,
     ExpireAll,
+    Join,
+    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -29,16 +30,17 @@ from ._engine import (
     Publish,
     Read,
     ReadMany,
+    Refresh,
     ReleaseLease,
     Source,
     StoreTagTimes,
     WaitForEntry,
     Write,
     WriteMany,
-    join_limit,
     many_flow,
     ops,
 )
+from ._engine.cached import cached_flow, lead_flow, refresh_flight
 from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError
 from ._events import EventKind
@@ -69,7 +71,9 @@ def run_flow(
     policy: Policy | None,
     fence: Flight | None,
 ) -> Any:
-    """Drive ``gen`` to its outcome, doing each operation with blocking calls."""
+    """Drive ``gen`` to its outcome, doing each command with blocking calls. An error raised by
+    a command is thrown into the flow (which releases its lease, ends its flight, re-raises)."""
+    run = _Run(fence)
     send: Any = None
     error: BaseException | None = None
     while True:
@@ -79,17 +83,25 @@ def run_flow(
             return stop.value
         error = None
         try:
-            send = _execute(rt, op, loader, policy, fence)
-        except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
+            send = _execute(rt, op, loader, policy, run)
+        except BaseException as exc:
             error, send = exc, None
 
 
-def _execute(
-    rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Policy | None, fence: Flight | None
-) -> Any:
+class _Run:
+    """The state of one run of a flow: the flight it leads (its loads' fence), once it leads."""
+
+    __slots__ = ("fence",)
+
+    def __init__(self, fence: Flight | None) -> None:
+        self.fence = fence
+
+
+def _execute(rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Policy | None, run: _Run) -> Any:
     """Do one command with blocking calls (through the runtime's tier gateway)."""
     if rt.trace is not None:
         rt.trace.append(cmd)
+    fence = run.fence
     match cmd:
         case Read():
             return rt.read_sync(cmd.index, cmd.key, cmd.converter)
@@ -126,6 +138,15 @@ def _execute(
             return None
         case Publish():
             rt.coherence.publish_sync(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
+            return None
+        case Leading():
+            run.fence = cmd.flight
+            return None
+        case Join():
+            return _wait_joined(rt, cmd.flight, cmd.limit)
+        case Refresh():
+            assert policy is not None
+            start_refresh(rt, cmd.key, loader, policy, cmd.current)
             return None
         case _:
             assert_never(cmd)
@@ -440,40 +461,16 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Outcome:
-    """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
+    """The sync get_cached after key checks: the L1 walk here, the rest in the engine."""
     if rt.bypass:
         return Outcome(_call_loader(loader), None, Source.LOADED)
     now = rt.clock()
     entry, i, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
-    if entry is not None:
-        if policy.early_refresh and policy.wants_early_refresh(entry, now):
-            start_refresh(rt, key, loader, policy, entry)
+    if entry is not None and not policy.early_refresh:  # the common hit, without a flow
         return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
-        start_refresh(rt, key, loader, policy, stale)
-        return Outcome(stale.value, stale, Source.STALE_SWR)
-    rt.coherence.ensure_started()
-    while True:
-        flight, leader = rt.flights.join_or_lead(key, None)
-        if leader:
-            return lead(rt, flight, key, loader, policy, stale)
-        if flight.loop is not None and flight.loop is _current_loop():
-            # Joining would block the very loop the leader runs on: fill on our own instead.
-            solo = Flight(key, next_version(), None)
-            return _run_leader_flow(rt, solo, key, loader, policy, stale)
-        rt.emit(EventKind.JOIN, key)
-        limit, serve_stale = join_limit(policy, stale, now)
-        if not _wait_joined(rt, flight, limit):
-            if serve_stale and stale is not None:
-                rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
-                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
-            rt.flights.detach(flight)  # hung past our own hard_timeout: lead a new flight
-            continue
-        if isinstance(flight.error, FlightAborted):
-            continue
-        shared: Outcome = flight.result()
-        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+    flow = cached_flow(rt, key, policy, (entry, i, stale), now, loop=None, blocking_loop=_current_loop())
+    outcome: Outcome = run_flow(rt, flow, loader, policy, None)
+    return outcome
 
 
 _ORPHAN_CHECK = 0.25  # how often a waiting joiner checks that its leader's event loop still runs
@@ -497,64 +494,17 @@ def _wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
             return False
 
 
-def _run_leader_flow(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Callable[[], Any],
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-) -> Outcome:
-    first_read: Any = NOT_READ
-    first = rt.read_first
-    if first is not None and not refresh:
-        # The lease tier is read here, without the flow's machinery: most flights end on a hit
-        # there (see _engine's theory). Anything but a fresh answer is handed to the flow.
-        first_read = rt.read_sync(first, key, policy.converter)
-        hit = rt.read_first_hit(key, policy, first_read)
-        if hit is not None:
-            return hit
-    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
-    outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
-    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
-    return outcome
-
-
-def lead(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Callable[[], Any],
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-) -> Outcome:
-    """Run the flow as this flight's leader, then resolve the flight for everyone who joined."""
-    try:
-        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh)
-    except BaseException as exc:
-        rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
-        raise
-    if not outcome.late:  # else the late finisher resolves the flight (see _Late)
-        rt.flights.finish(flight, outcome)
-    if outcome.refresh:
-        start_refresh(rt, key, loader, policy, outcome.entry)
-    return outcome
-
-
 def start_refresh(
     rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy, current: Entry | None
 ) -> None:
     """Refresh ``key`` in a background thread, unless a flight for it is already running."""
-    flight, leader = rt.flights.join_or_lead(key, None)
-    if not leader:
+    flight = refresh_flight(rt, key, None)
+    if flight is None:
         return
 
     def refresh() -> None:
         try:
-            lead(rt, flight, key, loader, policy, current, refresh=True)
+            run_flow(rt, lead_flow(rt, flight, key, policy, current, refresh=True), loader, policy, flight)
         except Exception as exc:
             logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
         finally:

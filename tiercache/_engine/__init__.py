@@ -79,6 +79,8 @@ from .commands import (
     DeleteAll,
     ExpireAll,
     FillPlan,
+    Join,
+    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -87,6 +89,7 @@ from .commands import (
     Publish,
     Read,
     ReadMany,
+    Refresh,
     ReleaseLease,
     Source,
     StoreTagTimes,
@@ -94,11 +97,10 @@ from .commands import (
     Write,
     WriteMany,
 )
-from .fill import NOT_READ, better_stale, fill_flow, join_limit, tier_hit
+from .fill import better_stale, fill_flow, join_limit, tier_hit
 from .many import many_flow
 
 __all__ = [
-    "NOT_READ",
     "NO_LEASE",
     "AcquireLease",
     "ClearAll",
@@ -106,6 +108,8 @@ __all__ = [
     "DeleteAll",
     "ExpireAll",
     "FillPlan",
+    "Join",
+    "Leading",
     "Load",
     "LoadMany",
     "LoadOutcome",
@@ -114,6 +118,7 @@ __all__ = [
     "Publish",
     "Read",
     "ReadMany",
+    "Refresh",
     "ReleaseLease",
     "Source",
     "StoreTagTimes",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._entry import Entry
+from .._flight import Flight
 from .._serde import Converter
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "DeleteAll",
     "ExpireAll",
     "FillPlan",
+    "Join",
+    "Leading",
     "Load",
     "LoadMany",
     "LoadOutcome",
@@ -32,6 +35,7 @@ __all__ = [
     "Publish",
     "Read",
     "ReadMany",
+    "Refresh",
     "ReleaseLease",
     "Source",
     "StoreTagTimes",
@@ -235,6 +239,35 @@ class Publish:
     at: float
 
 
+# --- get_cached's commands for driver-owned resources (waiting, background work, the fence) -------
+
+
+@dataclass(slots=True)
+class Leading:
+    """This flow now leads ``flight``: the driver fences its loads with it (and, if the caller
+    goes away mid-flight, hands the rest of the flow to a take-over or abandons the flight)."""
+
+    flight: Flight
+
+
+@dataclass(slots=True)
+class Join:
+    """Wait for ``flight`` at most ``limit`` seconds (None: no limit); the driver sends back True
+    when it was resolved (or found dead and ended with FlightAborted), False at the limit."""
+
+    flight: Flight
+    limit: float | None
+
+
+@dataclass(slots=True)
+class Refresh:
+    """Start a background refresh of ``key`` (a thread or a task running ``lead_flow`` with
+    ``refresh=True``) unless a flight for it is running; ``current`` is the entry served now."""
+
+    key: str
+    current: Entry | None
+
+
 Command = (
     Read
     | Write
@@ -250,4 +283,7 @@ Command = (
     | ClearAll
     | StoreTagTimes
     | Publish
+    | Leading
+    | Join
+    | Refresh
 )

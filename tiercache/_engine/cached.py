@@ -1,0 +1,140 @@
+"""``get_cached`` after the L1 walk: SWR and early refresh, join-or-lead, and the leader's flow.
+
+``cached_flow`` is what both drivers run for a ``get_cached`` call once the in-process tiers have
+been walked (the walk itself, which may fetch tag times, is the drivers' I/O). ``lead_flow`` is
+what a flight's leader runs -- also a background refresh -- and ends by resolving the flight.
+The drivers answer :class:`Leading`, :class:`Join` and :class:`Refresh` with what they own: the
+flow's fence, the waiting (threads block, tasks await, both watch for a dead leader), and the
+background thread or task. See the package essay for the algorithm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from typing import Any, Protocol
+
+from .._coherence import Coherence
+from .._entry import Entry, next_version
+from .._events import EventKind
+from .._flight import Flight, FlightAborted, FlightRegistry
+from .._policy import Policy
+from .commands import FillPlan, Join, Leading, LoadOutcome, Outcome, Refresh, Source
+from .fill import fill_flow, join_limit
+
+__all__ = ["CachedHost", "cached_flow", "lead_flow", "refresh_flight"]
+
+
+class CachedHost(Protocol):
+    """What these flows need from the cache's runtime (in-process state only, no I/O)."""
+
+    plan: FillPlan
+    flights: FlightRegistry
+    coherence: Coherence
+    names: tuple[str, ...]
+
+    def emit(
+        self,
+        kind: str,
+        key: str,
+        tier: int | None = None,
+        duration: float | None = None,
+        error: BaseException | None = None,
+        source: str | None = None,
+    ) -> None: ...
+
+    def build_entry(
+        self, key: str, value: Any, policy: Policy, loaded: LoadOutcome, version: int
+    ) -> Entry | None: ...
+
+
+Walked = tuple[Entry | None, int, Entry | None]  # (fresh entry, its index, best stale) from L1
+
+
+def cached_flow(
+    host: CachedHost,
+    key: str,
+    policy: Policy,
+    walked: Walked,
+    now: float,
+    *,
+    loop: asyncio.AbstractEventLoop | None,
+    blocking_loop: asyncio.AbstractEventLoop | None = None,
+) -> Generator[Any, Any, Outcome]:
+    """The answer to ``get_cached`` given what L1 held. ``loop`` is the caller's event loop when
+    it awaits (its flights belong to that loop), None for a blocking caller; ``blocking_loop`` is
+    the loop running in a blocking caller's thread, if any: joining a flight of that loop would
+    block the loop its leader needs, so such a caller fills on its own instead."""
+    entry, index, stale = walked
+    if entry is not None:
+        if policy.early_refresh and policy.wants_early_refresh(entry, now):
+            yield Refresh(key, entry)
+        return Outcome(entry.value, entry, f"L{index + 1}", host.names[index])
+    if stale is not None and policy.swr:
+        host.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
+        yield Refresh(key, stale)
+        return Outcome(stale.value, stale, Source.STALE_SWR)
+    host.coherence.ensure_started()
+    while True:
+        flight, leader = host.flights.join_or_lead(key, loop)
+        if leader:
+            return (yield from lead_flow(host, flight, key, policy, stale))
+        if blocking_loop is not None and flight.loop is blocking_loop:
+            solo = Flight(key, next_version(), None)  # never registered: nobody joins it
+            return (yield from lead_flow(host, solo, key, policy, stale))
+        host.emit(EventKind.JOIN, key)
+        limit, serve_stale = join_limit(policy, stale, now)
+        resolved: bool = yield Join(flight, limit)
+        if not resolved:
+            if serve_stale and stale is not None:
+                host.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
+                return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
+            host.flights.detach(flight)  # hung past our own hard_timeout: lead a new flight
+            continue
+        if isinstance(flight.error, FlightAborted):
+            continue  # its leader went away without an outcome: start anew
+        shared: Outcome = flight.result()
+        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+
+
+def lead_flow(
+    host: CachedHost,
+    flight: Flight,
+    key: str,
+    policy: Policy,
+    stale: Entry | None,
+    refresh: bool = False,
+) -> Generator[Any, Any, Outcome]:
+    """Lead ``flight``: run ``fill_flow``, resolve the flight for its joiners (unless a late load
+    now owns it), and ask for a background refresh when the answer wants one. An error thrown in
+    by the driver ends the flight with it (a non-Exception one as FlightAborted: joiners retry)."""
+    yield Leading(flight)
+    try:
+        outcome = yield from fill_flow(
+            host.plan,
+            key,
+            policy,
+            stale=stale,
+            version=flight.version,
+            fence=flight,
+            refresh=refresh,
+            build=host.build_entry,
+        )
+    except BaseException as exc:
+        if not isinstance(exc, GeneratorExit):
+            error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
+            host.flights.finish(flight, error=error)
+        raise
+    if not outcome.late:  # else the driver's late finisher resolves the flight
+        host.flights.finish(flight, outcome)
+    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
+        host.emit(EventKind.STALE_SERVED, key, source=outcome.source)
+    if outcome.refresh:
+        yield Refresh(key, outcome.entry)
+    return outcome
+
+
+def refresh_flight(host: CachedHost, key: str, loop: asyncio.AbstractEventLoop | None) -> Flight | None:
+    """The flight a background refresh of ``key`` leads, or None if one is running already."""
+    flight, leader = host.flights.join_or_lead(key, loop)
+    return flight if leader else None
