@@ -69,11 +69,16 @@ Loader = Callable[[], Any]
 _HAS_CANCELLING = sys.version_info >= (3, 11)
 
 
-def _cancel_requests(task: asyncio.Task[Any]) -> int:
-    """How many cancels of ``task`` are pending (``Task.cancelling()``; 0 before 3.11)."""
-    if sys.version_info >= (3, 11):
+if sys.version_info >= (3, 11):
+
+    def _cancel_requests(task: asyncio.Task[Any]) -> int:
+        """How many cancels of ``task`` are pending (``Task.cancelling()``)."""
         return task.cancelling()
-    return 0  # pragma: no cover - 3.10 awaits tier calls apart instead (see CancelGuard)
+
+else:  # pragma: no cover - 3.10 awaits tier calls apart instead (see CancelGuard)
+
+    def _cancel_requests(task: asyncio.Task[Any]) -> int:
+        return 0
 
 
 class CancelGuard:
@@ -169,6 +174,9 @@ class FlowRun:
             if self._done is not None:  # done before a cancel we honoured: do not redo it
                 (send,), self._done = self._done, None
                 self._pending = None
+                continue
+            if type(op) is Leading and self.rt.trace is None:  # no I/O: no await, no dispatch
+                self.fence, send, self._pending = op.flight, None, None
                 continue
             try:
                 if type(op) is Read and not self.rt.tiers[op.index].in_process and self.rt.trace is None:
