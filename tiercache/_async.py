@@ -24,7 +24,6 @@ from ._engine import (
     Load,
     LoadMany,
     LoadOutcome,
-    ManyResult,
     Outcome,
     Publish,
     Read,
@@ -36,10 +35,9 @@ from ._engine import (
     WaitForEntry,
     Write,
     WriteMany,
-    many_flow,
     ops,
 )
-from ._engine.cached import cached_flow, lead_flow, refresh_flight
+from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
 from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError
 from ._events import EventKind
@@ -47,7 +45,7 @@ from ._flight import Flight, FlightAborted
 from ._policy import Policy
 from ._runtime import LeaseKeeper, Runtime
 from ._serde import Converter
-from ._sync import finish_many, new_entry
+from ._sync import new_entry
 
 __all__ = [
     "FlowRun",
@@ -513,7 +511,7 @@ async def _refresh(
 async def get_many_cached(
     rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
 ) -> dict[str, Outcome]:
-    """The async ``get_many_cached`` (see the sync driver's for the algorithm)."""
+    """The async ``get_many_cached``: one L1 pass here, the rest in the engine."""
     if rt.bypass:
         values = load_many(list(keys))
         if inspect.isawaitable(values):
@@ -522,52 +520,20 @@ async def get_many_cached(
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
-    rt.coherence.ensure_started()
-    for key in dict.fromkeys(keys):
-        entry, i, best_stale = await l1_walk(rt, key, now)
-        if best_stale is not None:
-            stale[key] = best_stale
-        if entry is not None:
-            results[key] = Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    missing = [k for k in dict.fromkeys(keys) if k not in results]
+    unique = list(dict.fromkeys(keys))
+    for key in unique:
+        take_l1(rt, key, await l1_walk(rt, key, now), results, stale)
     loop = asyncio.get_running_loop()
-    led: dict[str, Flight] = {}
-    joined: dict[str, Flight] = {}
-    for key in missing:
-        flight, leader = rt.flights.join_or_lead(key, loop)
-        (led if leader else joined)[key] = flight
-    if led:
-        gen = many_flow(
-            rt.plan,
-            list(led),
-            policy,
-            stale=stale,
-            versions={k: f.version for k, f in led.items()},
-            fences=dict(led),
-            build=rt.build_entry,
-        )
-        run = FlowRun(rt, gen, load_many, policy, None)
-        try:
-            result: ManyResult = await run.run()
-        except BaseException as exc:
-            run.abort()
-            finish_many(rt, led, _raise(exc))  # resolves the flights, re-raises
-            raise
-        finish_many(rt, led, lambda: result)
-        results.update(result.outcomes)
-    for key, flight in joined.items():
-        await wait_joined(rt, flight, None)
-        if flight.error is None:
-            outcome: Outcome = flight.outcome
-            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
-    return results
-
-
-def _raise(exc: BaseException) -> Callable[[], Any]:
-    def again() -> Any:
-        raise exc
-
-    return again
+    run = FlowRun(
+        rt, many_cached_flow(rt, unique, policy, results, stale, loop=loop), load_many, policy, None
+    )
+    try:
+        done: dict[str, Outcome] = await run.run()
+    except asyncio.CancelledError:
+        run.abort()  # stop the batch loader; closing the flow ends the flights it led
+        run.gen.close()
+        raise
+    return done
 
 
 async def _run_op(rt: Runtime, gen: Generator[Any, Any, Any]) -> Any:

@@ -25,7 +25,6 @@ from ._engine import (
     Load,
     LoadMany,
     LoadOutcome,
-    ManyResult,
     Outcome,
     Publish,
     Read,
@@ -37,10 +36,9 @@ from ._engine import (
     WaitForEntry,
     Write,
     WriteMany,
-    many_flow,
     ops,
 )
-from ._engine.cached import cached_flow, lead_flow, refresh_flight
+from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
 from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError
 from ._events import EventKind
@@ -197,70 +195,20 @@ def _load_many(rt: Runtime, load_many: Callable[..., Any], keys: Sequence[str]) 
 def get_many_cached(
     rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
 ) -> dict[str, Outcome]:
-    """Values for ``keys`` (full keys): one L1 pass, one multi-key read per lower tier, one call of
-    ``load_many`` for the rest; keys being loaded by other callers are joined, not reloaded."""
+    """Values for ``keys`` (full keys): one L1 pass here, the rest in the engine (one multi-key
+    read per lower tier, one call of ``load_many``, keys others are loading joined)."""
     if rt.bypass:
         return {k: Outcome(v, None, Source.LOADED) for k, v in load_many(list(keys)).items()}
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
-    rt.coherence.ensure_started()
-    for key in dict.fromkeys(keys):
-        entry = l1_lookup(rt, key, now, stale)
-        if entry is not None:
-            results[key] = entry
-    missing = [k for k in dict.fromkeys(keys) if k not in results]
-    led: dict[str, Flight] = {}
-    joined: dict[str, Flight] = {}
-    for key in missing:
-        flight, leader = rt.flights.join_or_lead(key, None)
-        (led if leader else joined)[key] = flight
-    if led:
-        gen = many_flow(
-            rt.plan,
-            list(led),
-            policy,
-            stale=stale,
-            versions={k: f.version for k, f in led.items()},
-            fences=dict(led),
-            build=rt.build_entry,
-        )
-        result = finish_many(rt, led, lambda: run_flow(rt, gen, load_many, policy, None))
-        results.update(result.outcomes)
-    for key, flight in joined.items():
-        _wait_joined(rt, flight, None)
-        if flight.error is None:
-            outcome: Outcome = flight.outcome
-            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
-    return results
-
-
-def finish_many(rt: Runtime, led: dict[str, Flight], run: Callable[[], Any]) -> ManyResult:
-    """Run a batch flow and resolve the flights it led, one outcome per key."""
-    try:
-        result: ManyResult = run()
-    except BaseException as exc:
-        error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
-        for flight in led.values():
-            rt.flights.finish(flight, error=error)
-        raise
-    for key, flight in led.items():
-        outcome = result.outcomes.get(key)
-        if outcome is not None:
-            rt.flights.finish(flight, outcome)
-        else:  # not returned by the loader (or it failed): joiners fall back to loading alone
-            rt.flights.finish(flight, error=FlightAborted("not returned by the batch loader"))
-    if result.error is not None and any(k not in result.outcomes for k in led):
-        raise result.error
-    return result
-
-
-def l1_lookup(rt: Runtime, key: str, now: float, stale: dict[str, Entry]) -> Outcome | None:
-    """A fresh in-process hit as an Outcome (back-filled upward), remembering stale copies."""
-    entry, i, best_stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
-    if best_stale is not None:
-        stale[key] = best_stale
-    return None if entry is None else Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
+    unique = list(dict.fromkeys(keys))
+    for key in unique:
+        entry, i, best_stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+        take_l1(rt, key, (entry, i, best_stale), results, stale)
+    flow = many_cached_flow(rt, unique, policy, results, stale, loop=None)
+    done: dict[str, Outcome] = run_flow(rt, flow, load_many, policy, None)
+    return done
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:

@@ -21,8 +21,9 @@ from .._flight import Flight, FlightAborted, FlightRegistry
 from .._policy import Policy
 from .commands import FillPlan, Join, Leading, LoadOutcome, Outcome, Refresh, Source
 from .fill import fill_flow, join_limit
+from .many import many_flow
 
-__all__ = ["CachedHost", "cached_flow", "lead_flow", "refresh_flight"]
+__all__ = ["CachedHost", "cached_flow", "lead_flow", "many_cached_flow", "refresh_flight", "take_l1"]
 
 
 class CachedHost(Protocol):
@@ -138,3 +139,68 @@ def refresh_flight(host: CachedHost, key: str, loop: asyncio.AbstractEventLoop |
     """The flight a background refresh of ``key`` leads, or None if one is running already."""
     flight, leader = host.flights.join_or_lead(key, loop)
     return flight if leader else None
+
+
+def take_l1(
+    host: CachedHost, key: str, walked: Walked, results: dict[str, Outcome], stale: dict[str, Entry]
+) -> None:
+    """Record one key's L1 walk for ``get_many_cached``: a fresh hit answers it, a stale copy is
+    remembered as its fail-safe candidate."""
+    entry, index, best_stale = walked
+    if best_stale is not None:
+        stale[key] = best_stale
+    if entry is not None:
+        results[key] = Outcome(entry.value, entry, f"L{index + 1}", host.names[index])
+
+
+def many_cached_flow(
+    host: CachedHost,
+    keys: list[str],
+    policy: Policy,
+    results: dict[str, Outcome],
+    stale: dict[str, Entry],
+    *,
+    loop: asyncio.AbstractEventLoop | None,
+) -> Generator[Any, Any, dict[str, Outcome]]:
+    """``get_many_cached`` after the L1 pass (``results`` holds its hits): lead the keys nobody is
+    loading (one ``many_flow``), join the others, and resolve every flight led, one outcome per
+    key. A key the batch loader did not return ends its flight with FlightAborted (its joiners
+    load it alone); the loader's error is raised when some led key got neither value nor stale."""
+    host.coherence.ensure_started()
+    led: dict[str, Flight] = {}
+    joined: dict[str, Flight] = {}
+    for key in keys:
+        if key not in results:
+            flight, leader = host.flights.join_or_lead(key, loop)
+            (led if leader else joined)[key] = flight
+    if led:
+        try:
+            result = yield from many_flow(
+                host.plan,
+                list(led),
+                policy,
+                stale=stale,
+                versions={k: f.version for k, f in led.items()},
+                fences=dict(led),
+                build=host.build_entry,
+            )
+        except BaseException as exc:  # GeneratorExit too: a driver that gave up closes the flow
+            error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
+            for flight in led.values():
+                host.flights.finish(flight, error=error)
+            raise
+        for key, flight in led.items():
+            outcome = result.outcomes.get(key)
+            if outcome is not None:
+                host.flights.finish(flight, outcome)
+            else:
+                host.flights.finish(flight, error=FlightAborted("not returned by the batch loader"))
+        if result.error is not None and any(k not in result.outcomes for k in led):
+            raise result.error
+        results.update(result.outcomes)
+    for key, flight in joined.items():
+        yield Join(flight, None)
+        if flight.error is None:
+            shared: Outcome = flight.outcome
+            results[key] = Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
+    return results
