@@ -38,6 +38,7 @@ from ._engine import (
     ops,
 )
 from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
+from ._engine.late import end_late, store_late
 from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError
 from ._events import EventKind
@@ -330,69 +331,48 @@ class FlowRun:
     async def _finish_late(
         self, task: asyncio.Future[Any], lease: tuple[int, str] | None, keeper: LeaseKeeper | None
     ) -> None:
-        """After a soft timeout: wait (up to the hard timeout, extending the lease), store the
-        result fenced by version, then release the lease and resolve the flight (see _engine)."""
+        """After a soft timeout: wait (up to the hard timeout, extending the lease), then the
+        engine stores the result, releases the lease and resolves the flight (``_engine.late``)."""
         rt, policy, fence = self.rt, self.policy, self.fence
         assert policy is not None
-        key = fence.key if fence else ""
         hard = policy.hard_timeout
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
             while True:
                 remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
-                step = (
-                    remaining
-                    if keeper is None
-                    else (keeper.every if remaining is None else min(keeper.every, remaining))
-                )
+                step = remaining
+                if keeper is not None:
+                    step = keeper.every if remaining is None else min(keeper.every, remaining)
                 await asyncio.wait({task}, timeout=step)
                 if task.done() or (remaining is not None and step == remaining):
                     break
                 if keeper is not None and not await keeper.aextend():
                     keeper = None
             if not task.done():
-                task.cancel()
-                error = LoaderTimeoutError(
-                    f"loader did not finish within hard_timeout={hard}s; it was cancelled"
-                )
+                task.cancel()  # hard_timeout: an async loader is cancelled
             elif task.cancelled():
                 error = LoaderTimeoutError("the loader was cancelled")
             elif task.exception() is not None:
                 error = task.exception()
-                logger.debug("tiercache: late loader for %s failed: %r", rt.log_key(key), error)
+                logger.debug("tiercache: late loader failed: %r", error)
             elif fence is not None:
-                value = task.result()
+                duration = time.perf_counter() - self._load_t0
                 loaded = LoadOutcome(
-                    value,
-                    started_at=self._load_started,
-                    duration=time.perf_counter() - self._load_t0,
-                    context=self._context,
+                    task.result(), started_at=self._load_started, duration=duration, context=self._context
                 )
-                entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
-                if entry is not None:
-                    await rt.write_async(
-                        Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence)
-                    )
-                outcome = Outcome(value, entry, Source.LOADED)
+                outcome = await FlowRun(
+                    rt, store_late(rt, fence, policy, loaded), _no_loader, None, fence
+                ).run()
         except BaseException as exc:  # cancelled (loop closing): joiners start anew
             task.cancel()
             if fence is not None:
                 rt.flights.finish(fence, error=FlightAborted(repr(exc)))
             raise
         finally:
-            if lease is not None:
-                try:
-                    await rt.lease_tier(lease[0]).arelease_lease(key, lease[1])
-                except Exception as exc:
-                    rt.tier_failed(lease[0], key, exc, "release_lease")
-        if fence is not None:
-            if outcome is not None:
-                rt.flights.finish(fence, outcome)
-            else:
-                rt.flights.finish(
-                    fence, error=error if isinstance(error, Exception) else FlightAborted(repr(error))
-                )
+            if fence is not None:
+                flow = end_late(rt, fence, policy, lease, True, outcome, error)
+                await FlowRun(rt, flow, _no_loader, None, fence).run()
 
 
 # --- the public operations ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from ._engine import (
     ops,
 )
 from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
+from ._engine.late import end_late, store_late
 from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError
 from ._events import EventKind
@@ -345,24 +346,14 @@ class _Late:
         self._arrived(self.box)
 
     def _arrived(self, box: _Box) -> None:
-        rt, fence = self.rt, self.fence
+        fence = self.fence
         outcome: Outcome | None = None
         if box.error is None and fence is not None:
-            loaded = LoadOutcome(
-                box.value,
-                started_at=self.started,
-                duration=time.perf_counter() - self.t0,
-                context=box.context,
+            duration = time.perf_counter() - self.t0
+            loaded = LoadOutcome(box.value, started_at=self.started, duration=duration, context=box.context)
+            outcome = run_flow(
+                self.rt, store_late(self.rt, fence, self.policy, loaded), _no_loader, None, fence
             )
-            entry = rt.build_entry(fence.key, box.value, self.policy, loaded, fence.version)
-            if entry is not None:
-                try:
-                    rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
-                except Exception:
-                    logger.exception(
-                        "tiercache: storing a late loader result for %s failed", rt.log_key(fence.key)
-                    )
-            outcome = Outcome(box.value, entry, Source.LOADED)
         elif box.error is not None:
             logger.debug("tiercache: late loader failed: %r", box.error)
         self._end(outcome)
@@ -375,27 +366,13 @@ class _Late:
             self._ended = True
         if self._timer is not None:
             self._timer.cancel()
-        rt = self.rt
         if self.keeper is not None:
             self.keeper.stop()
-        if self.lease is not None and self.fence is not None:
-            index, token = self.lease
-            try:
-                rt.lease_tier(index).release_lease(self.fence.key, token)
-            except Exception as exc:
-                rt.tier_failed(index, self.fence.key, exc, "release_lease")
-        if self.owns_flight and self.fence is not None:
-            if outcome is not None:
-                rt.flights.finish(self.fence, outcome)
-            else:
-                error = self.box.error if isinstance(self.box.error, Exception) else None
-                rt.flights.finish(
-                    self.fence,
-                    error=error
-                    or LoaderTimeoutError(
-                        f"loader did not finish within hard_timeout={self.policy.hard_timeout}s"
-                    ),
-                )
+        if self.fence is not None:
+            flow = end_late(
+                self.rt, self.fence, self.policy, self.lease, self.owns_flight, outcome, self.box.error
+            )
+            run_flow(self.rt, flow, _no_loader, None, self.fence)
 
 
 # --- the public operations ----------------------------------------------------------------
