@@ -16,13 +16,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from ._bus import Bus, BusMessage
 from ._entry import Entry, next_version
 from ._events import EventKind
 from ._flight import FlightRegistry
-from ._tier import NamespaceClearingTier, TagStore, Tier
+from ._tier import NamespaceClearingTier, Tier
 
 __all__ = ["Coherence"]
 
@@ -41,18 +41,21 @@ class Coherence:
         clock: Callable[[], float],
         flights: FlightRegistry,
         l1: Sequence[tuple[int, Tier]],
-        tag_store: tuple[int, TagStore] | None,
+        tag_store: int | None,
+        fetch_tag_times: Callable[[str, Sequence[str]], list[float | None] | None],
+        afetch_tag_times: Callable[[str, Sequence[str]], Awaitable[list[float | None] | None]],
         emit: Callable[..., None],
         tier_failed: Callable[[int, str, BaseException, str], None],
         expire_in_process: Callable[[int, str, float, int], None],
     ) -> None:
         """Only its collaborators: the clock, the flight registry (its lock guards the floors),
-        the in-process tiers by chain index, the shared tag store, and the tier gateway's
-        reporting and in-process expire (see ``Runtime``)."""
+        the in-process tiers by chain index, the shared tag store's index and the gateway's reads
+        of it (None: it could not be asked), and the gateway's reporting and in-process expire."""
         self._clock = clock
         self._flights = flights
         self._l1 = tuple(l1)
-        self._tag_tier = None if tag_store is None else tag_store[1]
+        self._fetch_tag_times = fetch_tag_times
+        self._afetch_tag_times = afetch_tag_times
         self._emit = emit
         self._tier_failed = tier_failed
         self._expire_in_process = expire_in_process
@@ -64,7 +67,7 @@ class Coherence:
         self.tag_refresh = tag_refresh
         # tag -> (invalidation time or None, when we learnt it)
         self.tag_times: dict[str, tuple[float | None, float]] = {}
-        self.tag_store: int | None = None if tag_store is None else tag_store[0]
+        self.tag_store: int | None = tag_store
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._last_seq: dict[str, int] = {}
@@ -112,26 +115,20 @@ class Coherence:
     def tags_valid_sync(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store = self._tag_tier
-            assert store is not None
-            try:
-                self._learn(entry.tags, store.get_tag_times(list(entry.tags)))
-            except Exception as exc:  # the store is down: decide on what we know
-                self._tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = self._fetch_tag_times(entry.key, entry.tags)
+            if times is None:  # the store is down: decide on what we know
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
     async def tags_valid_async(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store = self._tag_tier
-            assert store is not None
-            try:
-                self._learn(entry.tags, await store.aget_tag_times(list(entry.tags)))
-            except Exception as exc:
-                self._tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = await self._afetch_tag_times(entry.key, entry.tags)
+            if times is None:
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 

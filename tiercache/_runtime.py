@@ -164,7 +164,9 @@ class Runtime:
             clock=clock,
             flights=self.flights,
             l1=[(i, self.tiers[i]) for i in self.l1],
-            tag_store=None if store is None else (store, cast(TagStore, self.tiers[store])),
+            tag_store=store,
+            fetch_tag_times=self.tag_times_sync,
+            afetch_tag_times=self.tag_times_async,
             emit=self.emit,
             tier_failed=self.tier_failed,
             expire_in_process=self.expire_in_process,
@@ -696,6 +698,34 @@ class Runtime:
                     await tier.aclear(prefix)
                 except Exception as exc:
                     self.tier_failed(i, prefix, exc, "clear")
+
+    def tag_times_sync(self, key: str, tags: Sequence[str]) -> list[float | None] | None:
+        """The shared tag store's times for ``tags`` (for ``key``'s entry); None when it cannot
+        be asked (breaker open, or it failed: counted like any tier failure)."""
+        index = self.coherence.tag_store
+        if index is None or not self.tier_usable(index, key):
+            return None
+        store = cast(TagStore, self.tiers[index])
+        try:
+            times = store.get_tag_times(list(tags))
+        except Exception as exc:
+            self.tier_failed(index, key, exc, "get_tag_times")
+            return None
+        self._tier_ok(index)
+        return times
+
+    async def tag_times_async(self, key: str, tags: Sequence[str]) -> list[float | None] | None:
+        index = self.coherence.tag_store
+        if index is None or not self.tier_usable(index, key):
+            return None
+        store = cast(TagStore, self.tiers[index])
+        try:
+            times = await store.aget_tag_times(list(tags))
+        except Exception as exc:
+            self.tier_failed(index, key, exc, "get_tag_times")
+            return None
+        self._tier_ok(index)
+        return times
 
     def store_tag_times_sync(self, tags: Sequence[str], at: float) -> None:
         index = self.coherence.tag_store
