@@ -1,12 +1,12 @@
 """The tier gateway of one cache, and the state its drivers share (flights, coherence, tasks).
 
-Every call into a tier goes through here -- the engine's commands as the drivers execute them,
-Coherence's tag-store reads, the lease keeper -- so this is where tier failures stop: a failed read
+Every call into a shared tier goes through here -- the engine's commands as the drivers execute
+them, Coherence's tag-store reads, the lease keeper -- so this is where tier failures stop: a failed read
 is a miss, a failed write a counted skip, and ``breaker_threshold`` failures in a row open that
 tier's breaker for ``breaker_cooldown`` seconds (calls skip it; the first call after the cool-down
-probes). It makes no cache decision: those are the engine's (``_engine``). The exceptions, by
-design: the decorators' inline hit path reads an ``InlineL1`` first tier directly, and closing a
-cache closes its tiers.
+probes). It makes no cache decision: those are the engine's (``_engine``). In-process tiers are
+also touched directly by Coherence (dropping L1 copies on an invalidation) and by the inline hit
+path (an ``InlineL1`` first tier), which cannot fail the way a shared tier can.
 """
 
 from __future__ import annotations
