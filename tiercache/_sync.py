@@ -407,13 +407,13 @@ def _wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
     the caller starts anew instead of waiting forever."""
     deadline = None if limit is None else time.monotonic() + limit
     while True:
+        if flight.orphaned and not flight.done:  # checked first: a dead flight costs no wait
+            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
+            return True
         step = (
             _ORPHAN_CHECK if deadline is None else min(_ORPHAN_CHECK, max(0.0, deadline - time.monotonic()))
         )
         if flight.wait_sync(step):
-            return True
-        if flight.orphaned:
-            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
             return True
         if deadline is not None and time.monotonic() >= deadline:
             return False
