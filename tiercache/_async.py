@@ -207,7 +207,7 @@ class FlowRun:
             case Write():
                 return await rt.write_async(cmd)
             case Load():
-                return await self._load(cmd.has_stale, cmd.lease)
+                return await self._load(cmd.soft, cmd.hard, cmd.lease)
             case AcquireLease():
                 return await rt.acquire_lease_async(cmd)
             case ReleaseLease():
@@ -249,7 +249,9 @@ class FlowRun:
             case _:
                 assert_never(cmd)
 
-    async def _load(self, has_stale: bool, lease: tuple[int, str] | None = None) -> LoadOutcome:
+    async def _load(
+        self, soft: float | None, hard: float | None, lease: tuple[int, str] | None = None
+    ) -> LoadOutcome:
         rt, policy = self.rt, self.policy
         assert policy is not None  # only get_cached's flows load
         key = self.fence.key if self.fence is not None else ""
@@ -268,9 +270,7 @@ class FlowRun:
             finally:
                 _current_load.reset(token)
         task, t0 = self._load_task, self._load_t0
-        soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
-        hard = policy.hard_timeout
-        first = soft if soft is not None and (hard is None or soft < hard) else hard
+        first = soft if soft is not None else hard
         keeper = rt.lease_keeper(key, lease, policy.lease_ttl)
         while True:
             remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
@@ -291,7 +291,7 @@ class FlowRun:
                     raise failure
                 return self._failed(key, failure)
             return self._loaded(key, task.result())
-        if first == soft and soft is not None:
+        if soft is not None:
             # Soft timeout with something stale to serve: the load goes on, keeps the flight and
             # the lease (extended), stores its result, then resolves the flight and releases.
             rt.track(asyncio.get_running_loop().create_task(self._finish_late(task, lease, keeper)))

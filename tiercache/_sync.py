@@ -160,7 +160,7 @@ def _run_load(
         keeper.start()
     handed_over = False
     try:
-        loaded = _load(rt, loader, policy, cmd.has_stale, fence, cmd.lease, keeper)
+        loaded = _load(rt, loader, policy, cmd.soft, cmd.hard, fence, cmd.lease, keeper)
         handed_over = loaded.soft_timed_out  # the late finisher stops the keeper
         return loaded
     finally:
@@ -252,7 +252,8 @@ def _load(
     rt: Runtime,
     loader: Callable[[], Any],
     policy: Policy,
-    has_stale: bool,
+    soft: float | None,
+    hard: float | None,
     fence: Flight | None,
     lease: tuple[int, str] | None = None,
     keeper: LeaseKeeper | None = None,
@@ -260,8 +261,6 @@ def _load(
     key = fence.key if fence else ""
     started = rt.clock()
     t0 = time.perf_counter()
-    soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
-    hard = policy.hard_timeout
     ctx = LoadContext(key)
     token = _current_load.set(ctx)
     try:
@@ -284,9 +283,8 @@ def _load(
     threading.Thread(
         target=run_in_context, args=(box.run, loader), name="tiercache-loader", daemon=True
     ).start()
-    first = soft if soft is not None and (hard is None or soft < hard) else hard
-    if not box.done.wait(first):
-        if first == soft and soft is not None:
+    if not box.done.wait(soft if soft is not None else hard):
+        if soft is not None:
             # The caller gets stale now; the flight and the lease stay with the load (_Late).
             _Late(rt, box, policy, started, t0, fence, lease, keeper).start()
             return LoadOutcome(soft_timed_out=True, started_at=started)

@@ -33,6 +33,7 @@ from tiercache._engine import (
     WriteMany,
     fill_flow,
     join_limit,
+    load_timeouts,
     many_flow,
     ops,
 )
@@ -77,7 +78,7 @@ def test_a_cold_key_takes_the_lease_rereads_loads_writes_bottom_up_and_releases(
     assert gen.send(None) == AcquireLease(1, "k", 10.0)
     assert gen.send("tok") == Read(1, "k", None)  # someone may have written just before
     load = gen.send(None)
-    assert load == Load(has_stale=False, lease=(1, "tok"))
+    assert load == Load(None, None, lease=(1, "tok"))
     write = gen.send(LoadOutcome("v", started_at=NOW))
     assert isinstance(write, Write) and tuple(write.indices) == (1, 0) and not write.backfill
     assert write.entry.version == 7 and write.entry.value == "v"
@@ -102,7 +103,7 @@ def test_a_failing_loader_with_stale_throttles_and_serves_it(clock: FakeClock) -
     next(gen)
     gen.send(None)
     gen.send("tok")
-    assert gen.send(None) == Load(has_stale=True, lease=(1, "tok"))
+    assert gen.send(None) == Load(None, None, lease=(1, "tok"))
     throttle = gen.send(LoadOutcome(error=RuntimeError("db down")))
     assert isinstance(throttle, Write) and throttle.backfill
     assert throttle.entry.fresh_until == NOW + 5.0 and throttle.entry.version == stale.version
@@ -113,11 +114,11 @@ def test_a_failing_loader_with_stale_throttles_and_serves_it(clock: FakeClock) -
 
 def test_a_soft_timeout_hands_the_lease_to_the_late_load(clock: FakeClock) -> None:
     stale = make_entry("k", "old", NOW - 100, ttl=50, stale_ttl=200)
-    gen = fill(clock, Policy(ttl=60, soft_timeout=0.1), stale=stale)
+    gen = fill(clock, Policy(ttl=60, soft_timeout=0.1, hard_timeout=2.0), stale=stale)
     next(gen)
     gen.send(None)
     gen.send("tok")
-    gen.send(None)
+    assert gen.send(None) == Load(0.1, 2.0, lease=(1, "tok"))  # soft applies: stale can be served
     outcome = finish(gen, LoadOutcome(soft_timed_out=True))  # no ReleaseLease: the late load keeps it
     assert (outcome.value, outcome.source, outcome.late) == ("old", Source.STALE_FAILSAFE, True)
 
@@ -156,7 +157,7 @@ def test_a_failed_lease_tier_means_loading_without_a_lease(clock: FakeClock) -> 
     gen = fill(clock, Policy(ttl=60))
     next(gen)
     gen.send(None)
-    assert gen.send(NO_LEASE) == Load(has_stale=False, lease=None)
+    assert gen.send(NO_LEASE) == Load(None, None, lease=None)
     write = gen.send(LoadOutcome("v"))
     assert isinstance(write, Write)
     assert finish(gen, 2).source == Source.LOADED  # and no ReleaseLease
@@ -174,6 +175,13 @@ def test_many_flow_reads_once_per_tier_loads_the_rest_once(clock: FakeClock) -> 
     assert isinstance(write, WriteMany) and [k for k, _ in write.items] == ["b"]
     result = finish(gen, None)
     assert {k: o.value for k, o in result.outcomes.items()} == {"a": "A", "b": "B"}
+
+
+def test_load_timeouts_apply_soft_only_with_stale_and_before_hard() -> None:
+    assert load_timeouts(Policy(ttl=1, soft_timeout=0.1, hard_timeout=2.0), True) == (0.1, 2.0)
+    assert load_timeouts(Policy(ttl=1, soft_timeout=0.1, hard_timeout=2.0), False) == (None, 2.0)
+    assert load_timeouts(Policy(ttl=1, soft_timeout=3.0, hard_timeout=2.0), True) == (None, 2.0)
+    assert load_timeouts(Policy(ttl=1, soft_timeout=0.1, fail_safe=False), True) == (None, None)
 
 
 def test_join_limit_is_the_joiners_own() -> None:
@@ -241,7 +249,7 @@ def test_a_leader_announces_its_flight_and_resolves_it(clock: FakeClock) -> None
     assert isinstance(leading, Leading)
     assert rt.flights.get("tc:k") is leading.flight
     assert gen.send(None) == Read(0, "tc:k", None)
-    assert gen.send(None) == Load(has_stale=False, lease=None)
+    assert gen.send(None) == Load(None, None, lease=None)
     gen.send(LoadOutcome("v"))
     outcome = finish(gen, 1)
     assert outcome.value == "v" and leading.flight.done and rt.flights.get("tc:k") is None

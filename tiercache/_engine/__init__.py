@@ -97,7 +97,7 @@ from .commands import (
     Write,
     WriteMany,
 )
-from .fill import better_stale, fill_flow, join_limit, tier_hit
+from .fill import better_stale, fill_flow, join_limit, load_timeouts, tier_hit
 from .many import many_flow
 
 __all__ = [
@@ -128,6 +128,7 @@ __all__ = [
     "better_stale",
     "fill_flow",
     "join_limit",
+    "load_timeouts",
     "many_flow",
     "tier_hit",
 ]

@@ -111,15 +111,18 @@ class WaitForEntry:
 
 @dataclass(slots=True)
 class Load:
-    """Call the loader under the policy's timeouts; the driver sends back a LoadOutcome.
+    """Call the loader; the driver sends back a LoadOutcome.
 
-    ``has_stale`` tells the driver a soft timeout may be applied (there is something to serve).
+    ``soft``: seconds after which the driver stops waiting and answers ``soft_timed_out`` (the
+    load goes on, see ``_engine.late``); set only when a stale value can be served and it comes
+    before ``hard``. ``hard``: seconds after which the load has failed with LoaderTimeoutError.
     ``lease`` is ``(tier index, token)`` while this flight holds a distributed lease: the driver
     keeps extending it for as long as the loader runs, so a slow load does not let other processes
     start their own (a crashed process stops extending, and the lease expires).
     """
 
-    has_stale: bool
+    soft: float | None = None
+    hard: float | None = None
     lease: tuple[int, str] | None = None
 
 

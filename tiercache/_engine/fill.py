@@ -26,7 +26,7 @@ from .commands import (
     Write,
 )
 
-__all__ = ["FillOp", "better_stale", "fill_flow", "join_limit", "tier_hit"]
+__all__ = ["FillOp", "better_stale", "fill_flow", "join_limit", "load_timeouts", "tier_hit"]
 
 FillOp = Read | Write | AcquireLease | ReleaseLease | WaitForEntry | Load  # what fill_flow yields
 
@@ -44,6 +44,15 @@ def tier_hit(
     whether the caller should start an early (XFetch) refresh. Back-fill is the caller's part."""
     early = not refresh and policy.early_refresh and policy.wants_early_refresh(entry, now)
     return Outcome(entry.value, entry, f"L{index + 1}", plan.names[index], refresh=early)
+
+
+def load_timeouts(policy: Policy, has_stale: bool) -> tuple[float | None, float | None]:
+    """The timeouts a load runs under: ``(soft, hard)``. The soft one applies only when there is a
+    stale value to serve (and fail-safe allows serving it) and it comes before the hard one."""
+    soft, hard = policy.soft_timeout, policy.hard_timeout
+    if not (has_stale and policy.fail_safe) or (soft is not None and hard is not None and soft >= hard):
+        soft = None
+    return soft, hard
 
 
 def join_limit(policy: Policy, stale: Entry | None, now: float) -> tuple[float | None, bool]:
@@ -137,7 +146,8 @@ def fill_flow(
 
     try:
         holding = None if token is None or lease is None else (lease, token)
-        loaded: LoadOutcome = yield Load(has_stale=stale is not None, lease=holding)
+        soft, hard = load_timeouts(policy, stale is not None)
+        loaded: LoadOutcome = yield Load(soft, hard, lease=holding)
         if loaded.soft_timed_out:
             # The load goes on: the lease stays held (and extended) until its result is stored,
             # so no other process starts the same load; the driver's late finisher releases it.
