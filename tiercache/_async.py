@@ -43,8 +43,9 @@ from ._entry import Entry, next_version
 from ._errors import LoaderTimeoutError
 from ._events import EventKind
 from ._flight import Flight, FlightAborted
+from ._gateway import LeaseKeeper
 from ._policy import Policy
-from ._runtime import LeaseKeeper, Runtime
+from ._runtime import Runtime
 from ._serde import Converter
 from ._sync import new_entry
 
@@ -180,7 +181,7 @@ class FlowRun:
             try:
                 if type(op) is Read and not self.rt.tiers[op.index].in_process and self.rt.trace is None:
                     # The common case, without the dispatch coroutine in between.
-                    send = await guard.run(self.rt.read_async(op.index, op.key, op.converter))
+                    send = await guard.run(self.rt.gw.read_async(op.index, op.key, op.converter))
                 else:
                     send = await guard.run(self._execute(op))
             except asyncio.CancelledError:
@@ -202,37 +203,37 @@ class FlowRun:
         match cmd:
             case Read():
                 if rt.tiers[cmd.index].in_process:
-                    return rt.read_sync(cmd.index, cmd.key, cmd.converter)
-                return await rt.read_async(cmd.index, cmd.key, cmd.converter)
+                    return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter)
+                return await rt.gw.read_async(cmd.index, cmd.key, cmd.converter)
             case Write():
-                return await rt.write_async(cmd)
+                return await rt.gw.write_async(cmd)
             case Load():
                 return await self._load(cmd.soft, cmd.hard, cmd.lease)
             case AcquireLease():
-                return await rt.acquire_lease_async(cmd)
+                return await rt.gw.acquire_lease_async(cmd)
             case ReleaseLease():
-                await rt.release_lease_async(cmd)
+                await rt.gw.release_lease_async(cmd)
                 return None
             case WaitForEntry():
-                return await rt.wait_for_entry_async(cmd)
+                return await rt.gw.wait_for_entry_async(cmd)
             case ReadMany():
-                return await rt.read_many_async(cmd.index, cmd.keys, cmd.converter)
+                return await rt.gw.read_many_async(cmd.index, cmd.keys, cmd.converter)
             case WriteMany():
-                await rt.write_many_async(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
+                await rt.gw.write_many_async(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
                 return None
             case LoadMany():
                 return await self._load_many(cmd.keys)
             case DeleteAll():
-                await rt.delete_async(cmd.key, cmd.version)
+                await rt.gw.delete_async(cmd.key, cmd.version)
                 return None
             case ExpireAll():
-                await rt.expire_async(cmd.key, cmd.at, cmd.version)
+                await rt.gw.expire_async(cmd.key, cmd.at, cmd.version)
                 return None
             case ClearAll():
-                await rt.clear_async(cmd.prefix)
+                await rt.gw.clear_async(cmd.prefix)
                 return None
             case StoreTagTimes():
-                await rt.store_tag_times_async(cmd.tags, cmd.at)
+                await rt.gw.store_tag_times_async(cmd.tags, cmd.at)
                 return None
             case Publish():
                 await rt.coherence.publish_async(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
@@ -271,7 +272,7 @@ class FlowRun:
                 _current_load.reset(token)
         task, t0 = self._load_task, self._load_t0
         first = soft if soft is not None else hard
-        keeper = rt.lease_keeper(key, lease, policy.lease_ttl)
+        keeper = rt.gw.lease_keeper(key, lease, policy.lease_ttl)
         while True:
             remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
             step = remaining
@@ -382,12 +383,12 @@ async def l1_walk(rt: Runtime, key: str, now: float) -> tuple[Entry | None, int,
     """``Runtime.l1_walk`` for async callers: tag times it does not know are fetched, awaited."""
     coherence = rt.coherence
     while True:
-        entry, i, stale, unknown = rt.l1_walk(key, now, coherence.tags_valid_locally)
+        entry, i, stale, unknown = rt.gw.l1_walk(key, now, coherence.tags_valid_locally)
         if unknown is None:
             return entry, i, stale
         await coherence.tags_valid_async(unknown)  # learns the times (or gives up) ...
         if coherence.tags_valid_locally(unknown) is None:  # ... the store was unreachable
-            entry, i, stale, _ = rt.l1_walk(key, now, coherence.known_valid)
+            entry, i, stale, _ = rt.gw.l1_walk(key, now, coherence.known_valid)
             return entry, i, stale
 
 

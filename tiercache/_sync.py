@@ -44,8 +44,9 @@ from ._entry import Entry, next_version
 from ._errors import ConfigurationError, LoaderTimeoutError
 from ._events import EventKind
 from ._flight import Flight, FlightAborted
+from ._gateway import LeaseKeeper
 from ._policy import Policy
-from ._runtime import LeaseKeeper, Runtime
+from ._runtime import Runtime
 from ._serde import Converter
 
 __all__ = [
@@ -103,37 +104,37 @@ def _execute(rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Poli
     fence = run.fence
     match cmd:
         case Read():
-            return rt.read_sync(cmd.index, cmd.key, cmd.converter)
+            return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter)
         case Write():
-            return rt.write_sync(cmd)
+            return rt.gw.write_sync(cmd)
         case Load():
             assert policy is not None  # only get_cached's flows load
             return _run_load(rt, cmd, loader, policy, fence)
         case AcquireLease():
-            return rt.acquire_lease_sync(cmd)
+            return rt.gw.acquire_lease_sync(cmd)
         case ReleaseLease():
-            rt.release_lease_sync(cmd)
+            rt.gw.release_lease_sync(cmd)
             return None
         case WaitForEntry():
-            return rt.wait_for_entry_sync(cmd)
+            return rt.gw.wait_for_entry_sync(cmd)
         case ReadMany():
-            return rt.read_many_sync(cmd.index, cmd.keys, cmd.converter)
+            return rt.gw.read_many_sync(cmd.index, cmd.keys, cmd.converter)
         case WriteMany():
-            rt.write_many_sync(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
+            rt.gw.write_many_sync(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
             return None
         case LoadMany():
             return _load_many(rt, loader, cmd.keys)
         case DeleteAll():
-            rt.delete_sync(cmd.key, cmd.version)
+            rt.gw.delete_sync(cmd.key, cmd.version)
             return None
         case ExpireAll():
-            rt.expire_sync(cmd.key, cmd.at, cmd.version)
+            rt.gw.expire_sync(cmd.key, cmd.at, cmd.version)
             return None
         case ClearAll():
-            rt.clear_sync(cmd.prefix)
+            rt.gw.clear_sync(cmd.prefix)
             return None
         case StoreTagTimes():
-            rt.store_tag_times_sync(cmd.tags, cmd.at)
+            rt.gw.store_tag_times_sync(cmd.tags, cmd.at)
             return None
         case Publish():
             rt.coherence.publish_sync(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
@@ -155,7 +156,7 @@ def _run_load(
     rt: Runtime, cmd: Load, loader: Callable[..., Any], policy: Policy, fence: Flight | None
 ) -> Any:
     """The loader under the policy's timeouts, with the lease kept alive by a thread meanwhile."""
-    keeper = rt.lease_keeper(fence.key if fence else "", cmd.lease, policy.lease_ttl)
+    keeper = rt.gw.lease_keeper(fence.key if fence else "", cmd.lease, policy.lease_ttl)
     if keeper is not None:
         keeper.start()
     handed_over = False
@@ -205,7 +206,7 @@ def get_many_cached(
     stale: dict[str, Entry] = {}
     unique = list(dict.fromkeys(keys))
     for key in unique:
-        entry, i, best_stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+        entry, i, best_stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
         take_l1(rt, key, (entry, i, best_stale), results, stale)
     flow = many_cached_flow(rt, unique, policy, results, stale, loop=None)
     done: dict[str, Outcome] = run_flow(rt, flow, load_many, policy, None)
@@ -388,7 +389,7 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
     if rt.bypass:
         return Outcome(_call_loader(loader), None, Source.LOADED)
     now = rt.clock()
-    entry, i, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    entry, i, stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None and not policy.early_refresh:  # the common hit, without a flow
         return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     flow = cached_flow(rt, key, policy, (entry, i, stale), now, loop=None, blocking_loop=_current_loop())
@@ -444,7 +445,7 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
         return default
     now = rt.clock()
     rt.coherence.ensure_started()
-    entry, _, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    entry, _, stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None:
         return entry.value
     found, value = _run_op(rt, ops.get_flow(rt.plan, key, conv, stale, now, allow_stale))
@@ -453,7 +454,7 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
 
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
     entry = policy.new_entry(key, value, rt.clock(), version=next_version())
-    rt.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
+    rt.gw.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
     return entry
 
 
