@@ -185,3 +185,16 @@ def test_core_probes_no_undeclared_tier_attribute() -> None:
                 and isinstance(node.args[1], ast.Constant)
             ):
                 assert node.args[1].value not in probed, f"{path.name} probes {node.args[1].value!r}"
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    import re
+
+    line = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert line is not None
+    listed = set(re.findall(r'"([^"]+)"', line.group(1)))
+    found = {
+        ".".join(("tiercache", *init.parent.relative_to(ROOT / "tiercache").parts))
+        for init in (ROOT / "tiercache").rglob("__init__.py")
+    }
+    assert found <= listed, f"packages missing from pyproject's list: {sorted(found - listed)}"
