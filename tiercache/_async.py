@@ -20,7 +20,6 @@ from ._engine import (
     DeleteAll,
     ExpireAll,
     Join,
-    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -115,6 +114,14 @@ async def _apart(call: Coroutine[Any, Any, Any]) -> Any:
     return inner.result()
 
 
+def _not_yet() -> Generator[Any, Any, Any]:
+    raise AssertionError("FlowRun.gen was never set")
+    yield
+
+
+_NOT_YET = _not_yet()
+
+
 class FlowRun:
     """One run of the flow, resumable: if the task driving it is cancelled mid-operation, the
     pending operation is kept and :meth:`run` can be called again (from another task) to redo it
@@ -137,13 +144,13 @@ class FlowRun:
     def __init__(
         self,
         rt: Runtime,
-        gen: Generator[Any, Any, Any],
+        gen: Generator[Any, Any, Any] | None,
         loader: Loader,
         policy: Policy | None,
         fence: Flight | None,
     ) -> None:
         self.rt = rt
-        self.gen = gen
+        self.gen: Generator[Any, Any, Any] = gen if gen is not None else _NOT_YET  # see get_cached
         self.loader = loader
         self.policy = policy
         self.fence = fence
@@ -162,11 +169,14 @@ class FlowRun:
     async def run(self) -> Any:
         send: Any = None
         error: BaseException | None = None
-        guard = CancelGuard()
+        rt, gen = self.rt, self.gen
+        # Cancels already pending when this run started are the caller's business, not ours.
+        task = asyncio.current_task() if _HAS_CANCELLING else None
+        base = _cancel_requests(task) if task is not None else 0
         while True:
             if self._pending is None:
                 try:
-                    self._pending = self.gen.send(send) if error is None else self.gen.throw(error)
+                    self._pending = gen.send(send) if error is None else gen.throw(error)
                 except StopIteration as stop:
                     return stop.value
             error = None
@@ -175,20 +185,18 @@ class FlowRun:
                 (send,), self._done = self._done, None
                 self._pending = None
                 continue
-            if type(op) is Leading and self.rt.trace is None:  # no I/O: no await, no dispatch
-                self.fence, send, self._pending = op.flight, None, None
-                continue
             try:
-                if type(op) is Read and not self.rt.tiers[op.index].in_process and self.rt.trace is None:
+                if type(op) is Read and not rt.tiers[op.index].in_process and rt.trace is None:
                     # The common case, without the dispatch coroutine in between.
-                    send = await guard.run(self.rt.gw.read_async(op.index, op.key, op.converter))
+                    call = rt.gw.read_async(op.index, op.key, op.converter)
                 else:
-                    send = await guard.run(self._execute(op))
+                    call = self._execute(op)
+                send = await (call if task is not None else _apart(call))
             except asyncio.CancelledError:
                 raise  # the operation stays pending: a resumed run redoes it
             except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
                 error, send = exc, None
-            if error is None and guard.cancelled():
+            if task is not None and error is None and _cancel_requests(task) > base:
                 # Cancelled during the await, but the tier client swallowed it (redis-py's
                 # wait_for on 3.10/3.11): honour it. A resumed run takes the result as it is.
                 self._done = (send,)
@@ -237,9 +245,6 @@ class FlowRun:
                 return None
             case Publish():
                 await rt.coherence.publish_async(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
-                return None
-            case Leading():
-                self.fence = cmd.flight
                 return None
             case Join():
                 return await wait_joined(rt, cmd.flight, cmd.limit)
@@ -406,8 +411,8 @@ async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> O
             return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     else:
         entry, i, stale = None, -1, None
-    loop = asyncio.get_running_loop()
-    run = FlowRun(rt, cached_flow(rt, key, policy, (entry, i, stale), now, loop=loop), loader, policy, None)
+    run = FlowRun(rt, None, loader, policy, None)
+    run.gen = cached_flow(rt, key, policy, (entry, i, stale), now, loop=asyncio.get_running_loop(), slot=run)
     try:
         outcome: Outcome = await run.run()
     except asyncio.CancelledError:

@@ -21,7 +21,6 @@ from ._engine import (
     DeleteAll,
     ExpireAll,
     Join,
-    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -70,10 +69,13 @@ def run_flow(
     loader: Callable[..., Any],
     policy: Policy | None,
     fence: Flight | None,
+    run: _Run | None = None,
 ) -> Any:
     """Drive ``gen`` to its outcome, doing each command with blocking calls. An error raised by
-    a command is thrown into the flow (which releases its lease, ends its flight, re-raises)."""
-    run = _Run(fence)
+    a command is thrown into the flow (which releases its lease, ends its flight, re-raises).
+    ``run`` is the flow's fence slot, when the flow was given it."""
+    if run is None:
+        run = _Run(fence)
     send: Any = None
     error: BaseException | None = None
     while True:
@@ -138,9 +140,6 @@ def _execute(rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Poli
             return None
         case Publish():
             rt.coherence.publish_sync(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
-            return None
-        case Leading():
-            run.fence = cmd.flight
             return None
         case Join():
             return _wait_joined(rt, cmd.flight, cmd.limit)
@@ -392,8 +391,11 @@ def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy)
     entry, i, stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None and not policy.early_refresh:  # the common hit, without a flow
         return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    flow = cached_flow(rt, key, policy, (entry, i, stale), now, loop=None, blocking_loop=_current_loop())
-    outcome: Outcome = run_flow(rt, flow, loader, policy, None)
+    run = _Run(None)
+    flow = cached_flow(
+        rt, key, policy, (entry, i, stale), now, loop=None, blocking_loop=_current_loop(), slot=run
+    )
+    outcome: Outcome = run_flow(rt, flow, loader, policy, None, run)
     return outcome
 
 
@@ -428,7 +430,8 @@ def start_refresh(
 
     def refresh() -> None:
         try:
-            run_flow(rt, lead_flow(rt, flight, key, policy, current, refresh=True), loader, policy, flight)
+            flow = lead_flow(rt, flight, key, policy, current, refresh=True)
+            run_flow(rt, flow, loader, policy, flight)
         except Exception as exc:
             logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
         finally:

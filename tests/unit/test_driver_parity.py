@@ -234,5 +234,5 @@ def test_a_hard_timeout_trace_releases_the_lease() -> None:
         LoaderTimeoutError.__name__
     ]
     kinds = _kinds(world.cache._rt.trace or [])
-    assert kinds[:4] == ["Leading", "Read", "AcquireLease", "Read"]
-    assert kinds[4] == "Load" and "ReleaseLease" in kinds[5:]
+    assert kinds[:3] == ["Read", "AcquireLease", "Read"]
+    assert kinds[3] == "Load" and "ReleaseLease" in kinds[4:]

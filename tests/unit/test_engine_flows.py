@@ -16,7 +16,6 @@ from tiercache._engine import (
     ExpireAll,
     FillPlan,
     Join,
-    Leading,
     Load,
     LoadMany,
     LoadOutcome,
@@ -40,7 +39,7 @@ from tiercache._engine import (
 from tiercache._engine.cached import cached_flow, lead_flow
 from tiercache._entry import Entry
 from tiercache._errors import ValueTooLargeError
-from tiercache._flight import FlightAborted
+from tiercache._flight import Flight, FlightAborted
 from tiercache._policy import Policy
 from tiercache.testing import FakeClock, FakeRemoteTier, make_entry
 
@@ -242,37 +241,45 @@ def test_get_reads_through_and_answers_stale_only_when_asked(clock: FakeClock) -
 # --- get_cached after the L1 walk --------------------------------------------------------------
 
 
+class Slot:
+    fence: Flight | None = None
+
+
 def test_a_leader_announces_its_flight_and_resolves_it(clock: FakeClock) -> None:
     rt = TieredCache([FakeRemoteTier()], clock=clock)._rt
-    gen = cached_flow(rt, "tc:k", Policy(ttl=60), (None, -1, None), NOW, loop=None)
-    leading = next(gen)
-    assert isinstance(leading, Leading)
-    assert rt.flights.get("tc:k") is leading.flight
-    assert gen.send(None) == Read(0, "tc:k", None)
+    slot = Slot()
+    gen = cached_flow(rt, "tc:k", Policy(ttl=60), (None, -1, None), NOW, loop=None, slot=slot)
+    assert next(gen) == Read(0, "tc:k", None)
+    assert slot.fence is not None and rt.flights.get("tc:k") is slot.fence
     assert gen.send(None) == Load(None, None, lease=None)
     gen.send(LoadOutcome("v"))
     outcome = finish(gen, 1)
-    assert outcome.value == "v" and leading.flight.done and rt.flights.get("tc:k") is None
+    assert outcome.value == "v" and slot.fence.done and rt.flights.get("tc:k") is None
 
 
 def test_a_joiner_past_its_hard_timeout_detaches_the_flight_and_leads(clock: FakeClock) -> None:
     rt = TieredCache([FakeRemoteTier()], clock=clock)._rt
     hung, _ = rt.flights.join_or_lead("tc:k", None)
-    gen = cached_flow(rt, "tc:k", Policy(ttl=60, hard_timeout=0.5), (None, -1, None), NOW, loop=None)
+    slot = Slot()
+    gen = cached_flow(
+        rt, "tc:k", Policy(ttl=60, hard_timeout=0.5), (None, -1, None), NOW, loop=None, slot=slot
+    )
     assert next(gen) == Join(hung, 0.5)
-    leading = gen.send(False)  # not resolved within 0.5 s
-    assert isinstance(leading, Leading) and leading.flight is not hung
-    assert rt.flights.get("tc:k") is leading.flight
+    assert gen.send(False) == Read(0, "tc:k", None)  # not resolved within 0.5 s: leads anew
+    assert slot.fence is not None and slot.fence is not hung
+    assert rt.flights.get("tc:k") is slot.fence
     gen.close()
 
 
 def test_a_joiner_of_an_aborted_flight_starts_anew(clock: FakeClock) -> None:
     rt = TieredCache([FakeRemoteTier()], clock=clock)._rt
     gone, _ = rt.flights.join_or_lead("tc:k", None)
-    gen = cached_flow(rt, "tc:k", Policy(ttl=60), (None, -1, None), NOW, loop=None)
+    slot = Slot()
+    gen = cached_flow(rt, "tc:k", Policy(ttl=60), (None, -1, None), NOW, loop=None, slot=slot)
     assert next(gen) == Join(gone, None)
     rt.flights.finish(gone, error=FlightAborted("its event loop closed"))
-    assert isinstance(gen.send(True), Leading)
+    assert gen.send(True) == Read(0, "tc:k", None)
+    assert slot.fence is not None and slot.fence is not gone
     gen.close()
 
 
@@ -289,7 +296,6 @@ def test_an_error_thrown_into_a_leader_ends_its_flight(clock: FakeClock) -> None
     flight, _ = rt.flights.join_or_lead("tc:k", None)
     gen = lead_flow(rt, flight, "tc:k", Policy(ttl=60), None)
     next(gen)
-    gen.send(None)
     with pytest.raises(RuntimeError):
         gen.throw(RuntimeError("serialisation failed"))
     assert flight.done and isinstance(flight.error, RuntimeError)

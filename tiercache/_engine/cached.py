@@ -3,9 +3,10 @@
 ``cached_flow`` is what both drivers run for a ``get_cached`` call once the in-process tiers have
 been walked (the walk itself, which may fetch tag times, is the drivers' I/O). ``lead_flow`` is
 what a flight's leader runs -- also a background refresh -- and ends by resolving the flight.
-The drivers answer :class:`Leading`, :class:`Join` and :class:`Refresh` with what they own: the
-flow's fence, the waiting (threads block, tasks await, both watch for a dead leader), and the
-background thread or task. See the package essay for the algorithm.
+The drivers answer :class:`Join` and :class:`Refresh` with what they own: the waiting (threads
+block, tasks await, both watch for a dead leader) and the background thread or task; the flight a
+flow leads is put in the driver's ``FenceSlot`` (its loads' fence, and what a cancelled async
+leader hands to a take-over). See the package essay for the algorithm.
 """
 
 from __future__ import annotations
@@ -19,11 +20,25 @@ from .._entry import Entry, next_version
 from .._events import EventKind
 from .._flight import Flight, FlightAborted, FlightRegistry
 from .._policy import Policy
-from .commands import FillPlan, Join, Leading, LoadOutcome, Outcome, Refresh, Source
+from .commands import FillPlan, Join, LoadOutcome, Outcome, Refresh, Source
 from .fill import fill_flow, join_limit
 from .many import many_flow
 
-__all__ = ["CachedHost", "cached_flow", "lead_flow", "many_cached_flow", "refresh_flight", "take_l1"]
+__all__ = [
+    "CachedHost",
+    "FenceSlot",
+    "cached_flow",
+    "lead_flow",
+    "many_cached_flow",
+    "refresh_flight",
+    "take_l1",
+]
+
+
+class FenceSlot(Protocol):
+    """Where a driver's run of a flow learns the flight it leads (set once the flow leads)."""
+
+    fence: Flight | None
 
 
 class CachedHost(Protocol):
@@ -61,6 +76,7 @@ def cached_flow(
     *,
     loop: asyncio.AbstractEventLoop | None,
     blocking_loop: asyncio.AbstractEventLoop | None = None,
+    slot: FenceSlot | None = None,
 ) -> Generator[Any, Any, Outcome]:
     """The answer to ``get_cached`` given what L1 held. ``loop`` is the caller's event loop when
     it awaits (its flights belong to that loop), None for a blocking caller; ``blocking_loop`` is
@@ -79,10 +95,10 @@ def cached_flow(
     while True:
         flight, leader = host.flights.join_or_lead(key, loop)
         if leader:
-            return (yield from lead_flow(host, flight, key, policy, stale))
+            return (yield from lead_flow(host, flight, key, policy, stale, slot=slot))
         if blocking_loop is not None and flight.loop is blocking_loop:
             solo = Flight(key, next_version(), None)  # never registered: nobody joins it
-            return (yield from lead_flow(host, solo, key, policy, stale))
+            return (yield from lead_flow(host, solo, key, policy, stale, slot=slot))
         host.emit(EventKind.JOIN, key)
         limit, serve_stale = join_limit(policy, stale, now)
         resolved: bool = yield Join(flight, limit)
@@ -105,11 +121,13 @@ def lead_flow(
     policy: Policy,
     stale: Entry | None,
     refresh: bool = False,
+    slot: FenceSlot | None = None,
 ) -> Generator[Any, Any, Outcome]:
     """Lead ``flight``: run ``fill_flow``, resolve the flight for its joiners (unless a late load
     now owns it), and ask for a background refresh when the answer wants one. An error thrown in
     by the driver ends the flight with it (a non-Exception one as FlightAborted: joiners retry)."""
-    yield Leading(flight)
+    if slot is not None:
+        slot.fence = flight
     try:
         outcome = yield from fill_flow(
             host.plan,

@@ -26,7 +26,6 @@ __all__ = [
     "ExpireAll",
     "FillPlan",
     "Join",
-    "Leading",
     "Load",
     "LoadMany",
     "LoadOutcome",
@@ -246,14 +245,6 @@ class Publish:
 
 
 @dataclass(slots=True)
-class Leading:
-    """This flow now leads ``flight``: the driver fences its loads with it (and, if the caller
-    goes away mid-flight, hands the rest of the flow to a take-over or abandons the flight)."""
-
-    flight: Flight
-
-
-@dataclass(slots=True)
 class Join:
     """Wait for ``flight`` at most ``limit`` seconds (None: no limit); the driver sends back True
     when it was resolved (or found dead and ended with FlightAborted), False at the limit."""
@@ -286,7 +277,6 @@ Command = (
     | ClearAll
     | StoreTagTimes
     | Publish
-    | Leading
     | Join
     | Refresh
 )
