@@ -20,8 +20,8 @@ from .._entry import Entry, next_version
 from .._events import EventKind
 from .._flight import Flight, FlightAborted, FlightRegistry
 from .._policy import Policy
-from .commands import FillPlan, Join, LoadOutcome, Outcome, Refresh, Source
-from .fill import fill_flow, join_limit
+from .commands import FillPlan, Join, LoadOutcome, Outcome, Read, Refresh, Source, Write
+from .fill import NOT_READ, fill_flow, join_limit, tier_hit
 from .many import many_flow
 
 __all__ = [
@@ -128,17 +128,32 @@ def lead_flow(
     by the driver ends the flight with it (a non-Exception one as FlightAborted: joiners retry)."""
     if slot is not None:
         slot.fence = flight
+    plan = host.plan
     try:
-        outcome = yield from fill_flow(
-            host.plan,
-            key,
-            policy,
-            stale=stale,
-            version=flight.version,
-            fence=flight,
-            refresh=refresh,
-            build=host.build_entry,
-        )
+        # Most flights end on a fresh entry in the first shared tier: read it here and answer
+        # without building fill_flow (whose walk would read it first too); else hand it over.
+        first_read: Any = NOT_READ
+        outcome: Outcome | None = None
+        if plan.remote and not refresh:
+            first = plan.remote[0]
+            first_read = yield Read(first, key, policy.converter)
+            now = plan.clock()
+            if first_read is not None and now < first_read.fresh_until:
+                if first > 0:
+                    yield Write(range(first), key, first_read, backfill=True)
+                outcome = tier_hit(plan, policy, first, first_read, now)
+        if outcome is None:
+            outcome = yield from fill_flow(
+                plan,
+                key,
+                policy,
+                stale=stale,
+                version=flight.version,
+                fence=flight,
+                refresh=refresh,
+                build=host.build_entry,
+                first_read=first_read,
+            )
     except BaseException as exc:
         if not isinstance(exc, GeneratorExit):
             error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))

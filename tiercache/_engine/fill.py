@@ -28,6 +28,8 @@ from .commands import (
 
 __all__ = ["FillOp", "better_stale", "fill_flow", "join_limit", "load_timeouts", "tier_hit"]
 
+NOT_READ: Any = object()  # fill_flow(first_read=...): the caller did not read the first tier
+
 FillOp = Read | Write | AcquireLease | ReleaseLease | WaitForEntry | Load  # what fill_flow yields
 
 
@@ -87,19 +89,25 @@ def fill_flow(
     fence: Any,
     refresh: bool = False,
     build: Callable[[str, Any, Policy, LoadOutcome, int], Entry | None],
+    first_read: Any = NOT_READ,
 ) -> Generator[FillOp, Any, Outcome]:
     """Walk the tiers below L1, then lease, load and store. See the module docstring.
 
     ``stale`` is the best stale entry L1 held (or None). ``refresh`` marks a background refresh
     (SWR or early refresh): it never answers with stale, and re-reads the shared tiers first.
     ``build`` turns a load outcome into the entry to store (None: do not cache it).
+    ``first_read`` is what the first tier below L1 answered just before (not fresh), when the
+    caller (``lead_flow``) read it: the walk takes it instead of reading that tier again.
     """
     clock = plan.clock
     now = clock()
     conv = policy.converter
 
     for index in plan.remote:
-        entry = yield Read(index, key, conv)
+        if first_read is NOT_READ:
+            entry = yield Read(index, key, conv)
+        else:
+            entry, first_read = first_read, NOT_READ
         if entry is None:
             continue
         if now < entry.fresh_until and not (refresh and stale is not None and entry.version <= stale.version):
