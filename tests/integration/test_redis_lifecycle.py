@@ -1,6 +1,6 @@
-"""A lease SET NX that timed out on our side but ran on the server later (a hung Redis that comes
-back) must not leave a lease nobody holds (issue 12, defect 8). Real redis-server, paused with
-SIGSTOP and resumed with SIGCONT."""
+"""Issue 12's lifecycle defects on real Redis: a lease SET NX that timed out on our side but ran on
+the server later (a hung Redis that comes back, paused with SIGSTOP and resumed with SIGCONT) must
+not leave a lease nobody holds; a load Redis's set-if-newer refused must not stay in L1."""
 
 from __future__ import annotations
 
@@ -88,3 +88,37 @@ def test_a_timed_out_async_lease_acquire_leaves_no_lease(redis_server: RedisServ
         await tier.aclose()
 
     asyncio.run(main())
+
+
+def test_l1_does_not_keep_a_load_redis_refused(shared_redis_url: str, redis_prefix: str) -> None:
+    """Issue 12, defect 5, on real Redis: without a bus, a load that another process's newer
+    ``set`` overtook is refused by the set-if-newer script, and our L1 must not keep it either."""
+    from tests.redis_servers import purge_prefix
+    from tiercache import TieredCache
+    from tiercache.adapters.memory import MemoryTier
+
+    def cache() -> TieredCache:
+        tier = RedisTier(url=shared_redis_url, prefix=redis_prefix, socket_timeout=0.5, connect_timeout=0.5)
+        return TieredCache([MemoryTier(), tier], ttl=60, namespace="refused")
+
+    ours, other = cache(), cache()
+    try:
+
+        def load() -> str:
+            other.sync.set("k", "newer")  # lands in Redis while our load runs
+            return "late"
+
+        assert ours.sync.get_cached("k", load) == "late"  # the caller still gets its own load
+        assert ours.sync.get("k") == "newer"  # but neither Redis nor our L1 keeps it
+
+        async def main() -> None:
+            async def aload() -> str:
+                await other.set("k2", "newer")
+                return "late"
+
+            assert await ours.get_cached("k2", aload) == "late"
+            assert await ours.get("k2") == "newer"
+
+        asyncio.run(main())
+    finally:
+        purge_prefix(shared_redis_url, redis_prefix)
