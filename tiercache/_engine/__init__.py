@@ -10,24 +10,27 @@ once with ``swr=True`` while one background refresh runs; otherwise it is kept a
 candidate.
 
 On an L1 miss exactly one caller per key per process -- the *flight leader* -- runs
-:func:`~.fill.fill_flow`; every other caller (asyncio task or thread) joins its flight and shares
+:func:`~.cached.lead_flow`; every other caller (asyncio task or thread) joins its flight and shares
 its outcome (``_flight``). So 100 callers of a cold key cost one lease and one load. A joiner
 keeps its own deadlines: it waits at most its ``soft_timeout`` when it has a stale value to serve
 (then serves it), else at most its ``hard_timeout``, after which it *detaches* the hung flight (no
 later caller joins it) and leads a new one (:func:`~.fill.join_limit`). A flight whose leader's
 event loop has closed (an ``asyncio.run`` that returned under it) is ended by its joiners.
 
-``fill_flow`` walks the shared tiers below L1 in order. A fresh entry is back-filled, unchanged,
-into the tiers above it and returned. Otherwise it takes the distributed *lease* of the first tier
-that offers one: if another process holds it, the flow waits (woken, never polling) up to
-``lease_wait`` for that process's value, then serves stale (fail-safe) or loads without the lease.
-Holding it, the flow re-reads the lease tier once (someone may have just written) and calls the
-loader, whose lease the driver extends every third of ``lease_ttl`` while it runs. The result is
+``lead_flow`` reads the first shared tier, ``fill_flow`` the others below L1, in order. A fresh
+entry is back-filled, unchanged, into the tiers above it and returned. Otherwise the flow takes
+the distributed *lease* of the first tier that offers one: if another process holds it, the flow
+waits (woken, never polling) up to ``lease_wait`` for that process's value, then serves stale
+(fail-safe) or loads without the lease. Holding it, the flow re-reads the lease tier once (someone
+may have just written) and calls the loader, whose lease the driver extends every third of
+``lease_ttl`` while it runs (a lease tier whose acquire failed on the client side removes what it
+may have taken on the server). The result is
 built into an entry carrying the version taken when the flight *started*, and written bottom-up.
 
 Timeouts: past ``soft_timeout`` with a stale value to serve, the caller gets the stale value and
-the load goes on: the flight *and the lease* stay with it (the driver's late finisher stores the
-result, releases the lease, resolves the flight), so no second load starts, here or elsewhere.
+the load goes on: the flight *and the lease* stay with it (the driver waits for it, then
+:mod:`.late` stores the result, releases the lease and resolves the flight), so no second load
+starts, here or elsewhere.
 Past ``hard_timeout`` the caller gets ``LoaderTimeoutError`` (or fail-safe stale): an async loader
 is cancelled, a sync one cannot be, so its late result is still stored -- fenced by version like
 every write, so anything newer written meanwhile wins. A failing loader with a stale value answers
@@ -46,10 +49,15 @@ invalidation never lands in L1 after it. Shared tiers refuse an older version th
 (set-if-newer, tombstones), and when they refuse, L1 is not written either.
 
 Where things live: :mod:`.commands` (the typed command union the drivers ``match`` over, and the
-results), :mod:`.fill` (``fill_flow``), :mod:`.many` (``many_flow``, the same for a batch of keys),
-:mod:`.ops` (get, set, delete, expire, tags, clear). The drivers (``_sync``, ``_async``) execute
-commands, own threads, tasks, timers and cancellation, and make no cache decision; every tier call
-goes through the runtime's tier gateway (error policy, breakers, events, coalescing).
+results), :mod:`.cached` (``get_cached`` after the L1 walk: ``cached_flow``, ``lead_flow``, and
+``many_cached_flow`` for ``get_many_cached``), :mod:`.fill` (``fill_flow``, the timeouts a load
+runs under, a joiner's limits), :mod:`.many` (``many_flow``, ``fill_flow`` for a batch of keys),
+:mod:`.late` (storing a late result and letting go of its flight and lease), :mod:`.ops` (get,
+set, delete, expire, tags, clear). The drivers (``_sync``, ``_async``) walk L1, execute commands,
+own threads, tasks, timers and cancellation, and make no cache decision; every call into a shared
+tier goes through the tier gateway (``_gateway``: error policy, breakers, events, coalescing). A
+flow that leads a flight puts it in the driver's fence slot (its loads' fence, and what a
+cancelled async leader hands to a take-over task).
 
 Invariants (tests/property checks them):
 
