@@ -236,3 +236,39 @@ def test_a_hard_timeout_trace_releases_the_lease() -> None:
     kinds = _kinds(world.cache._rt.trace or [])
     assert kinds[:3] == ["Read", "AcquireLease", "Read"]
     assert kinds[3] == "Load" and "ReleaseLease" in kinds[4:]
+
+
+def test_a_cancelled_async_leader_is_taken_over_with_the_same_commands() -> None:
+    """Cancellation exists only for async callers: a leader cancelled mid-load hands its run to a
+    take-over task, which redoes the interrupted command (re-awaiting the same loader) and goes on
+    exactly as an uncancelled leader would -- the sync driver's trace, one repeated Load aside."""
+    sync_world, async_world = World(), World()
+    assert run_sync(sync_world, [("get_cached", ("k", Loader("v", delay=0.2)), {})]) == ["v"]
+    calls = 0
+
+    async def slow() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        return "v"
+
+    async def main() -> Any:
+        cache = async_world.cache
+        leader = asyncio.create_task(cache.get_cached("k", slow))
+        await asyncio.sleep(0.05)
+        joiner = asyncio.create_task(cache.get_cached("k", slow))
+        await asyncio.sleep(0.01)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        return await asyncio.wait_for(joiner, 2)
+
+    assert asyncio.run(main()) == "v"
+    assert calls == 1  # the take-over re-awaited the loader, never called it again
+    traced = normalised(async_world.cache._rt.trace or [])
+    assert [c[0] for c in traced].count("Join") == 1  # the joiner's wait
+    leader_trace = [c for c in traced if c[0] != "Join"]
+    loads = [i for i, c in enumerate(leader_trace) if c[0] == "Load"]
+    assert len(loads) == 2 and loads[1] == loads[0] + 1  # the interrupted Load, redone once
+    del leader_trace[loads[1]]
+    assert leader_trace == normalised(sync_world.cache._rt.trace or [])
