@@ -7,7 +7,7 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any
 
 from ._adaptive import LoadContext
@@ -74,37 +74,20 @@ if sys.version_info >= (3, 11):
         """How many cancels of ``task`` are pending (``Task.cancelling()``)."""
         return task.cancelling()
 
-else:  # pragma: no cover - 3.10 awaits tier calls apart instead (see CancelGuard)
+else:  # pragma: no cover - 3.10 awaits tier calls apart instead (see _apart)
 
     def _cancel_requests(task: asyncio.Task[Any]) -> int:
         return 0
 
 
-class CancelGuard:
-    """Makes a cancel of the current task stick across tier awaits.
-
-    A tier client may swallow a cancel that arrives as its reply does (redis-py's ``wait_for``
-    on Python 3.10 and 3.11 returns the reply instead of raising). On 3.11+ the task still
-    counts the request (``Task.cancelling()``), so :meth:`cancelled` tells the flow to raise
-    after the await. On 3.10 there is no such count: :meth:`run` awaits the tier call as a task
-    of its own through ``asyncio.wait``, which never swallows the caller's cancel.
-    """
-
-    __slots__ = ("_base", "_task")
-
-    def __init__(self) -> None:
-        task = asyncio.current_task() if _HAS_CANCELLING else None
-        self._task = task
-        self._base = _cancel_requests(task) if task is not None else 0
-
-    def run(self, call: Coroutine[Any, Any, Any]) -> Awaitable[Any]:
-        return call if _HAS_CANCELLING else _apart(call)
-
-    def cancelled(self) -> bool:
-        return self._task is not None and _cancel_requests(self._task) > self._base
-
-
 async def _apart(call: Coroutine[Any, Any, Any]) -> Any:
+    """Await a tier call so that a cancel of the caller always sticks.
+
+    A tier client may swallow a cancel that arrives as its reply does (redis-py's ``wait_for`` on
+    Python 3.10 and 3.11 returns the reply instead of raising). On 3.11+ the task still counts the
+    request (``Task.cancelling()``), which ``FlowRun.run`` checks after each await. On 3.10 there
+    is no such count: the call runs as a task of its own, awaited through ``asyncio.wait``, which
+    never swallows the caller's cancel."""
     inner = asyncio.ensure_future(call)
     try:
         await asyncio.wait({inner})
