@@ -272,3 +272,20 @@ def test_a_cancelled_async_leader_is_taken_over_with_the_same_commands() -> None
     assert len(loads) == 2 and loads[1] == loads[0] + 1  # the interrupted Load, redone once
     del leader_trace[loads[1]]
     assert leader_trace == normalised(sync_world.cache._rt.trace or [])
+
+
+def test_an_unknown_command_is_an_assertion_in_both_drivers() -> None:
+    """The async driver's old WaitForEntry tail sat outside its branch: an unknown operation raised
+    UnboundLocalError. Both drivers now end their exhaustive match with an AssertionError."""
+    from tiercache import _async, _sync
+
+    rt = World().cache._rt
+    with pytest.raises(AssertionError):
+        _sync._execute(rt, object(), Loader().sync, None, _sync._Run(None))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        run = _async.FlowRun(rt, None, Loader().aio, None, None)
+        await run._execute(object())  # type: ignore[arg-type]
+
+    with pytest.raises(AssertionError):
+        asyncio.run(main())
