@@ -39,6 +39,7 @@ class Flight:
         "done",
         "error",
         "key",
+        "late",
         "loop",
         "outcome",
         "superseded",
@@ -54,6 +55,9 @@ class Flight:
         self.error: BaseException | None = None
         # Set by delete() while the flight runs: its result must not reach the in-process tiers.
         self.superseded = False
+        # Set when its leader answered with stale after a soft timeout and the load goes on:
+        # joiners with a stale value of their own serve it at once instead of waiting again.
+        self.late = False
         # Made only when somebody joins (most flights have no joiner). All flights share one
         # lock (_FLIGHT_LOCK), held for a few instructions only.
         self._event: threading.Event | None = None

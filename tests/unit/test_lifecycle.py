@@ -166,6 +166,8 @@ def test_soft_timeout_keeps_one_sync_load_and_its_lease() -> None:
         assert "tc:k" in remote.leases  # held while the load runs: no other process loads
         time.sleep(0.02)
     assert calls == 1
+    assert waits[0] >= 0.09  # the first call waited its soft timeout ...
+    assert max(waits[1:]) < 0.08  # ... later ones get stale at once: the load is known to be late
     deadline = time.perf_counter() + 2
     while cache.sync.get("k") != "new" and time.perf_counter() < deadline:
         time.sleep(0.02)
@@ -188,11 +190,15 @@ def test_soft_timeout_keeps_one_async_load_and_its_lease() -> None:
 
     async def main() -> None:
         end = time.perf_counter() + 0.45
+        waits = []
         while time.perf_counter() < end:
+            t0 = time.perf_counter()
             assert await cache.get_cached("k", slow) == "old"
+            waits.append(time.perf_counter() - t0)
             assert "tc:k" in remote.leases
             await asyncio.sleep(0.02)
         assert calls == 1
+        assert waits[0] >= 0.09 and max(waits[1:]) < 0.08  # later calls do not wait again
         deadline = time.perf_counter() + 2
         while await cache.get("k") != "new" and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)

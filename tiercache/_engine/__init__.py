@@ -30,7 +30,8 @@ built into an entry carrying the version taken when the flight *started*, and wr
 Timeouts: past ``soft_timeout`` with a stale value to serve, the caller gets the stale value and
 the load goes on: the flight *and the lease* stay with it (the driver waits for it, then
 :mod:`.late` stores the result, releases the lease and resolves the flight), so no second load
-starts, here or elsewhere.
+starts, here or elsewhere; callers meanwhile serve their stale value at once (the flight is
+marked late).
 Past ``hard_timeout`` the caller gets ``LoaderTimeoutError`` (or fail-safe stale): an async loader
 is cancelled, a sync one cannot be, so its late result is still stored -- fenced by version like
 every write, so anything newer written meanwhile wins. A failing loader with a stale value answers

@@ -101,6 +101,10 @@ def cached_flow(
             return (yield from lead_flow(host, solo, key, policy, stale, slot=slot))
         host.emit(EventKind.JOIN, key)
         limit, serve_stale = join_limit(policy, stale, now)
+        if serve_stale and flight.late and stale is not None:
+            # The load already passed a soft timeout and goes on: no point waiting for it again.
+            host.emit(EventKind.STALE_SERVED, key, source=Source.STALE_FAILSAFE)
+            return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
         resolved: bool = yield Join(flight, limit)
         if not resolved:
             if serve_stale and stale is not None:
@@ -159,7 +163,9 @@ def lead_flow(
             error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
             host.flights.finish(flight, error=error)
         raise
-    if not outcome.late:  # else the driver's late finisher resolves the flight
+    if outcome.late:  # the driver's late finisher resolves the flight
+        flight.late = True
+    else:
         host.flights.finish(flight, outcome)
     if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
         host.emit(EventKind.STALE_SERVED, key, source=outcome.source)
