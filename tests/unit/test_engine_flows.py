@@ -152,6 +152,16 @@ def test_another_holder_means_waiting_for_its_value(clock: FakeClock) -> None:
     assert finish(gen, 1).source == "L2"
 
 
+def test_a_caller_with_stale_waits_for_another_process_only_its_soft_timeout(clock: FakeClock) -> None:
+    stale = make_entry("k", "old", NOW - 100, ttl=50, stale_ttl=200)
+    gen = fill(clock, Policy(ttl=60, lease_wait=5.0, soft_timeout=0.2), stale=stale)
+    next(gen)
+    gen.send(None)
+    assert gen.send(None) == WaitForEntry(1, "k", 0.2, None)
+    outcome = finish(gen, None)  # nothing came within 0.2 s: serve stale (fail-safe)
+    assert (outcome.value, outcome.source) == ("old", Source.STALE_FAILSAFE)
+
+
 def test_a_failed_lease_tier_means_loading_without_a_lease(clock: FakeClock) -> None:
     gen = fill(clock, Policy(ttl=60))
     next(gen)

@@ -127,8 +127,13 @@ def fill_flow(
         if token == NO_LEASE:
             token = None
         elif token is None:
-            # Another process is loading: wait for its value (the tier wakes us; never a spin).
-            entry = yield WaitForEntry(lease, key, policy.lease_wait, conv)
+            # Another process is loading: wait for its value (the tier wakes us; never a spin),
+            # at most lease_wait -- or our soft timeout, when we have a stale value to serve.
+            wait = policy.lease_wait
+            soft, _ = load_timeouts(policy, stale is not None)
+            if soft is not None:
+                wait = min(wait, soft)
+            entry = yield WaitForEntry(lease, key, wait, conv)
             if entry is not None and clock() < entry.fresh_until:
                 if lease > 0:
                     yield Write(range(lease), key, entry, backfill=True)
