@@ -17,7 +17,7 @@ from ._events import EventHook
 from ._keys import check_key
 from ._policy import Policy
 from ._runtime import Runtime
-from ._serde import Codec, JsonCodec, converter_for
+from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
 from ._tier import Tier, TierBinding
 
@@ -97,6 +97,7 @@ class TieredCache:
             raise ConfigurationError("breaker_threshold must be >= 1 and breaker_cooldown >= 0")
         self.namespace = namespace
         self._prefix = namespace + ":"
+        self._typed_policies: dict[Any, Policy] = {}
         self.clock: Callable[[], float] = clock if clock is not None else time.time
         self.policy = Policy(
             ttl=ttl,
@@ -181,6 +182,15 @@ class TieredCache:
             and (not options or all(v is None for v in options.values()))
         ):
             return self.policy
+        if ttl is None and stale_ttl is None and tags is None and not options:
+            if value_type is None:
+                return self.policy
+            typed = self._typed_policies.get(value_type)  # value_type alone: once per type
+            if typed is None:
+                typed = self.policy.with_overrides(converter=converter_for(value_type))
+                if len(self._typed_policies) < 1024:
+                    self._typed_policies[value_type] = typed
+            return typed
         conv = None if value_type is _UNSET or value_type is None else converter_for(value_type)
         tag_tuple = None if tags is None else _check_tags(tags)
         return self.policy.with_overrides(
@@ -242,6 +252,8 @@ class TieredCache:
             ):
                 slot.visited = slot.visited.next
                 return slot.entry.value
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET  # the loader's return annotation
         if ttl is None and stale_ttl is None and tags is None and value_type is _UNSET and not options:
             policy = self.policy
         else:
@@ -264,6 +276,8 @@ class TieredCache:
         """``get_cached`` that also says where the value came from (for debugging and tests):
         ``Lookup(value, source, tier)`` with source "L1", "L2"... (a tier hit; ``tier`` is its
         name), "LOADED", "JOINED", "STALE_SWR" or "STALE_FAILSAFE"."""
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
@@ -334,10 +348,12 @@ class TieredCache:
         ttl: float | None = None,
         stale_ttl: float | None = None,
         tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
     ) -> None:
         """Store ``value`` in every tier. Raises SerializationError (a TypeError) before touching
-        any tier if a remote tier cannot hold the value, ValueTooLargeError if no tier takes it."""
-        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        any tier if a remote tier cannot hold the value, ValueTooLargeError if no tier takes it.
+        ``value_type`` declares the value's type (needed for dataclasses and pydantic models)."""
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type)
         await _async.set_value(self._rt, self.full_key(key), value, policy)
 
     async def delete(self, key: str) -> None:
@@ -428,6 +444,8 @@ class SyncTieredCache:
                 slot.visited = slot.visited.next
                 hit: T = slot.entry.value
                 return hit
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET  # the loader's return annotation
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy).value
         return value
@@ -445,6 +463,8 @@ class SyncTieredCache:
     ) -> Lookup:
         """As ``TieredCache.lookup``, blocking."""
         cache = self._cache
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
@@ -479,8 +499,9 @@ class SyncTieredCache:
         ttl: float | None = None,
         stale_ttl: float | None = None,
         tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
     ) -> None:
-        policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type)
         _sync.set_value(self._rt, self._cache.full_key(key), value, policy)
 
     def delete(self, key: str) -> None:
