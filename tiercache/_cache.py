@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, overload
@@ -128,8 +130,13 @@ class TieredCache:
         self._tags_ok = self._rt.coherence.tags_valid_locally
         self._rt.redact_keys = redact_keys
         binding = TierBinding(
-            clock=self.clock, codec=self._rt.codec, namespace=namespace, on_event=self._rt._emit_event
+            clock=self.clock,
+            codec=self._rt.codec,
+            namespace=namespace,
+            on_event=self._rt._emit_event,
+            redact_keys=redact_keys,
         )
+        _claim_tiers(self, tiers)
         for tier in tiers:
             tier.bind(binding)
         self._metrics = metrics
@@ -407,6 +414,42 @@ class TieredCache:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+# Each tier object serves one cache: binding sets its codec, clock, event hook and namespace, so
+# a second cache would silently take them over (a signed cache would then accept unsigned values).
+# The exception: an in-process tier (it uses no codec or namespace) shared by caches on one clock.
+_tier_owners: weakref.WeakKeyDictionary[Any, tuple[weakref.ReferenceType[TieredCache], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_owners_lock = threading.Lock()
+
+
+def _claim_tiers(cache: TieredCache, tiers: Sequence[Any]) -> None:
+    """Record ``cache`` as the owner of each tier; ConfigurationError if one already has a live owner."""
+    with _owners_lock:
+        seen: set[int] = set()
+        for tier in tiers:
+            if id(tier) in seen:
+                raise ConfigurationError(f"tier {tier!r} appears twice in one cache")
+            seen.add(id(tier))
+            try:
+                owner, clock = _tier_owners.get(tier, (None, None))
+            except TypeError:  # neither hashable nor weakly referenceable: cannot be tracked
+                continue
+            if owner is None or owner() is None:
+                continue
+            if getattr(tier, "in_process", False) and clock is cache.clock:
+                continue
+            raise ConfigurationError(
+                f"tier {tier!r} already belongs to another TieredCache, which set its codec, clock "
+                "and namespace; create one tier object per cache (they may share a server)"
+            )
+        for tier in tiers:
+            with contextlib.suppress(TypeError):
+                known = _tier_owners.get(tier)
+                if known is None or known[0]() is None:
+                    _tier_owners[tier] = (weakref.ref(cache), cache.clock)
 
 
 class SyncTieredCache:

@@ -170,7 +170,7 @@ def _enc(v: Any, tp: Any, depth: int) -> Any:
     if t is Decimal:
         if not v.is_finite():
             raise _fail("cannot serialise a non-finite Decimal (NaN or infinity)")
-        if abs(v.as_tuple().exponent) > _DECIMAL_EXP:  # type: ignore[arg-type]
+        if abs(int(v.as_tuple().exponent)) > _DECIMAL_EXP:
             raise _fail(f"cannot serialise a Decimal with an exponent beyond +-{_DECIMAL_EXP}")
         return {"$decimal": str(v)}
     if t is uuid.UUID:
@@ -188,7 +188,7 @@ def _enc(v: Any, tp: Any, depth: int) -> Any:
 
 def _enc_declared(v: Any, t: type, tp: Any, depth: int) -> Any:
     """A user class instance: plain fields, allowed only where its class is the declared type."""
-    dump = getattr(v, "model_dump", None)  # pydantic v2, without importing pydantic
+    dump: Any = getattr(v, "model_dump", None)  # pydantic v2, without importing pydantic
     is_model = dump is not None and callable(dump)
     if not (is_model or (dataclasses.is_dataclass(v) and not isinstance(v, type))):
         raise _fail(
@@ -377,7 +377,7 @@ def _untag_tagged(tag: str, body: Any, d: int) -> Any:
                 raise _fail("$int holds no decimal integer")
             return int(s)
         if tag == "$datetime" or tag == "$time":
-            cls = _dt.datetime if tag == "$datetime" else _dt.time
+            cls: Any = _dt.datetime if tag == "$datetime" else _dt.time
             if type(body) is list:  # [iso, 1]: the second of two equal wall-clock times (fold=1)
                 if len(body) != 2 or body[1] != 1 or type(body[1]) is not int:
                     raise _fail(f"{tag} holds no [ISO text, 1]")
@@ -398,14 +398,14 @@ def _untag_tagged(tag: str, body: Any, d: int) -> Any:
             parts = _list_body(tag, body)
             if len(parts) != 2 or type(parts[0]) is not str:
                 raise _fail(f"{tag} holds no [class name, value]")
-            cls = _find_class(parts[0])
+            named: Any = _find_class(parts[0])
             if tag == "$enum":
-                if cls is None or not issubclass(cls, enum.Enum):
+                if named is None or not issubclass(named, enum.Enum):
                     raise _fail(f"$enum names {parts[0]!r}, which is no imported Enum")
-                return cls(_untag(parts[1], d))
-            if cls is None or not (issubclass(cls, tuple) and hasattr(cls, "_fields")):
+                return named(_untag(parts[1], d))
+            if named is None or not (issubclass(named, tuple) and hasattr(named, "_fields")):
                 raise _fail(f"$namedtuple names {parts[0]!r}, which is no imported NamedTuple")
-            return cls(*_list_body(tag, _untag(parts[1], d)))
+            return named(*_list_body(tag, _untag(parts[1], d)))
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError, binascii.Error) as exc:
@@ -422,7 +422,7 @@ def _decimal(s: str) -> Decimal:
         raise _fail("$decimal holds no number") from None
     if not value.is_finite():
         raise _fail("$decimal holds NaN or infinity")
-    if abs(value.as_tuple().exponent) > _DECIMAL_EXP:  # type: ignore[arg-type]
+    if abs(int(value.as_tuple().exponent)) > _DECIMAL_EXP:
         raise _fail(f"$decimal exponent beyond +-{_DECIMAL_EXP}")
     return value
 
@@ -601,7 +601,7 @@ def _build(tp: Any) -> Check | None:
         return _check_for(args[0]) if args else None
     if origin is typing.Union or origin is types.UnionType:
         return _union_check(args)
-    if isinstance(tp, typing.TypeVar) or tp is typing.LiteralString:
+    if isinstance(tp, typing.TypeVar) or tp is getattr(typing, "LiteralString", None):
         return None
     if isinstance(tp, typing.NewType):
         return _check_for(tp.__supertype__)
@@ -686,7 +686,8 @@ def _each(cls: type | tuple[type, ...], what: str, item: Check | None) -> Check:
             raise _bad(v, what)
         if item is None:
             return v
-        return type(v)(item(x) for x in v)
+        seq: Any = v
+        return type(seq)(item(x) for x in seq)
 
     return check
 
