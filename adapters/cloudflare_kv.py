@@ -326,6 +326,7 @@ class CloudflareKVTier:
         transport: Any = None,
         async_transport: Any = None,
         allow_http: bool = False,
+        max_read_bytes: int | None = None,
     ) -> None:
         self._httpx = _import_httpx()
         token = _checked_token(api_token if api_token is not None else os.environ.get("CLOUDFLARE_API_TOKEN"))
@@ -338,6 +339,8 @@ class CloudflareKVTier:
             raise ConfigurationError("timeout, deadline and write_interval must be positive, retries >= 0")
         self.name = name
         self.max_value_bytes = max_value_bytes
+        # Values longer than this are never decoded (default: what this tier would write).
+        self.max_read_bytes = max_value_bytes if max_read_bytes is None else max_read_bytes
         self.account_id = account_id
         self.namespace_id = namespace_id
         self.base_url = base_url.rstrip("/")
@@ -629,6 +632,10 @@ class CloudflareKVTier:
     # --- decoding -----------------------------------------------------------------------------
 
     def _decode(self, key: str, name: str, data: bytes) -> Entry | None:
+        if len(data) > self.max_read_bytes:  # never decoded: see max_read_bytes
+            error = SerializationError(f"value of {len(data)} bytes is over max_read_bytes")
+            emit_safely(self._binding.on_event, Event(EventKind.CORRUPT, key, self.name, error=error))
+            return None
         try:
             entry = self._binding.codec.loads(data)
         except SerializationError as exc:

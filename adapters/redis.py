@@ -436,6 +436,7 @@ class RedisTier:
         max_key_bytes: int = 256,
         tombstone_ttl: float = 10.0,
         max_value_bytes: int = 512 * 1024 * 1024,
+        max_read_bytes: int = 64 * 1024 * 1024,
         name: str = "redis",
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -460,7 +461,13 @@ class RedisTier:
         self.name = name
         # Redis refuses strings over proto-max-bulk-len (512 MiB by default); the core checks
         # this before sending, so an oversize value is refused up front, not after a round trip.
-        self.max_value_bytes = max_value_bytes
+        # A record longer than max_read_bytes is never decoded (a corrupt miss): a value planted
+        # by anyone with write access cannot make every reader allocate hundreds of MB. Writes
+        # above it would be unreadable, so the write limit never exceeds it.
+        if max_read_bytes < 1024:
+            raise ConfigurationError("RedisTier.max_read_bytes must be at least 1024")
+        self.max_read_bytes = max_read_bytes
+        self.max_value_bytes = min(max_value_bytes, max_read_bytes - _EXPIRED_HEADER_LEN)
         self.max_ttl = max_ttl
         self.prefix = prefix
         self.max_key_bytes = max_key_bytes
@@ -713,6 +720,8 @@ class RedisTier:
             return None
         if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
             return self._corrupt(key, "not a tiercache record")
+        if len(data) > self.max_read_bytes:
+            return self._corrupt(key, f"record of {len(data)} bytes is over max_read_bytes")
         kind = data[3:4]
         if kind == _TOMBSTONE:
             return None
