@@ -437,7 +437,10 @@ class JsonCodec:
     """The default codec: the format-1 JSON envelope, no signature."""
 
     def dumps(self, entry: Entry) -> bytes:
-        value = _enc(entry.value, Any if entry.vtype is None else entry.vtype, 0)
+        # An entry read from a tier and not yet converted holds the tagged form already.
+        value = (
+            _enc(entry.value, Any if entry.vtype is None else entry.vtype, 0) if entry.typed else entry.value
+        )
         doc = {
             "tc": ENVELOPE_FORMAT,
             "k": entry.key,

@@ -63,6 +63,7 @@ SIGNED_FORMAT = 1
 MIN_KEY_BYTES = 16
 _KID_LABEL = b"tiercache key id"
 _MAC_PREFIX = b"tiercache-signed\x001\x00"
+_RECORD_PREFIX = b"tiercache-record\x001\x00"  # a distinct label: a record MAC is never an entry MAC
 _HEADER = re.compile(rb'\{"tcs":1,"kid":"([0-9a-f]{8})","fmt":"([jbp])","sig":"([0-9a-f]{64})","body":')
 _HEADER_LEN = len(b'{"tcs":1,"kid":"","fmt":"","sig":"","body":') + 8 + 1 + 64
 
@@ -73,6 +74,11 @@ def _kid(key: bytes) -> bytes:
 
 def _mac(key: bytes, fmt: bytes, body: bytes) -> bytes:
     return hmac.new(key, _MAC_PREFIX + fmt + b"\x00" + body, hashlib.sha256).hexdigest().encode("ascii")
+
+
+def _record_mac(key: bytes, cache_key: str, header: bytes) -> bytes:
+    message = _RECORD_PREFIX + cache_key.encode("utf-8", "surrogatepass") + b"\x00" + header
+    return hmac.new(key, message, hashlib.sha256).hexdigest().encode("ascii")
 
 
 class _PickleCodec:
@@ -162,6 +168,15 @@ class SignedCodec:
     def signing_key_id(self) -> str:
         """The ``kid`` of the key new records are signed with (safe to log)."""
         return self._signing_kid.decode("ascii")
+
+    def record_mac(self, key: str, header: bytes) -> bytes:
+        """The hex MAC a tier stores beside a record header it writes outside the envelope (a
+        Redis tombstone's kind and version): signed with the current key, bound to ``key``."""
+        return _record_mac(self._keys[self._signing_kid], key, header)
+
+    def verify_record(self, key: str, header: bytes, mac: bytes) -> bool:
+        """Does ``mac`` sign ``header`` for ``key`` under any of this codec's keys?"""
+        return any(hmac.compare_digest(_record_mac(k, key, header), mac) for k in self._keys.values())
 
     def dumps(self, entry: Entry) -> bytes:
         if self._pickle is not None:
