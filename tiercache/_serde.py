@@ -37,9 +37,9 @@ type as, the one written, whichever tier answered):
 
 Decoding validates against the declared type: a value of the wrong shape (an ``int`` field holding
 ``"x"``, a ``tuple[int, ...]`` holding a string) is a SerializationError, which the cache counts as
-a corrupt read and treats as a miss. The converter is hand-written: it understands the tagged form
-directly, costs no import, and measured faster than msgspec.convert/pydantic's TypeAdapter on
-this job (docs/reliability.md).
+a corrupt read and treats as a miss. The converter is hand-written: it reads the tagged form
+directly and costs no import; msgspec.convert is faster per value but cannot read the tagged form
+(docs/reliability.md has the measurements, benchmarks/bench_convert.py the code).
 """
 
 from __future__ import annotations
