@@ -459,10 +459,16 @@ class _Signature:
             if expr is None or not _SAFE_SPEC.fullmatch(spec or ""):
                 as_fstring = False
                 continue
+            if not conversion and not spec:  # the common case: escaped inline, one f-string
+                pieces.append('f"{__tc_esc(' + expr + ')}"')
+                continue
+            if "'" in expr:
+                as_fstring = False
+                continue
             conv = f"!{conversion}" if conversion else ""
-            pieces.append('__tc_esc(f"{' + expr + conv + (":" + spec if spec else "") + '}")')
+            pieces.append("f\"{__tc_esc(f'{" + expr + conv + (":" + spec if spec else "") + "}')}\"")
         if as_fstring:
-            return " + ".join(pieces)
+            return " ".join(pieces)
         self.env["__tc_format"] = functools.partial(_EscapingFormatter(escape).format, template)
         return "__tc_prefix + __tc_format(" + ", ".join(f"{n}={n}" for n in used) + ")"
 
@@ -480,17 +486,24 @@ class _Signature:
         return env["__tc_build"](*args, *self.defaults.values())
 
 
-def _escaper(chars: frozenset[str]) -> Callable[[str], str]:
+def _escaper(chars: frozenset[str]) -> Callable[[Any], Any]:
     """``s`` with each of ``chars`` as ``%XX`` (``%uXXXXXX`` beyond Latin-1): injective, and the
     output holds none of ``chars`` but the ``%`` of its escapes."""
     table = {ord(c): (f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):06X}") for c in chars}
     ordered = sorted(chars)
+    digits_safe = not (set(ordered) & set("-+0123456789"))
 
-    def escape(s: str) -> str:
+    def escape(value: Any) -> Any:
+        # Takes the field's value (or its formatted text): an int whose digits cannot hold a
+        # separator is returned as is, for the f-string to format; anything else as escaped text.
+        t = type(value)
+        if t is int and (digits_safe or value >= 0):
+            return value
+        text = value if t is str else format(value)
         for c in ordered:
-            if c in s:
-                return s.translate(table)
-        return s
+            if c in text:
+                return text.translate(table)
+        return text
 
     return escape
 
@@ -498,11 +511,11 @@ def _escaper(chars: frozenset[str]) -> Callable[[str], str]:
 class _EscapingFormatter(string.Formatter):
     """``str.format`` with every field's text escaped (templates an f-string cannot express)."""
 
-    def __init__(self, escape: Callable[[str], str]) -> None:
+    def __init__(self, escape: Callable[[Any], Any]) -> None:
         self._escape = escape
 
     def format_field(self, value: Any, format_spec: str) -> str:
-        return self._escape(super().format_field(value, format_spec))
+        return str(self._escape(super().format_field(value, format_spec)))
 
 
 _FIELD_PART = re.compile(r"\.([^.\[]+)|\[([^\]]+)\]")
@@ -530,7 +543,7 @@ def _field_expression(field: str) -> str | None:
     return expr
 
 
-_HASH_PLAIN = (str, bool, type(None))
+_HASH_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def stable_hash(args: tuple[Any, ...]) -> str:
@@ -543,15 +556,15 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     Redis, and cheaper than a hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
     """
     for a in args:
-        t = type(a)
-        if not (t in _HASH_PLAIN or (t is int and -(2**63) <= a < 2**63)):
+        if type(a) not in _HASH_PLAIN:
             break
-    else:  # only strings, small ints, bools and None: their JSON is already typed
+    else:  # strings, ints, bools and None: their plain JSON is already the typed form
         try:
             raw = orjson.dumps(args)
-        except TypeError as exc:
-            raise InvalidKeyError(f"cannot build a cache key from these arguments: {exc}") from None
-        return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+        except TypeError:  # an int beyond 64 bits (tagged below), a lone surrogate
+            pass
+        else:
+            return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
     try:
         raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
     except (SerializationError, TypeError) as exc:
