@@ -673,6 +673,11 @@ class _BoundCachedMethod:
     def uncached(self, *args: Any, **kwargs: Any) -> Any:
         return self.__func__.uncached(self.__self__, *args, **kwargs)
 
+    @property
+    def __signature__(self) -> inspect.Signature:  # the method's own, without self
+        sig = inspect.signature(self.__func__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__func__, name)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import inspect
 import typing
 import uuid
 from decimal import Decimal
@@ -231,6 +232,9 @@ def test_methods_key_on_the_instance_and_bind_their_helpers() -> None:
     asyncio.run(a.aget.invalidate(1))
     assert asyncio.run(a.aget.lookup(1)).source == "LOADED"
     assert Repo.get(a, 2) == "db-a/2"  # through the class, as a function
+    assert list(inspect.signature(a.get).parameters) == ["item"]
+    assert list(inspect.signature(Repo.get).parameters) == ["self", "item"]
+    assert a.get.__name__ == "get"
     assert a.get.uncached(3) == "db-a/3"
 
 
