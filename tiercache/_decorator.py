@@ -439,7 +439,9 @@ class _Signature:
                     )
                 separators.add(following[0])
         escape = _escaper(frozenset(separators))
+        digits_safe = "-" not in separators  # no int's text can hold a separator
         self.env["__tc_esc"] = escape
+        self.env["__tc_int"] = int
         for literal, field, spec, conversion in parsed:
             if literal:
                 pieces.append("f" + repr(literal.replace("{", "{{").replace("}", "}}")))
@@ -460,7 +462,11 @@ class _Signature:
                 as_fstring = False
                 continue
             if not conversion and not spec:  # the common case: escaped inline, one f-string
-                pieces.append('f"{__tc_esc(' + expr + ')}"')
+                if expr.isidentifier():  # a plain parameter: an int skips the call
+                    safe_int = f"{expr}.__class__ is __tc_int" + ("" if digits_safe else f" and {expr} >= 0")
+                    pieces.append(f'f"{{{expr} if {safe_int} else __tc_esc({expr})}}"')
+                else:
+                    pieces.append('f"{__tc_esc(' + expr + ')}"')
                 continue
             if "'" in expr:
                 as_fstring = False
