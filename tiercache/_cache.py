@@ -585,4 +585,5 @@ def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     for tag in out:
         if not isinstance(tag, str) or not tag:
             raise ConfigurationError(f"tags must be non-empty strings, not {tag!r}")
-    return out
+    # A str subclass (a StrEnum member...) becomes its plain text, as keys do.
+    return tuple(t if type(t) is str else str.__str__(t) for t in out)

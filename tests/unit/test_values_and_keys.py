@@ -399,3 +399,12 @@ def test_an_in_process_tier_may_be_shared_by_caches_on_one_clock_only() -> None:
     with pytest.raises(ConfigurationError):
         TieredCache([memory], clock=FakeClock(), namespace="c")
     assert a.sync.get("x") is None
+
+
+def test_tags_that_are_str_subclasses_become_plain_strings() -> None:
+    cache = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="tg")
+    cache.sync.set("k", 1, tags=[Sub("users")])
+    entry = cache._rt.tiers[1].get("tg:k")  # type: ignore[attr-defined]
+    assert entry is not None and entry.tags == ("users",) and type(entry.tags[0]) is str
+    with pytest.raises(ConfigurationError):
+        cache.sync.set("k", 1, tags=[Sub("")])
