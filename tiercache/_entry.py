@@ -23,7 +23,8 @@ class Entry:
     is how a late loader result is kept from overwriting newer data. ``typed`` is False when the
     value came out of the JSON envelope and has not been converted to the caller's type yet.
     ``payload`` caches the envelope bytes so several remote tiers encode once. ``vtype`` is the
-    value's declared type (None: undeclared), which the codec needs for user classes.
+    value's declared type (None: undeclared), which the codec needs for user classes; on an entry
+    not converted yet it is the class name its envelope declared (``y``), or None.
     """
 
     __slots__ = (

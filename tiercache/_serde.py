@@ -10,7 +10,8 @@ Envelope, format 1 (a JSON object, so a Cloudflare Worker or any other reader ca
      "s": 1767225720.0,  # stale_until (hard expiry), Unix seconds
      "t": ["users"],     # tags
      "n": 1767225600000000000,  # version (ordering of writes to this key)
-     "d": 0.012}         # duration of the load that produced the value, seconds
+     "d": 0.012,         # duration of the load that produced the value, seconds
+     "y": "app.models:User"}  # optional: the declared dataclass/pydantic class of the value
 
 The value form (plain JSON; one rule: the value a caller gets back is equal to, and of the same
 type as, the one written, whichever tier answered):
@@ -452,6 +453,9 @@ class JsonCodec:
             "n": entry.version,
             "d": entry.delta,
         }
+        declared = _declared_class_name(entry.vtype) if entry.typed else entry.vtype
+        if declared is not None:
+            doc["y"] = declared
         try:
             return orjson.dumps(doc)
         except TypeError as exc:  # a str with lone surrogates, for one
@@ -466,6 +470,16 @@ class JsonCodec:
         except orjson.JSONDecodeError:
             raise SerializationError("not a tiercache envelope: invalid JSON") from None
         return entry_from_document(doc)
+
+
+def _declared_class_name(tp: Any) -> str | None:
+    """``module:QualName`` when ``tp`` is a dataclass or pydantic model defined at module level:
+    the envelope's ``y``, which lets a reader that declares no type still rebuild the class."""
+    if not isinstance(tp, type) or "<locals>" in tp.__qualname__:
+        return None
+    if dataclasses.is_dataclass(tp) or callable(getattr(tp, "model_validate", None)):
+        return f"{tp.__module__}:{tp.__qualname__}"
+    return None
 
 
 def _number(v: Any, name: str) -> float:
@@ -492,6 +506,9 @@ def entry_from_document(doc: Any) -> Entry:
         raise SerializationError("not a tiercache envelope: tags are not a list of strings")
     if type(version) is not int:
         raise SerializationError("not a tiercache envelope: version is not an integer")
+    declared = get("y")
+    if declared is not None and type(declared) is not str:
+        raise SerializationError("not a tiercache envelope: y is not a class name")
     return Entry(
         key,
         doc["v"],
@@ -502,6 +519,7 @@ def entry_from_document(doc: Any) -> Entry:
         version=version,
         delta=delta if type(delta) is float else float(delta) if type(delta) is int else 0.0,
         typed=False,
+        vtype=declared,  # until converted: the class name the writer declared, if any
     )
 
 
@@ -801,6 +819,10 @@ def convert_entry(entry: Entry, conv: Converter | None) -> Entry:
     """The entry with its tagged JSON value decoded into the caller's type (SerializationError)."""
     if entry.typed:
         return entry
+    if conv is None and isinstance(entry.vtype, str):  # no type asked: the writer's, if imported
+        cls = _find_class(entry.vtype)
+        if cls is not None and _declared_class_name(cls) == entry.vtype:
+            conv = converter_for(cls)
     try:
         value = _untag(entry.value, 0) if conv is None else conv(entry.value)
     except SerializationError:

@@ -91,6 +91,17 @@ def test_a_user_class_without_a_declared_type_fails_the_write_clearly() -> None:
     assert remote.store == {}
 
 
+def test_a_reader_that_declares_no_type_gets_the_declared_class_too() -> None:
+    clock = FakeClock()
+    writer, reader, remote = pair_of_caches(clock)
+    row = Row(1, True, (1, 2), Decimal("1.5"))
+    writer.sync.set("k", row, value_type=Row)
+    assert orjson.loads(remote.store["v:k"][0])["y"] == f"{Row.__module__}:Row"
+    got = reader.sync.get("k")  # no value_type: the envelope names the class
+    assert got == row and type(got) is Row
+    assert type(reader.sync.get("k", value_type=Row)) is Row  # and L1 holds the Row
+
+
 def test_a_typed_read_after_an_untyped_one_gets_its_type() -> None:
     clock = FakeClock()
     writer, reader, _ = pair_of_caches(clock)
