@@ -61,12 +61,12 @@ def main() -> None:
         plain = orjson.loads(orjson.dumps(v, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
         ours = converter_for(User)
         assert ours(tagged) == v
-        rows = {"tiercache": lambda: ours(tagged)}
+        rows = {"tiercache": lambda f=ours, x=tagged: f(x)}
         try:
             import msgspec
 
             assert msgspec.convert(plain, User) == v
-            rows["msgspec.convert"] = lambda: msgspec.convert(plain, User)
+            rows["msgspec.convert"] = lambda x=plain: msgspec.convert(x, User)
         except ImportError:
             pass
         try:
@@ -74,7 +74,7 @@ def main() -> None:
 
             adapter = pydantic.TypeAdapter(User)
             assert adapter.validate_python(plain) == v
-            rows["pydantic.TypeAdapter"] = lambda: adapter.validate_python(plain)
+            rows["pydantic.TypeAdapter"] = lambda a=adapter, x=plain: a.validate_python(x)
         except ImportError:
             pass
         for name, fn in rows.items():
