@@ -717,12 +717,13 @@ def tiered_cache_many(
     def decorate(fn: Callable[[list[Any]], Any]) -> Callable[[Iterable[Any]], Any]:
         vt = value_type
         if vt is _UNSET:
-            try:
-                ret = typing.get_type_hints(fn).get("return")
-                args = typing.get_args(ret)
-                vt = args[1] if len(args) == 2 else _UNSET
-            except Exception:
-                vt = _UNSET
+            ret = _return_annotation(fn, sys._getframe(1).f_locals)
+            if isinstance(ret, _Deferred):
+                raise _unresolvable(fn, ret.error)
+            args = typing.get_args(ret) if ret is not _UNSET else ()
+            vt = args[1] if len(args) == 2 else _UNSET
+            if vt is not _UNSET:
+                _converter_or_error(fn, vt)
 
         def keys_for(ids: Iterable[Any]) -> dict[str, Any]:
             if isinstance(ids, (str, bytes)):

@@ -419,3 +419,20 @@ def test_tags_that_are_str_subclasses_become_plain_strings() -> None:
     assert entry is not None and entry.tags == ("users",) and type(entry.tags[0]) is str
     with pytest.raises(ConfigurationError):
         cache.sync.set("k", 1, tags=[Sub("")])
+
+
+def test_tiered_cache_many_resolves_its_annotation_at_decoration_too() -> None:
+    from tiercache import tiered_cache_many
+
+    cache = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="many")
+    with pytest.raises(ConfigurationError, match="return annotation"):
+
+        @tiered_cache_many(cache, key="x:{}")
+        def bad(ids: list[int]) -> dict[int, OnlyForTypeCheckers[str, int]]:
+            raise AssertionError
+
+    @tiered_cache_many(cache, key="r:{}")
+    def rows(ids: list[int]) -> dict[int, Row]:
+        return {i: Row(i, True, (i,), Decimal(i)) for i in ids}
+
+    assert rows([1, 2]) == {1: Row(1, True, (1,), Decimal(1)), 2: Row(2, True, (2,), Decimal(2))}
