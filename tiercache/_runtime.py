@@ -245,6 +245,8 @@ class Runtime:
     def redacted(self, event: Event) -> Event:
         """``event`` as a hook may see it with ``redact_keys``: the key's digest, and an error
         whose text named the key replaced by a RedactedError with the digest instead."""
+        if not event.key:  # cache-wide events (a breaker opening) name no key
+            return event
         return event._replace(key=self.log_key(event.key), error=redact_error(event.error, event.key))
 
     def log_error(self, exc: BaseException | None, key: str) -> str:
