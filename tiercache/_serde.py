@@ -627,7 +627,8 @@ def _plain_object(raw: Any) -> bool:
     if type(raw) is not dict:
         return False
     if len(raw) == 1:
-        return next(iter(raw))[:1] != "$"
+        first: str = next(iter(raw))
+        return first[:1] != "$"
     return True
 
 
