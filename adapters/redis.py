@@ -34,6 +34,11 @@ A reader applies it: ``fresh_until = min(envelope "f", at)`` and ``version = hea
 ``expire`` rewrites no JSON (Lua's cjson would lose float precision and reorder the envelope);
 it prepends a header in one script. Older readers see an unknown kind: a miss, never a fresh hit.
 
+With a signing codec (``tiercache.signing.SignedCodec``) a tombstone is followed by a 64-hex
+HMAC of its header and the key, kind "e" is never written (``expire`` rewrites a signed "v"
+record), and a record whose header is not authentic is a corrupt miss that the next write or
+delete replaces (see "signed records" below).
+
 The header lets a Lua script compare versions with one ``GETRANGE key 0 23`` instead of decoding
 the envelope (and equal-width digit strings compare exactly, which Lua's double-precision numbers
 cannot do for 19-digit versions: see ``_LUA_NEWER``). The physical TTL (``PX``) of a value is

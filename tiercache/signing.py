@@ -34,6 +34,14 @@ checks the header literally, verifies the signature with ``hmac.compare_digest``
 decodes ``body``. A Worker that trusts its KV can read ``JSON.parse(text).body``; one that wants to
 verify recomputes the HMAC over the bytes between the header and the final ``}``.
 
+Record headers
+--------------
+A tier that keeps fields outside the envelope signs them too: ``record_mac(key, header)`` is a
+hex ``HMAC-SHA256(key, b"tiercache-record\\x001\\x00" + cache key + b"\\x00" + header)`` (a
+different label, so it can never pass for an entry's signature). RedisTier appends it to its
+tombstones (kind and version), and with a signing codec writes no unsigned expiry header; a value
+record's header must match the version in its signed envelope.
+
 Pickle
 ------
 ``SignedCodec(keys, pickle=True)`` stores values with :mod:`pickle` (any picklable type, exact
