@@ -102,10 +102,12 @@ class _Decorator:
             )
         caller = sys._getframe(1)
         value_type = self._value_type
+        # A memory-only cache never encodes values: any annotation will do there.
+        strict = bool(self._cache._rt.remote)
         if value_type is _UNSET:
-            value_type = _return_annotation(fn, caller.f_locals)
-        elif value_type is not None:
-            _converter_or_error(fn, value_type)
+            value_type = _return_annotation(fn, caller.f_locals, strict)
+        elif value_type is not None and not _converter_or_error(fn, value_type, strict):
+            value_type = _UNSET
         resolve = _policy_resolver(self._cache, fn, self._overrides, value_type)
         wrapper = build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
         kind = _method_kind(fn)
@@ -144,7 +146,7 @@ class _Deferred:
         self.error = error
 
 
-def _return_annotation(fn: Callable[..., Any], localns: dict[str, Any]) -> Any:
+def _return_annotation(fn: Callable[..., Any], localns: dict[str, Any], strict: bool = True) -> Any:
     """The return annotation, resolved now (with the decorating scope's names, so PEP 563 and
     local classes work). An annotation that can never resolve is a ConfigurationError here; one
     naming a module-level name not defined yet is retried on first use."""
@@ -160,8 +162,8 @@ def _return_annotation(fn: Callable[..., Any], localns: dict[str, Any]) -> Any:
     except Exception as exc:
         raise _unresolvable(fn, exc) from None
     tp = hints.get("return", _UNSET)
-    if tp is not _UNSET:
-        _converter_or_error(fn, tp)
+    if tp is not _UNSET and not _converter_or_error(fn, tp, strict):
+        return _UNSET
     return tp
 
 
@@ -173,13 +175,18 @@ def _unresolvable(fn: Callable[..., Any], exc: Exception) -> ConfigurationError:
     )
 
 
-def _converter_or_error(fn: Callable[..., Any], tp: Any) -> None:
+def _converter_or_error(fn: Callable[..., Any], tp: Any, strict: bool = True) -> bool:
+    """Can values of ``tp`` be rebuilt from a remote tier? False, or ConfigurationError if
+    ``strict`` (the cache has remote tiers)."""
     try:
         converter_for(tp)
     except SerializationError as exc:
+        if not strict:
+            return False
         raise ConfigurationError(
             f"the return type of {getattr(fn, '__qualname__', fn)} cannot be cached: {exc}"
         ) from None
+    return True
 
 
 def _policy_resolver(
@@ -197,7 +204,8 @@ def _policy_resolver(
                 vt = typing.get_type_hints(fn, include_extras=True).get("return", _UNSET)
             except Exception as exc:
                 raise _unresolvable(fn, exc) from None
-            _converter_or_error(fn, vt)
+            if not _converter_or_error(fn, vt, bool(cache._rt.remote)):
+                vt = _UNSET
         policy = cache.policy_for(value_type=vt, **overrides)
         resolved.append(policy)
         return policy
@@ -717,13 +725,14 @@ def tiered_cache_many(
     def decorate(fn: Callable[[list[Any]], Any]) -> Callable[[Iterable[Any]], Any]:
         vt = value_type
         if vt is _UNSET:
-            ret = _return_annotation(fn, sys._getframe(1).f_locals)
+            strict = bool(cache._rt.remote)
+            ret = _return_annotation(fn, sys._getframe(1).f_locals, strict)
             if isinstance(ret, _Deferred):
                 raise _unresolvable(fn, ret.error)
             args = typing.get_args(ret) if ret is not _UNSET else ()
             vt = args[1] if len(args) == 2 else _UNSET
-            if vt is not _UNSET:
-                _converter_or_error(fn, vt)
+            if vt is not _UNSET and not _converter_or_error(fn, vt, strict):
+                vt = _UNSET
 
         def keys_for(ids: Iterable[Any]) -> dict[str, Any]:
             if isinstance(ids, (str, bytes)):

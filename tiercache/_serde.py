@@ -931,6 +931,11 @@ def loader_type(loader: Any) -> Any:
         tp = None  # a loader is no place for a configuration error: undeclared
     if tp is not None and typing.get_origin(tp) in (cabc.Awaitable, cabc.Coroutine):
         tp = typing.get_args(tp)[-1]
+    if tp is not None:
+        try:
+            converter_for(tp)
+        except SerializationError:  # not a type a value can be rebuilt as: undeclared
+            tp = None
     if code is not None and len(_loader_types) < 4096:
         _loader_types[code] = (raw, tp)
     return tp

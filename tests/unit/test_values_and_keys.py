@@ -111,7 +111,7 @@ def test_a_typed_read_after_an_untyped_one_gets_its_type() -> None:
 
 
 def test_unresolvable_return_annotation_is_an_error_at_decoration() -> None:
-    cache = TieredCache([MemoryTier()], namespace="ann")
+    cache = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="ann")
     with pytest.raises(ConfigurationError, match="return annotation"):
 
         @tiered_cache(cache)
@@ -130,7 +130,7 @@ def test_unresolvable_return_annotation_is_an_error_at_decoration() -> None:
 
 
 def test_a_return_type_that_cannot_be_rebuilt_is_an_error_at_decoration() -> None:
-    cache = TieredCache([MemoryTier()], namespace="ann")
+    cache = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="ann")
 
     class Plain:
         pass
@@ -436,3 +436,22 @@ def test_tiered_cache_many_resolves_its_annotation_at_decoration_too() -> None:
         return {i: Row(i, True, (i,), Decimal(i)) for i in ids}
 
     assert rows([1, 2]) == {1: Row(1, True, (1,), Decimal(1)), 2: Row(2, True, (2,), Decimal(2))}
+
+
+def test_a_memory_only_cache_takes_any_annotation() -> None:
+    class Plain:
+        pass
+
+    cache = TieredCache([MemoryTier()], namespace="mem")
+    made = Plain()
+
+    @tiered_cache(cache)
+    def f(x: int) -> Plain:
+        return made
+
+    assert f(1) is made and f(1) is made
+
+    def load() -> Plain:
+        return made
+
+    assert cache.sync.get_cached("k", load) is made  # an unconvertible loader annotation: undeclared
