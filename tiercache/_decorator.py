@@ -440,14 +440,11 @@ class _Signature:
                     "'{a}:{b}'), or two different argument pairs would share one key"
                 )
             if following:
-                if following[0].isalnum() or following[0] == "%":
-                    raise ConfigurationError(
-                        f"key template {template!r}: the text after a field must start with a "
-                        f"separator such as ':' or '/', not {following[0]!r}, to keep keys unambiguous"
-                    )
+                # Any character can separate: escapes are fixed-length (%XX, %uXXXXXX), so the
+                # first unescaped occurrence of the separator is where the field's text ends.
                 separators.add(following[0])
         escape = _escaper(frozenset(separators))
-        digits_safe = "-" not in separators  # no int's text can hold a separator
+        digits_safe = not separators & set("-0123456789")  # no int's text can hold a separator
         self.env["__tc_esc"] = escape
         self.env["__tc_int"] = int
         for literal, field, spec, conversion in parsed:
@@ -504,8 +501,8 @@ def _escaper(chars: frozenset[str]) -> Callable[[Any], Any]:
     """``s`` with each of ``chars`` as ``%XX`` (``%uXXXXXX`` beyond Latin-1): injective, and the
     output holds none of ``chars`` but the ``%`` of its escapes."""
     table = {ord(c): (f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):06X}") for c in chars}
-    ordered = sorted(chars)
-    digits_safe = not (set(ordered) & set("-+0123456789"))
+    ordered = sorted(chars, key=lambda c: c != "%")  # "%" first: escapes must not be re-escaped
+    digits_safe = not (set(ordered) & set("-0123456789"))
 
     def escape(value: Any) -> Any:
         # Takes the field's value (or its formatted text): an int whose digits cannot hold a

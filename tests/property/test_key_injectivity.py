@@ -23,6 +23,11 @@ def doc(org: Any, doc_id: Any, rev: Any) -> None:
     return None
 
 
+@tiered_cache(cache, key="t{a}x{b}7{c}")  # letters and digits as separators
+def lettered(a: Any, b: Any, c: Any) -> None:
+    return None
+
+
 @tiered_cache(cache, key="d-{a!s}-{b:>3}")  # conversions and specs take the nested path
 def formatted(a: Any, b: Any) -> None:
     return None
@@ -41,6 +46,18 @@ def default(x: Any) -> None:
 def test_template_keys_are_injective_on_field_text(one: tuple[Any, ...], other: tuple[Any, ...]) -> None:
     same_text = tuple(map(str, one)) == tuple(map(str, other))
     assert (doc.cache_key(*one) == doc.cache_key(*other)) == same_text
+
+
+LETTERS = st.one_of(st.text(alphabet="x7%a1-", max_size=6), st.integers(-100, 100))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.tuples(LETTERS, LETTERS, LETTERS), st.tuples(LETTERS, LETTERS, LETTERS))
+def test_letter_and_digit_separators_keep_keys_injective(
+    one: tuple[Any, ...], other: tuple[Any, ...]
+) -> None:
+    same_text = tuple(map(str, one)) == tuple(map(str, other))
+    assert (lettered.cache_key(*one) == lettered.cache_key(*other)) == same_text
 
 
 @settings(max_examples=300, deadline=None)
