@@ -498,8 +498,8 @@ class _Signature:
 
 
 def _escaper(chars: frozenset[str]) -> Callable[[Any], Any]:
-    """``s`` with each of ``chars`` as ``%XX`` (``%uXXXXXX`` beyond Latin-1): injective, and the
-    output holds none of ``chars`` but the ``%`` of its escapes."""
+    """``s`` with each of ``chars`` (always including ``%``) as ``%XX`` (``%uXXXXXX`` beyond
+    Latin-1): injective, and outside its fixed-length escapes the text holds none of ``chars``."""
     table = {ord(c): (f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):06X}") for c in chars}
     ordered = sorted(chars, key=lambda c: c != "%")  # "%" first: escapes must not be re-escaped
     digits_safe = not (set(ordered) & set("-0123456789"))
