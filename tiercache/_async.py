@@ -344,7 +344,10 @@ class FlowRun:
                 error = LoaderTimeoutError("the loader was cancelled")
             elif task.exception() is not None:
                 error = task.exception()
-                logger.debug("tiercache: late loader failed: %r", error)
+                where = fence.key if fence else ""
+                logger.debug(
+                    "tiercache: late loader for %s failed: %s", rt.log_key(where), rt.log_error(error, where)
+                )
             elif fence is not None:
                 duration = time.perf_counter() - self._load_t0
                 loaded = LoadOutcome(
@@ -474,7 +477,9 @@ async def _refresh(
         rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
         raise
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
-        logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
+        logger.debug(
+            "tiercache: background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key)
+        )
 
 
 async def get_many_cached(

@@ -126,6 +126,9 @@ class Runtime:
     def log_key(self, key: str) -> str:
         return self.gw.log_key(key)
 
+    def log_error(self, exc: BaseException | None, key: str) -> str:
+        return self.gw.log_error(exc, key)
+
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task referenced until done, and collect its exception."""
         self.tasks.add(task)

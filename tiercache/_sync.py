@@ -353,7 +353,12 @@ class _Late:
                 self.rt, store_late(self.rt, fence, self.policy, loaded), _no_loader, None, fence
             )
         elif box.error is not None:
-            logger.debug("tiercache: late loader failed: %r", box.error)
+            where = fence.key if fence else ""
+            logger.debug(
+                "tiercache: late loader for %s failed: %s",
+                self.rt.log_key(where),
+                self.rt.log_error(box.error, where),
+            )
         self._end(outcome)
 
     def _end(self, outcome: Outcome | None) -> None:
@@ -433,7 +438,9 @@ def start_refresh(
             flow = lead_flow(rt, flight, key, policy, current, refresh=True)
             run_flow(rt, flow, loader, policy, flight)
         except Exception as exc:
-            logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
+            logger.debug(
+                "tiercache: background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key)
+            )
         finally:
             rt.threads.discard(threading.current_thread())
 
