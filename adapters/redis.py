@@ -808,8 +808,8 @@ class RedisTier:
     # carries an HMAC of its header, and "e" records are never written (expire rewrites a signed
     # "v" record instead). The Lua fences cannot verify a MAC (no secret on the server), so a
     # write or delete a fence refused checks the record in the way: if it is not authentic (a
-    # rewritten header pinning a huge version, a forged tombstone), it is replaced, atomically,
-    # only if still the same bytes.
+    # rewritten header pinning a huge version, a forged tombstone), it is deleted if still the
+    # same bytes and the write goes through its fence again (_fenced, below).
 
     def _signer(self) -> Any:
         codec = self._codec
