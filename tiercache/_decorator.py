@@ -96,10 +96,13 @@ class _Decorator:
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
-        if isinstance(fn, (classmethod, staticmethod)):
-            raise ConfigurationError(
-                "put @tiered_cache below @classmethod/@staticmethod (apply it to the function)"
-            )
+        if isinstance(fn, staticmethod):
+            raise ConfigurationError("put @tiered_cache below @staticmethod (apply it to the function)")
+        # Above @classmethod: the cached function binds to the class itself, on every Python
+        # (3.13 no longer lets a classmethod bind the descriptor it wraps, see CachedMethod).
+        on_class = isinstance(fn, classmethod)
+        if on_class:
+            fn = fn.__func__
         caller = sys._getframe(1)
         value_type = self._value_type
         # A memory-only cache never encodes values: any annotation will do there.
@@ -110,10 +113,12 @@ class _Decorator:
             value_type = _UNSET
         resolve = _policy_resolver(self._cache, fn, self._overrides, value_type)
         wrapper = build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
-        kind = _method_kind(fn)
+        kind = "cls" if on_class else _method_kind(fn)
         if kind is None:
             return wrapper
-        return CachedMethod(wrapper, kind, needs_hook=kind == "self" and self._template is None)
+        return CachedMethod(
+            wrapper, kind, needs_hook=kind == "self" and self._template is None, on_class=on_class
+        )
 
 
 def tiered_cache(
@@ -631,15 +636,26 @@ class CachedMethod:
     """A cached method: binds like a function, and binds ``invalidate``, ``cache_key`` and
     ``lookup`` too (``repo.find.invalidate(1)``), which a plain function attribute cannot."""
 
-    def __init__(self, wrapper: Any, kind: str, *, needs_hook: bool) -> None:
+    def __init__(self, wrapper: Any, kind: str, *, needs_hook: bool, on_class: bool = False) -> None:
         self._wrapper = wrapper
         self._kind = kind
         self._needs_hook = needs_hook
+        self._on_class = on_class
         functools.update_wrapper(self, wrapper)
+        if inspect.iscoroutinefunction(wrapper):
+            # inspect.iscoroutinefunction(Repo.get) reads these off a function-like object
+            self.__code__ = wrapper.__code__
+            self.__defaults__ = wrapper.__defaults__
+            self.__kwdefaults__ = wrapper.__kwdefaults__
         self.uncached = wrapper.uncached
         self.invalidate = wrapper.invalidate
         self.cache_key = wrapper.cache_key
         self.lookup = wrapper.lookup
+        if kind == "cls" and not on_class:
+            # Below @classmethod, C.m binds through __get__ up to Python 3.12; from 3.13 on C.m is
+            # a plain method of this object, and C.m.invalidate(1) would reach these with 1 as
+            # the class: a wrong key, silently. Refuse instead.
+            self.uncached = self.invalidate = self.cache_key = self.lookup = self._needs_class
 
     def __set_name__(self, owner: type, name: str) -> None:
         # The class exists now (bases included): a default key needs its __cache_key__.
@@ -654,7 +670,16 @@ class CachedMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._wrapper(*args, **kwargs)
 
+    def _needs_class(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigurationError(
+            f"{self._wrapper.__qualname__} was reached without its class (Python 3.13+ no longer "
+            "binds what @classmethod wraps): put @tiered_cache above @classmethod to use "
+            "C.method.invalidate/cache_key/lookup"
+        )
+
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if self._on_class:
+            return _BoundCachedMethod(self._wrapper, objtype if objtype is not None else type(obj))
         if obj is None:
             return self
         return _BoundCachedMethod(self._wrapper, obj)

@@ -1,0 +1,89 @@
+"""Cached methods on every supported Python: async ones look async to inspect, classmethods get
+bound helpers (``C.method.invalidate(...)``) and never a silently wrong key."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+
+import pytest
+
+from tiercache import ConfigurationError, TieredCache, tiered_cache
+from tiercache.adapters.memory import MemoryTier
+
+
+def test_an_async_cached_method_is_a_coroutine_function_bound_or_not() -> None:
+    cache = TieredCache([MemoryTier()], namespace="am")
+
+    class Repo:
+        def __cache_key__(self) -> str:
+            return "r"
+
+        @tiered_cache(cache)
+        async def get(self, item: int) -> int:
+            return item
+
+        @tiered_cache(cache)
+        def sync_get(self, item: int) -> int:
+            return item
+
+    assert inspect.iscoroutinefunction(Repo.get)
+    assert inspect.iscoroutinefunction(Repo().get)
+    assert not inspect.iscoroutinefunction(Repo.sync_get)
+    assert not inspect.iscoroutinefunction(Repo().sync_get)
+    assert list(inspect.signature(Repo.get).parameters) == ["self", "item"]
+    assert asyncio.run(Repo().get(2)) == 2
+
+
+def test_tiered_cache_above_classmethod_binds_the_class() -> None:
+    cache = TieredCache([MemoryTier()], namespace="cm")
+    calls: list[str] = []
+
+    class Base:
+        @tiered_cache(cache)
+        @classmethod
+        def name(cls, x: int) -> str:
+            calls.append(cls.__name__)
+            return f"{cls.__name__}{x}-{len(calls)}"
+
+    class Child(Base):
+        pass
+
+    assert Base.name(1) == "Base1-1" and Base.name(1) == "Base1-1"
+    assert Child.name(1) == "Child1-2"
+    assert Child().name(1) == "Child1-2"  # through an instance: still the class
+    assert Base.name.cache_key(1) != Child.name.cache_key(1)
+    Base.name.invalidate(1)  # bound to Base on every Python version
+    assert Base.name(1) == "Base1-3" and Child.name(1) == "Child1-2"
+    assert Child.name.lookup(1).value == "Child1-2"
+
+
+def test_an_unbound_classmethod_helper_is_an_error_not_a_wrong_key() -> None:
+    # Python 3.13 stopped chaining classmethod to the wrapped descriptor: C.m.invalidate then
+    # reaches the cached function without its class. It must say so, not key on the argument.
+    cache = TieredCache([MemoryTier()], namespace="cu")
+
+    class Base:
+        @classmethod
+        @tiered_cache(cache)
+        def name(cls, x: int) -> str:
+            return f"{cls.__name__}{x}"
+
+    unbound = Base.__dict__["name"].__func__  # what C.name.invalidate reaches on 3.13
+    with pytest.raises(ConfigurationError, match="above @classmethod"):
+        unbound.invalidate(1)
+    with pytest.raises(ConfigurationError, match="above @classmethod"):
+        unbound.cache_key(1)
+    assert Base.name(1) == "Base1"
+    if sys.version_info >= (3, 13):  # the real thing
+        with pytest.raises(ConfigurationError, match="above @classmethod"):
+            Base.name.invalidate(1)
+    else:
+        Base.name.invalidate(1)  # still bound through the classmethod
+
+
+def test_staticmethod_is_refused_above_with_a_clear_error() -> None:
+    cache = TieredCache([MemoryTier()], namespace="sm")
+    with pytest.raises(ConfigurationError, match="below @staticmethod"):
+        tiered_cache(cache)(staticmethod(lambda x: x))
