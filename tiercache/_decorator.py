@@ -421,7 +421,20 @@ class _Signature:
             qualified = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:"
             self.env["__tc_prefix"] = prefix + qualified
             self.env["__tc_hash"] = stable_hash
-            self.key_expr = "__tc_prefix + __tc_hash((" + "".join(f"{p}, " for p in parts) + "))"
+            hashed = "__tc_prefix + __tc_hash((" + "".join(f"{p}, " for p in parts) + "))"
+            plain = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if kind is None and 1 <= len(params) <= 2 and len(plain) == len(params):
+                # Ids are the common argument: one or two 64-bit ints (bool is not int here) are
+                # written as stable_hash would write them ("[42]", "[1,2]"), with no call.
+                self.env["__tc_int"] = int
+                test = " and ".join(
+                    f"{n}.__class__ is __tc_int and {_INT_MIN} <= {n} <= {_INT_MAX}" for n in plain
+                )
+                text = ",".join(f"{{{n}}}" for n in plain)
+                literal = repr(prefix + qualified)  # adjacent to the f-string: one constant
+                self.key_expr = f'({literal} f"[{text}]" if {test} else {hashed})'
+            else:
+                self.key_expr = hashed
 
     def _template_expression(self, fn: Callable[..., Any], sig: inspect.Signature, template: str) -> str:
         """The template as an f-string (fast), or a ``str.format`` call when it cannot be one."""
@@ -560,6 +573,7 @@ def _field_expression(field: str) -> str | None:
 
 
 _HASH_PLAIN = frozenset({str, int, bool, type(None)})
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # JSON's ints in the typed form; beyond: {"$int": ..}
 
 
 def stable_hash(args: tuple[Any, ...]) -> str:

@@ -87,3 +87,26 @@ def test_staticmethod_is_refused_above_with_a_clear_error() -> None:
     cache = TieredCache([MemoryTier()], namespace="sm")
     with pytest.raises(ConfigurationError, match="below @staticmethod"):
         tiered_cache(cache)(staticmethod(lambda x: x))
+
+
+def test_the_inline_int_key_is_the_default_hash_exactly() -> None:
+    from tiercache._decorator import stable_hash
+
+    cache = TieredCache([MemoryTier()], namespace="i{k}\"'")  # braces and quotes: a literal
+
+    @tiered_cache(cache)
+    def one(a: object) -> object:
+        return a
+
+    @tiered_cache(cache)
+    def two(a: object, b: object = 7) -> object:
+        return a
+
+    prefix = one.cache_key(0).rsplit(":", 1)[0] + ":"
+    for args in [(0,), (-1,), (2**63 - 1,), (-(2**63),), (2**63,), (True,), (1.0,), ("1",), (None,)]:
+        assert one.cache_key(*args) == prefix + stable_hash(args), args
+    prefix2 = two.cache_key(0).rsplit(":", 1)[0] + ":"
+    for args in [(1, 2), (1, True), (2**64, 1), (-5, -(2**63))]:
+        assert two.cache_key(*args) == prefix2 + stable_hash(args), args
+    assert two.cache_key(1) == prefix2 + stable_hash((1, 7))
+    assert len({one.cache_key(1), one.cache_key(True), one.cache_key("1"), one.cache_key(1.0)}) == 4
