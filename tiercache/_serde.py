@@ -446,7 +446,7 @@ def _untag_tagged(tag: str, body: Any, d: int) -> Any:
             if tag == "$enum":
                 if named is None or not issubclass(named, enum.Enum):
                     raise _fail(f"$enum names {parts[0]!r}, which is no imported Enum")
-                return named(_untag(parts[1], d))  # a member look-up by value
+                return _enum_member(named, _untag(parts[1], d))
             fields = _static_attr(named, "_fields") if named is not None else None
             if named is None or not issubclass(named, tuple) or type(fields) is not tuple:
                 raise _fail(f"$namedtuple names {parts[0]!r}, which is no imported NamedTuple")
@@ -463,6 +463,21 @@ def _untag_tagged(tag: str, body: Any, d: int) -> Any:
     except Exception as exc:  # a class's own look-up hook (an Enum's _missing_) included
         raise _fail(f"bad {tag} value: {exc}") from None
     raise _fail(f"unknown tag {tag!r}")
+
+
+def _enum_member(cls: type[enum.Enum], value: Any) -> Any:
+    """The member of ``cls`` with ``value``: a dict look-up, else the standard ``cls(value)`` (a
+    Flag's combined members, an Enum's own ``_missing_``), never a custom metaclass's call."""
+    members = _static_attr(cls, "_value2member_map_")
+    try:
+        member = members.get(value) if type(members) is dict else None
+    except TypeError:  # an unhashable value
+        member = None
+    if member is not None:
+        return member
+    if type(cls).__call__ is not enum.EnumMeta.__call__:
+        raise _fail(f"{cls.__qualname__} has no member with the value {value!r}")
+    return cls(value)
 
 
 def _decimal(s: str) -> Decimal:

@@ -172,3 +172,27 @@ def test_a_dataclass_with_init_false_fields_round_trips() -> None:
     got = cold.sync.get("k", value_type=WithDerived)
     assert corrupt(events) == 0
     assert got == value and type(got) is WithDerived and got.double == 6 and got.notes == ["kept"]
+
+
+class _LoudMeta(enum.EnumMeta):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        CALLS.append("LoudMeta.__call__")
+        return super().__call__(*args, **kwargs)
+
+
+class Loud(enum.Enum, metaclass=_LoudMeta):
+    A = 1
+
+
+class Perm(enum.Flag):
+    R = 1
+    W = 2
+
+
+def test_enum_members_are_found_by_value_without_a_custom_metaclass_call() -> None:
+    assert decode_value({"$enum": [f"{HERE}:Loud", 1]}) is Loud.A
+    assert CALLS == []
+    with pytest.raises(Exception) as info:
+        decode_value({"$enum": [f"{HERE}:Loud", 5]})
+    assert type(info.value).__name__ == "SerializationError" and CALLS == []
+    assert decode_value({"$enum": [f"{HERE}:Perm", 3]}) == Perm.R | Perm.W  # a Flag's combination
