@@ -95,14 +95,17 @@ class _Decorator:
     @overload
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
-    def __call__(self, fn: Callable[..., Any]) -> Any:
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R]) -> Any: ...  # binds like a classmethod
+
+    def __call__(self, fn: Callable[..., Any] | classmethod[Any, Any, Any]) -> Any:
         if isinstance(fn, staticmethod):
             raise ConfigurationError("put @tiered_cache below @staticmethod (apply it to the function)")
         # Above @classmethod: the cached function binds to the class itself, on every Python
         # (3.13 no longer lets a classmethod bind the descriptor it wraps, see CachedMethod).
-        on_class = isinstance(fn, classmethod)
-        if on_class:
-            fn = fn.__func__
+        on_class = False
+        if isinstance(fn, classmethod):
+            fn, on_class = fn.__func__, True
         caller = sys._getframe(1)
         value_type = self._value_type
         # A memory-only cache never encodes values: any annotation will do there.
