@@ -589,9 +589,10 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     Redis, and cheaper than a hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
     """
     for a in args:
-        if type(a) not in _HASH_PLAIN:
+        t = type(a)
+        if t not in _HASH_PLAIN and (t is not float or a - a != 0.0):  # NaN/inf: refused below
             break
-    else:  # strings, ints, bools and None: their plain JSON is already the typed form
+    else:  # strings, ints, bools, None, finite floats: their plain JSON is already the typed form
         try:
             raw = orjson.dumps(args)
         except TypeError:  # an int beyond 64 bits (tagged below), a lone surrogate

@@ -110,3 +110,21 @@ def test_the_inline_int_key_is_the_default_hash_exactly() -> None:
         assert two.cache_key(*args) == prefix2 + stable_hash(args), args
     assert two.cache_key(1) == prefix2 + stable_hash((1, 7))
     assert len({one.cache_key(1), one.cache_key(True), one.cache_key("1"), one.cache_key(1.0)}) == 4
+
+
+def test_the_plain_fast_path_of_the_default_hash_is_the_typed_form() -> None:
+    import orjson
+
+    from tiercache import InvalidKeyError
+    from tiercache._decorator import stable_hash
+    from tiercache._serde import encode_key_args
+
+    for args in [(1.5,), (-0.0,), (0.0,), (1e300, "x", None, True, 3), ("a" * 60, 2.5), (2**64, 1.0)]:
+        raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
+        expected = raw.decode() if len(raw) <= 48 else None
+        if expected is not None:
+            assert stable_hash(args) == expected, args
+    assert stable_hash((0.0,)) != stable_hash((-0.0,)) != stable_hash((0,))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(InvalidKeyError):
+            stable_hash((1, bad))
