@@ -599,6 +599,14 @@ def stable_hash(args: tuple[Any, ...]) -> str:
             pass
         else:
             return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+    flat = _flat_tuples(args)
+    if flat is not None:
+        try:
+            raw = orjson.dumps(flat)
+        except TypeError:
+            pass
+        else:
+            return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
     try:
         raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
     except (SerializationError, TypeError) as exc:
@@ -609,6 +617,25 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     if len(raw) <= 48:
         return raw.decode()
     return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _plain(a: Any) -> bool:
+    t = type(a)
+    return t in _HASH_PLAIN or (t is float and a - a == 0.0)
+
+
+def _flat_tuples(args: tuple[Any, ...]) -> list[Any] | None:
+    """The typed form of arguments that are plain values or flat tuples of them (a composite id),
+    built directly; None for anything else."""
+    out: list[Any] = []
+    for a in args:
+        if _plain(a):
+            out.append(a)
+        elif type(a) is tuple and all(map(_plain, a)):
+            out.append({"$tuple": list(a)})
+        else:
+            return None
+    return out
 
 
 def instance_key(obj: Any) -> Any:

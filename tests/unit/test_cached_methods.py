@@ -119,12 +119,18 @@ def test_the_plain_fast_path_of_the_default_hash_is_the_typed_form() -> None:
     from tiercache._decorator import stable_hash
     from tiercache._serde import encode_key_args
 
-    for args in [(1.5,), (-0.0,), (0.0,), (1e300, "x", None, True, 3), ("a" * 60, 2.5), (2**64, 1.0)]:
+    cases: list[tuple[object, ...]] = [(1.5,), (-0.0,), (0.0,), (1e300, "x", None, True, 3), ("a" * 60, 2.5)]
+    cases += [(2**64, 1.0), ((1, 2),), ((1, "a"), 3), ((), None), ((2**64, 1),), ((1, (2,)),), ((1, [2]),)]
+    cases += [((1.5, float("-0")),), ((True, None),)]
+    for args in cases:
         raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
         expected = raw.decode() if len(raw) <= 48 else None
         if expected is not None:
             assert stable_hash(args) == expected, args
     assert stable_hash((0.0,)) != stable_hash((-0.0,)) != stable_hash((0,))
+    assert len({stable_hash(((1, 2),)), stable_hash(([1, 2],)), stable_hash((1, 2)), stable_hash(((1, 2.0),))}) == 4
+    with pytest.raises(InvalidKeyError):
+        stable_hash(((1, float("nan")),))
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(InvalidKeyError):
             stable_hash((1, bad))
