@@ -1,0 +1,333 @@
+"""TieredCacheBackend beyond Django's suite: signing, timeouts, cross-process atomicity and
+coherence, namespace-only clear, bad settings, Redis down. Real Redis on 127.0.0.1:6379."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+django = pytest.importorskip("django")  # the dev extra pins it; test_django_suite fails loudly without
+redis = pytest.importorskip("redis")
+
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+
+from tiercache import TierError  # noqa: E402
+from tiercache.contrib.django import TieredCacheBackend  # noqa: E402
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+
+
+def _config(url: str, namespace: str, **options: Any) -> dict[str, Any]:
+    opts = {"NAMESPACE": namespace, "SIGNING_KEYS": [KEY.decode()], **options}
+    return {"LOCATION": url, "OPTIONS": opts}
+
+
+def _backend(config: dict[str, Any], **params: Any) -> TieredCacheBackend:
+    return TieredCacheBackend(config["LOCATION"], {**config, **params})
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"djt{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(shared_redis_url: str) -> Iterator[Any]:
+    c = redis.Redis.from_url(shared_redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def config(shared_redis_url: str, namespace: str, client: Any) -> Iterator[dict[str, Any]]:
+    cfg = _config(shared_redis_url, namespace)
+    yield cfg
+    for name in client.scan_iter(match=f"*{namespace}*", count=1000):
+        client.delete(name)
+
+
+def _value_key(client: Any, namespace: str, suffix: str) -> bytes:
+    names = [
+        n for n in client.scan_iter(match=f"*{namespace}*", count=1000) if n.endswith(suffix.encode() + b"}")
+    ]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def _run_worker(config: dict[str, Any], *args: str) -> Any:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.contrib_django.worker", json.dumps(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_redis_holds_only_signed_records_and_tampering_is_a_miss(config: dict[str, Any], client: Any) -> None:
+    cache = _backend(config)
+    cache.set("doc", {"a": [1, 2]}, 60)
+    name = _value_key(client, config["OPTIONS"]["NAMESPACE"], ":1:doc")
+    record = client.get(name)
+    assert record[:4] == b"tc1v" and record[24:].startswith(b'{"tcs":1,"kid":"')
+    assert b'"fmt":"p"' in record[:140]  # a pickle, but only behind the signature
+
+    fresh = _backend(config, OPTIONS={**config["OPTIONS"], "L1_MAX_ENTRIES": 11})  # its own L1
+    assert fresh.get("doc") == {"a": [1, 2]}
+    body_at = record.index(b'"body":"') + 20
+    tampered = record[:body_at] + bytes([record[body_at] ^ 1]) + record[body_at + 1 :]
+    client.set(name, tampered, keepttl=True)
+    other = _backend(config, OPTIONS={**config["OPTIONS"], "L1_MAX_ENTRIES": 12})
+    assert other.get("doc", "missing") == "missing"
+    assert other.has_key("doc") is False
+    with pytest.raises(ValueError):
+        other.incr("doc")
+    # A record signed with a key the reader does not hold is a miss too.
+    cache.set("signed", 1, 60)
+    stranger = _backend(config, OPTIONS={**config["OPTIONS"], "SIGNING_KEYS": [OTHER_KEY]})
+    assert stranger.get("signed") is None
+    assert stranger.add("signed", 2) is True  # unreadable counts as absent: add replaces it
+
+
+def test_get_returns_a_fresh_copy(config: dict[str, Any]) -> None:
+    cache = _backend(config)
+    cache.set("list", [1, 2], 60)
+    got = cache.get("list")
+    got.append(3)
+    assert cache.get("list") == [1, 2]
+    assert asyncio.run(cache.aget("list")) == [1, 2]
+
+
+def test_timeouts_none_zero_negative_and_default(config: dict[str, Any], client: Any) -> None:
+    ns = config["OPTIONS"]["NAMESPACE"]
+    cache = _backend(config, TIMEOUT=None)  # the alias default: forever
+    cache.set("forever", 1)
+    assert client.pttl(_value_key(client, ns, ":1:forever")) > 50 * 365 * 86400 * 1000
+    cache.set("sixty", 1, 60)
+    assert 55_000 < client.pttl(_value_key(client, ns, ":1:sixty")) <= 60_000
+    cache.set("gone", 1, 60)
+    cache.set("gone", 2, 0)  # Django: 0 means "do not cache"; the old value goes too
+    assert cache.get("gone") is None
+    assert cache.add("zero", 1, 0) is True and cache.get("zero") is None
+    cache.set("neg", 1, 60)
+    assert cache.touch("neg", -1) is True and cache.get("neg") is None
+    assert cache.touch("neg", 10) is False
+    cache.set("short", 1, 60)
+    assert cache.touch("short", 2) is True
+    assert 1_000 < client.pttl(_value_key(client, ns, ":1:short")) <= 2_000
+
+
+def _start_at() -> str:
+    return repr(time.time() + 1.5)  # the workers' imports finish before it; then they all start
+
+
+def test_add_has_exactly_one_winner_across_processes(config: dict[str, Any]) -> None:
+    n, workers = 200, 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.contrib_django.worker", json.dumps(config), "add", start, str(n)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for start in [_start_at()] * workers
+    ]
+    won: list[int] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        won += json.loads(out)
+    assert sorted(won) == list(range(n))  # every key added exactly once
+
+
+def test_incr_loses_no_update_across_processes(config: dict[str, Any]) -> None:
+    cache = _backend(config)
+    cache.set("counter", 0, 300)
+    per_worker, workers = 60, 4
+    start = _start_at()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.contrib_django.worker",
+                json.dumps(config),
+                "incr",
+                start,
+                str(per_worker),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(workers)
+    ]
+    seen: list[int] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        seen += json.loads(out)
+    assert sorted(seen) == list(range(1, per_worker * workers + 1))  # each result handed out once
+    assert cache.get("counter") == per_worker * workers
+
+
+def _eventually(check: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return bool(check())
+
+
+def test_other_processes_writes_reach_this_l1(config: dict[str, Any]) -> None:
+    cache = _backend(config)
+    cache.set("shared", "old", 300)
+    cache.set("n", 1, 300)
+    assert cache.tiered.sync.get(":1:shared") == cache._dumps("old")  # now in this process's L1
+    hits_before = cache.tiered.tiers[0].hit_count()
+    assert cache.get("shared") == "old" and cache.tiered.tiers[0].hit_count() > hits_before
+    assert cache.tiered._rt.coherence.bus is not None and cache.tiered._rt.coherence.bus.wait_ready(5)
+    _run_worker(config, "set", "0", "shared", json.dumps("new"))
+    assert _eventually(lambda: cache.get("shared") == "new")
+    assert _run_worker(config, "incr1", "0", "n") == 2  # a compare-and-set write announces too
+    assert _eventually(lambda: cache.get("n") == 2)
+
+
+def test_clear_removes_only_its_namespace(shared_redis_url: str, config: dict[str, Any], client: Any) -> None:
+    other_ns = f"djt{uuid.uuid4().hex[:12]}"
+    mine, theirs = _backend(config), _backend(_config(shared_redis_url, other_ns))
+    foreign = f"not-tiercache-{other_ns}"
+    try:
+        mine.set("a", 1, 60)
+        theirs.set("a", 2, 60)
+        client.set(foreign, b"x", ex=60)
+        mine.clear()
+        assert mine.get("a") is None
+        assert theirs.get("a") == 2
+        assert client.get(foreign) == b"x"
+    finally:
+        theirs.clear()
+        client.delete(foreign)
+
+
+def test_async_methods(config: dict[str, Any]) -> None:
+    cache = _backend(config)
+
+    async def scenario() -> None:
+        assert await cache.aadd("a", 1, 60) is True
+        assert await cache.aadd("a", 2, 60) is False
+        assert await cache.aincr("a", 5) == 6
+        assert await cache.adecr("a") == 5
+        await cache.aset_many({"b": "x", "c": None}, 60)
+        assert await cache.aget_many(["a", "b", "c", "zz"]) == {"a": 5, "b": "x", "c": None}
+        assert await cache.ahas_key("c") is True
+        assert await cache.atouch("b", 30) is True
+        assert await cache.adelete("b") is True and await cache.adelete("b") is False
+        await cache.adelete_many(["a", "c"])
+        assert await cache.aget_or_set("d", lambda: "made", 60) == "made"
+        await cache.aclear()
+        assert await cache.aget("d") is None
+
+    asyncio.run(scenario())
+    asyncio.run(scenario())  # a second event loop (as Lambda handlers or async_to_sync make)
+
+
+@pytest.mark.parametrize(
+    ("location", "options", "message"),
+    [
+        ("redis://127.0.0.1:6379/0", {"MAX_ENTRIES": 30}, "MAX_ENTRIES/CULL_FREQUENCY do not apply"),
+        ("redis://127.0.0.1:6379/0", {"L1_SIZE": 3}, "unknown OPTIONS ['L1_SIZE']"),
+        ("redis://127.0.0.1:6379/0", {"NAMESPACE": "a:b"}, "NAMESPACE"),
+        (None, {}, "LOCATION must be a Redis URL"),
+        (["redis://a", "redis://b"], {}, "LOCATION is one Redis URL"),
+    ],
+)
+def test_bad_settings_are_clear_errors(location: Any, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+        TieredCacheBackend(location, {"OPTIONS": options})
+
+
+def test_short_signing_key_is_refused(config: dict[str, Any]) -> None:
+    cache = _backend(config, OPTIONS={**config["OPTIONS"], "SIGNING_KEYS": ["short"]})
+    with pytest.raises(ImproperlyConfigured, match="at least 16 bytes"):
+        cache.get("x")
+
+
+def test_redis_down_reads_miss_writes_skip_atomics_raise(namespace: str) -> None:
+    config = _config("redis://127.0.0.1:1/0", namespace, BUS=False)
+    cache = _backend(config)
+    assert cache.get("a", "default") == "default"
+    cache.set("a", 1, 60)  # counted as a skipped write, not raised
+    assert cache.get_many(["b"]) == {}
+    with pytest.raises(TierError, match="needs Redis"):
+        cache.add("a", 2)
+    with pytest.raises(TierError, match="needs Redis"):
+        cache.incr("a")
+
+
+def test_docs_settings_example_runs(shared_redis_url: str, namespace: str) -> None:
+    """The two Python blocks of docs/django.md, in a fresh process, plus SECRET_KEY rotation."""
+    page = (ROOT / "docs" / "django.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    settings_block, usage_block = blocks[0], blocks[1]
+    script = textwrap.dedent(
+        """
+        import sys, django
+        from django.conf import settings
+        ns = {}
+        exec(sys.argv[1], ns)
+        ns["CACHES"]["default"]["OPTIONS"]["NAMESPACE"] = sys.argv[3]
+        names = {k: v for k, v in ns.items() if k.isupper()}
+        settings.configure(**names)
+        django.setup()
+        exec(sys.argv[2], {})
+        from django.core.cache import cache
+        assert cache.get("greeting") == {"text": "hello"}
+        # Rotation: a new SECRET_KEY reads old records only through SECRET_KEY_FALLBACKS.
+        from tiercache.contrib.django import TieredCacheBackend
+        params = dict(settings.CACHES["default"])
+        params["OPTIONS"] = dict(params["OPTIONS"], L1_MAX_ENTRIES=7)
+        old_secret = settings.SECRET_KEY
+        settings.SECRET_KEY = "another long random secret value"
+        assert TieredCacheBackend(params["LOCATION"], params).get("greeting") is None
+        settings.SECRET_KEY_FALLBACKS = [old_secret]
+        params["OPTIONS"]["L1_MAX_ENTRIES"] = 8
+        assert TieredCacheBackend(params["LOCATION"], params).get("greeting") == {"text": "hello"}
+        cache.clear()
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, settings_block, usage_block, namespace],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert "redis://127.0.0.1:6379/0" in settings_block and shared_redis_url.startswith(
+        "redis://127.0.0.1:6379"
+    )
