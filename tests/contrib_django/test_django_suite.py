@@ -106,3 +106,25 @@ def test_docs_list_every_exclusion() -> None:
     page = (ROOT / "docs" / "django.md").read_text()
     for name in EXCLUDED:
         assert re.search(rf"`{name}`", page), f"docs/django.md does not list the excluded {name}"
+
+
+def test_docs_state_the_counts(suite_results: dict[str, object]) -> None:
+    """docs/django.md says how many tests run, pass and are excluded, for the pinned version."""
+    page = (ROOT / "docs" / "django.md").read_text()
+    found = re.search(
+        r"With Django (\S+), each run has\s+(\d+) tests; (\d+) pass and (\d+) are excluded", page
+    )
+    assert found, "docs/django.md lost its sentence with the suite's counts"
+    for cls, tests in _by_class(suite_results).items():
+        passed = sum(o["outcome"] == "passed" for o in tests.values())
+        assert (len(tests), passed, len(EXCLUDED)) == tuple(int(g) for g in found.groups()[1:]), cls
+    version = str(suite_results["django"])
+    assert version.startswith(found.group(1)), (version, found.group(1))
+
+
+def test_installed_django_is_the_pinned_one() -> None:
+    import django
+
+    pin = re.search(r'"django==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml's dev extra must pin django==X (the suite fetched is that version's)"
+    assert django.__version__ == pin.group(1)
