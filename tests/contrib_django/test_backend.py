@@ -269,10 +269,22 @@ def test_bad_settings_are_clear_errors(location: Any, options: dict[str, Any], m
         TieredCacheBackend(location, {"OPTIONS": options})
 
 
-def test_short_signing_key_is_refused(config: dict[str, Any]) -> None:
-    cache = _backend(config, OPTIONS={**config["OPTIONS"], "SIGNING_KEYS": ["short"]})
-    with pytest.raises(ImproperlyConfigured, match="at least 16 bytes"):
-        cache.get("x")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"SIGNING_KEYS": ["short"]}, "at least 16 bytes"),
+        ({"SIGNING_KEYS": "one string"}, "must be a list of keys"),
+        ({"REDIS": {"socket_timeout": -1}}, "timeouts must be positive"),
+        ({"REDIS": {"no_such_option": 1}}, "no_such_option"),
+        ({"CACHE": {"namespace": "x"}}, "namespace"),
+        ({"L1_MAX_ENTRIES": 0}, "max_entries must be at least 1"),
+    ],
+)
+def test_bad_options_fail_when_the_cache_is_built(
+    config: dict[str, Any], options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ImproperlyConfigured, match=re.escape(message)):
+        _backend(config, OPTIONS={**config["OPTIONS"], **options})
 
 
 def test_redis_down_reads_miss_writes_skip_atomics_raise(namespace: str) -> None:

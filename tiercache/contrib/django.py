@@ -50,7 +50,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import pickle
 import random
 import threading
@@ -284,27 +283,26 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         self._location = location
         self._options = options
         self._protocol = int(options.get("PICKLE_PROTOCOL", pickle.HIGHEST_PROTOCOL))
-        self._state: _Shared | None = None
+        # Bad settings fail here, when Django first builds the cache, not on a request.
+        self._s = self._shared_state()
 
     # --- plumbing -------------------------------------------------------------------------
 
-    @property
-    def _s(self) -> _Shared:
-        state = self._state
-        if state is None:
-            keys = _signing_keys(self._options.get("SIGNING_KEYS"))
-            ident = (
-                os.getpid(),  # a forked child builds its own (connections and threads do not fork)
-                self._location,
-                repr(sorted(self._options.items())),
-                hashlib.sha256(b"".join(keys)).hexdigest(),
-            )
-            with _shared_lock:
-                state = _shared.get(ident)
-                if state is None:
-                    state = _shared[ident] = _Shared(self._location, self._options, keys)
-            self._state = state
-        return state
+    def _shared_state(self) -> _Shared:
+        """This configuration's _Shared, built on first use in the process. (A forked child may
+        keep its parent's: redis-py's pools, the tier's subscriber and the bus restart in the
+        child, and the bus clears the L1 the child inherited.)"""
+        keys = _signing_keys(self._options.get("SIGNING_KEYS"))
+        ident = (self._location, repr(sorted(self._options.items())), hashlib.sha256(b"".join(keys)).digest())
+        with _shared_lock:
+            state = _shared.get(ident)
+            if state is None:
+                try:  # builds objects only: no connection is made before the first call
+                    state = _Shared(self._location, self._options, keys)
+                except (TypeError, ValueError) as exc:
+                    raise ImproperlyConfigured(f"tiercache: bad CACHES OPTIONS/LOCATION: {exc}") from exc
+                _shared[ident] = state
+            return state
 
     @property
     def tiered(self) -> TieredCache:
