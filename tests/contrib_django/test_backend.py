@@ -343,3 +343,24 @@ def test_docs_settings_example_runs(shared_redis_url: str, namespace: str) -> No
     assert "redis://127.0.0.1:6379/0" in settings_block and shared_redis_url.startswith(
         "redis://127.0.0.1:6379"
     )
+
+
+def test_redis_cluster(redis_cluster: Any, namespace: str) -> None:
+    """The compare-and-set, the bus and clear on a real 3-master Redis Cluster."""
+    config = _config(redis_cluster.url, namespace)
+    cache = _backend(config)
+    try:
+        keys = [f"k{i}" for i in range(20)]  # spread over the slots
+        for key in keys:
+            assert cache.add(key, 1, 60) is True
+            assert cache.add(key, 2, 60) is False
+            assert cache.incr(key, 2) == 3
+        assert cache.get_many(keys) == dict.fromkeys(keys, 3)
+        assert asyncio.run(cache.aincr("k0")) == 4
+        other = _backend(config, OPTIONS={**config["OPTIONS"], "L1_MAX_ENTRIES": 13})
+        assert other.get("k0") == 4
+        cache.clear()
+        assert cache.get_many(keys) == {}
+        assert _eventually(lambda: other.get_many(keys) == {})  # its L1 copy goes with the bus message
+    finally:
+        cache.clear()
