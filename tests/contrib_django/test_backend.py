@@ -364,3 +364,50 @@ def test_redis_cluster(redis_cluster: Any, namespace: str) -> None:
         assert _eventually(lambda: other.get_many(keys) == {})  # its L1 copy goes with the bus message
     finally:
         cache.clear()
+
+
+def test_a_lost_reply_is_not_retried(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script ran but its reply was lost (a timeout): incr raises and is applied once, never twice."""
+    import tiercache.contrib.django as contrib
+
+    cache = _backend(config)
+    cache.set("n", 10, 60)
+    real = contrib.compare_and_set
+
+    def applied_then_timed_out(*args: Any) -> bool:
+        real(*args)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(contrib, "compare_and_set", applied_then_timed_out)
+    with pytest.raises(TierError, match="needs Redis"):
+        cache.incr("n")
+    monkeypatch.setattr(contrib, "compare_and_set", real)
+    assert cache.get("n") == 11  # and this process's L1 copy (10) was dropped all the same
+
+    areal = contrib.acompare_and_set
+
+    async def aapplied_then_timed_out(*args: Any) -> bool:
+        await areal(*args)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(contrib, "acompare_and_set", aapplied_then_timed_out)
+    with pytest.raises(TierError, match="needs Redis"):
+        asyncio.run(cache.aincr("n"))
+    monkeypatch.setattr(contrib, "acompare_and_set", areal)
+    assert cache.get("n") == 12
+
+
+def test_one_tiered_cache_per_process_and_close_keeps_it(config: dict[str, Any]) -> None:
+    import threading
+
+    first = _backend(config)
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(_backend(config).tiered))
+    thread.start()
+    thread.join()
+    assert seen == [first.tiered]  # Django's per-thread backend objects share one L1 and pool
+    assert _backend(config, OPTIONS={**config["OPTIONS"], "L1_MAX_ENTRIES": 5}).tiered is not first.tiered
+    first.set("a", 1, 60)
+    first.close()  # Django calls it after every request
+    asyncio.run(first.aclose())
+    assert first.get("a") == 1 and first.incr("a") == 2

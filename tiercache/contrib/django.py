@@ -167,85 +167,62 @@ class _Shared:
     def _failed(self, op: str, exc: Exception) -> TierError:
         return TierError(self.redis.name, f"the Django backend's {op} needs Redis ({type(exc).__name__})")
 
-    def add(self, k: str, blob: bytes, ttl: float) -> bool:
-        fk = self.cache.full_key(k)
-        try:
-            for attempt in range(_CAS_ATTEMPTS):
-                old, token = read_for_update(self.redis, fk)
-                now = self.cache.clock()
-                if old is not None and old.is_fresh(now):
-                    return False
-                if ttl <= 0:
-                    return True
-                new = self._entry(fk, blob, now, ttl, old)
-                if compare_and_set(self.redis, fk, token, new):
-                    self._announced(fk, new)
-                    return True
-                time.sleep(_pause(attempt))
-        except Exception as exc:
-            raise self._failed("add", exc) from exc
-        raise TierError(self.redis.name, f"add of {k!r} lost {_CAS_ATTEMPTS} races in a row")
+    def adder(self, blob: bytes, ttl: float) -> Any:
+        """The change that ``add`` makes: store ``blob`` unless a fresh value is there."""
 
-    async def aadd(self, k: str, blob: bytes, ttl: float) -> bool:
-        fk = self.cache.full_key(k)
-        try:
-            for attempt in range(_CAS_ATTEMPTS):
-                old, token = await aread_for_update(self.redis, fk)
-                now = self.cache.clock()
-                if old is not None and old.is_fresh(now):
-                    return False
-                if ttl <= 0:
-                    return True
-                new = self._entry(fk, blob, now, ttl, old)
-                if await acompare_and_set(self.redis, fk, token, new):
-                    await self._aannounced(fk, new)
-                    return True
-                await asyncio.sleep(_pause(attempt))
-        except Exception as exc:
-            raise self._failed("add", exc) from exc
-        raise TierError(self.redis.name, f"add of {k!r} lost {_CAS_ATTEMPTS} races in a row")
+        def change(fk: str, old: Entry | None, now: float) -> tuple[Entry | None, bool]:
+            if old is not None and old.is_fresh(now):
+                return None, False
+            if ttl <= 0:
+                return None, True  # Django: added, and expired at once (nothing to store)
+            return self._entry(fk, blob, now, ttl, old), True
 
-    def update(self, k: str, change: Any) -> Any:
-        """Read-modify-write ``k``: ``change(entry, now)`` returns (new entry or None, result);
-        None means: write nothing, return ``result``. Exceptions from ``change`` propagate."""
+        return change
+
+    def update(self, op: str, k: str, change: Any) -> Any:
+        """Read-modify-write ``k``: ``change(full key, entry or None, now)`` returns (new entry
+        or None, result); None means: write nothing, return ``result``. Exceptions from
+        ``change`` propagate; Redis failures become TierError and are never retried."""
         fk = self.cache.full_key(k)
         for attempt in range(_CAS_ATTEMPTS):
             try:
                 old, token = read_for_update(self.redis, fk)
             except Exception as exc:
-                raise self._failed("read", exc) from exc
-            new, result = change(old, self.cache.clock())
+                raise self._failed(op, exc) from exc
+            new, result = change(fk, old, self.cache.clock())
             if new is None:
                 return result
             try:
                 written = compare_and_set(self.redis, fk, token, new)
             except Exception as exc:
-                raise self._failed("write", exc) from exc
+                self._announced(fk, new)  # it may have been written: L1 copies must go anyway
+                raise self._failed(op, exc) from exc
             if written:
                 self._announced(fk, new)
                 return result
             time.sleep(_pause(attempt))
-        raise TierError(self.redis.name, f"update of {k!r} lost {_CAS_ATTEMPTS} races in a row")
+        raise TierError(self.redis.name, f"{op} of {k!r} lost {_CAS_ATTEMPTS} races in a row")
 
-    async def aupdate(self, k: str, change: Any) -> Any:
+    async def aupdate(self, op: str, k: str, change: Any) -> Any:
         fk = self.cache.full_key(k)
         for attempt in range(_CAS_ATTEMPTS):
             try:
                 old, token = await aread_for_update(self.redis, fk)
             except Exception as exc:
-                raise self._failed("read", exc) from exc
-            new, result = change(old, self.cache.clock())
+                raise self._failed(op, exc) from exc
+            new, result = change(fk, old, self.cache.clock())
             if new is None:
                 return result
             try:
                 written = await acompare_and_set(self.redis, fk, token, new)
             except Exception as exc:
-                raise self._failed("write", exc) from exc
+                await self._aannounced(fk, new)
+                raise self._failed(op, exc) from exc
             if written:
                 await self._aannounced(fk, new)
                 return result
             await asyncio.sleep(_pause(attempt))
-        raise TierError(self.redis.name, f"update of {k!r} lost {_CAS_ATTEMPTS} races in a row")
+        raise TierError(self.redis.name, f"{op} of {k!r} lost {_CAS_ATTEMPTS} races in a row")
 
 
 _shared: dict[tuple[Any, ...], _Shared] = {}
@@ -349,7 +326,7 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
             return default
 
     def _bump(self, key: Any, delta: int) -> Any:
-        def change(old: Entry | None, now: float) -> tuple[Entry | None, Any]:
+        def change(fk: str, old: Entry | None, now: float) -> tuple[Entry | None, Any]:
             if old is None or not old.is_fresh(now):
                 raise ValueError(f"Key '{key}' not found")
             value = pickle.loads(old.value) + delta  # TypeError for non-numbers, as Django's
@@ -361,7 +338,7 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         return change
 
     def _toucher(self, ttl: float) -> Any:
-        def change(old: Entry | None, now: float) -> tuple[Entry | None, bool]:
+        def change(fk: str, old: Entry | None, now: float) -> tuple[Entry | None, bool]:
             if old is None or not old.is_fresh(now):
                 return None, False
             until = now + ttl
@@ -390,13 +367,13 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
 
     def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k, blob, ttl = self._key(key, version), self._dumps(value), self._ttl(timeout)
-        return self._s.add(k, blob, ttl)
+        return bool(self._s.update("add", k, self._s.adder(blob, ttl)))
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k, ttl = self._key(key, version), self._ttl(timeout)
         if ttl <= 0:
             return self.delete(key, version=version)
-        result: bool = self._s.update(k, self._toucher(ttl))
+        result: bool = self._s.update("touch", k, self._toucher(ttl))
         return result
 
     def delete(self, key: Any, version: int | None = None) -> bool:
@@ -414,10 +391,10 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         return self._s.cache.sync.get(self._key(key, version), _MISS) is not _MISS
 
     def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return self._s.update(self._key(key, version), self._bump(key, delta))
+        return self._s.update("incr", self._key(key, version), self._bump(key, delta))
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return self._s.update(self._key(key, version), self._bump(key, -delta))
+        return self._s.update("decr", self._key(key, version), self._bump(key, -delta))
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         names = {self._key(key, version): key for key in keys}
@@ -468,13 +445,13 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
         k, blob, ttl = self._key(key, version), await self._adumps(value), self._ttl(timeout)
-        return await self._s.aadd(k, blob, ttl)
+        return bool(await self._s.aupdate("add", k, self._s.adder(blob, ttl)))
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k, ttl = self._key(key, version), self._ttl(timeout)
         if ttl <= 0:
             return await self.adelete(key, version=version)
-        result: bool = await self._s.aupdate(k, self._toucher(ttl))
+        result: bool = await self._s.aupdate("touch", k, self._toucher(ttl))
         return result
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
@@ -492,10 +469,10 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         return await self._s.cache.get(self._key(key, version), _MISS) is not _MISS
 
     async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return await self._s.aupdate(self._key(key, version), self._bump(key, delta))
+        return await self._s.aupdate("incr", self._key(key, version), self._bump(key, delta))
 
     async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return await self._s.aupdate(self._key(key, version), self._bump(key, -delta))
+        return await self._s.aupdate("decr", self._key(key, version), self._bump(key, -delta))
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         names = {self._key(key, version): key for key in keys}
