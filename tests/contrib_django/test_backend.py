@@ -411,3 +411,39 @@ def test_one_tiered_cache_per_process_and_close_keeps_it(config: dict[str, Any])
     first.close()  # Django calls it after every request
     asyncio.run(first.aclose())
     assert first.get("a") == 1 and first.incr("a") == 2
+
+
+def test_round_trips_per_call_match_the_docs(redis_server: Any, namespace: str) -> None:
+    """The "Cost per call" table of docs/django.md, counted by the server (INFO commandstats)."""
+    cache = _backend(_config(redis_server.url, namespace))
+    counted = ("get", "mget", "eval", "evalsha", "publish")
+
+    def trips(call: Any) -> int:
+        redis_server.reset_stats()
+        call()
+        stats = redis_server.commandstats()
+        return sum(stats.get(name, 0) for name in counted)
+
+    cache.set("warm", 1, 60)  # scripts cached on the server, the bus subscribed
+    cache.add("warm2", 1, 60)
+    assert trips(lambda: cache.set("a", 1, 60)) == 2
+    fresh = _backend(
+        _config(redis_server.url, namespace),
+        OPTIONS={"NAMESPACE": namespace, "L1_MAX_ENTRIES": 9, "SIGNING_KEYS": [KEY.decode()]},
+    )
+    assert trips(lambda: fresh.get("a")) == 1  # L1 miss
+    assert trips(lambda: fresh.get("a")) == 0  # L1 hit
+    assert trips(lambda: fresh.get_many(["b", "c", "d"])) == 1
+    assert trips(lambda: cache.add("n", 1, 60)) == 3
+    assert trips(lambda: cache.incr("n")) == 3
+    assert trips(lambda: cache.touch("n", 30)) == 3
+    assert trips(lambda: cache.delete("n")) == 3
+    page = (ROOT / "docs" / "django.md").read_text()
+    for row in (
+        "| `get`, `has_key` (L1 miss) | 1 (`GET`) |",
+        "| `get_many` (L1 misses) | 1 (`MGET`) |",
+        "| `set` | 2 (",
+        "| `delete` | 3 (",
+        "| `add`, `incr`, `decr`, `touch` | 3 (",
+    ):
+        assert row in page, row
