@@ -26,26 +26,33 @@ def suite_dir(version: str) -> Path:
     if (target / "cache" / "tests.py").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"django-{version}.tar.gz"
-    if not sdist.is_file():
+    names = [f"django-{version}.tar.gz", f"Django-{version}.tar.gz"]  # PEP 625 name, older one
+    found = [root / n for n in names if (root / n).is_file()]
+    if not found:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
         cmd += ["--dest", str(root), f"django=={version}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not sdist.is_file():
+        found = [root / n for n in names if (root / n).is_file()]
+        if proc.returncode != 0 or not found:
             raise RuntimeError(
                 f"could not fetch the Django {version} sdist from the package index "
                 f"({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}"
             )
     partial = root / f"django-{version}-tests.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    member_prefix = f"django-{version}/tests/cache/"
+    sdist = found[0]
     with tarfile.open(sdist) as tar:
+        top = tar.getmembers()[0].name.split("/", 1)[0]  # django-X or Django-X
+        member_prefix = f"{top}/tests/cache/"
         members = [m for m in tar.getmembers() if m.name.startswith(member_prefix) and m.isfile()]
-        if not any(m.name.endswith("/tests.py") for m in members):
+        if not any(m.name == member_prefix + "tests.py" for m in members):
             raise RuntimeError(f"{sdist} holds no tests/cache/tests.py")
         for m in members:
             m.name = "cache/" + m.name[len(member_prefix) :]
-            tar.extract(m, partial, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                tar.extract(m, partial, filter="data")
+            else:  # plain files with names rewritten under cache/ above
+                tar.extract(m, partial)
     try:
         partial.replace(target)
     except OSError:  # another run extracted it meanwhile
