@@ -447,3 +447,30 @@ def test_round_trips_per_call_match_the_docs(redis_server: Any, namespace: str) 
         "| `add`, `incr`, `decr`, `touch` | 3 (",
     ):
         assert row in page, row
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_drops_the_l1_it_inherited(config: dict[str, Any]) -> None:
+    """gunicorn --preload style: the backend was used before fork(); the child must not serve the
+    parent's L1 copies forever (its bus subscriber restarts and clears them)."""
+    cache = _backend(config)
+    cache.set("a", 1, 60)
+    assert cache.get("a") == 1
+    bus = cache.tiered._rt.coherence.bus
+    assert bus is not None and bus.wait_ready(5)
+    quiet = _backend(config, OPTIONS={**config["OPTIONS"], "BUS": False, "L1_MAX_ENTRIES": 14})
+    quiet.set("a", 2, 60)  # reaches Redis, but no bus message: the parent's L1 still says 1
+    assert cache.get("a") == 1
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it reads, exit without running pytest's teardown
+        try:
+            ok = _eventually(lambda: cache.get("a") == 2, timeout=5.0)
+            os.write(write_end, b"2" if ok else repr(cache.get("a")).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer == b"2"
