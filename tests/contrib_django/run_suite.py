@@ -133,7 +133,7 @@ def main(tests_dir: str, redis_url: str, namespace: str, out_path: str) -> int:
     import django
     from django.conf import settings
 
-    options = {"NAMESPACE": namespace}
+    options = {"NAMESPACE": namespace, "REDIS": {"socket_timeout": 2.0}}  # a loaded CI machine
     settings.configure(
         SECRET_KEY="tiercache-django-suite-" + namespace,
         INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "cache"],

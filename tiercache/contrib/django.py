@@ -93,7 +93,7 @@ _OPTIONS = {
     "BUS": "publish/receive invalidations so other processes drop their L1 copies (default True)",
     "SIGNING_KEYS": "keys for the signed codec, first signs (default: derived from SECRET_KEY)",
     "PICKLE_PROTOCOL": "pickle protocol for values (default pickle.HIGHEST_PROTOCOL)",
-    "REDIS": "extra RedisTier keyword arguments, e.g. {'socket_timeout': 0.5}",
+    "REDIS": "extra RedisTier keyword arguments, e.g. {'socket_timeout': 1.0}",
     "CACHE": "extra TieredCache keyword arguments, e.g. {'breaker_cooldown': 2.0}",
 }
 
@@ -129,7 +129,7 @@ class _Shared:
     """The TieredCache and its Redis tier for one configuration in one process."""
 
     def __init__(self, location: str, options: Mapping[str, Any], keys: list[bytes]) -> None:
-        redis_kwargs = {"socket_timeout": 0.25, "connect_timeout": 0.5, **options.get("REDIS", {})}
+        redis_kwargs = {"socket_timeout": 0.5, "connect_timeout": 0.5, **options.get("REDIS", {})}
         self.redis = RedisTier(url=location, **redis_kwargs)
         l1 = MemoryTier(
             int(options.get("L1_MAX_ENTRIES", 10_000)),
