@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -192,6 +194,16 @@ def test_incr_loses_no_update_across_processes(config: dict[str, Any]) -> None:
     assert cache.get("counter") == per_worker * workers
 
 
+def _bus_settled(cache: TieredCacheBackend) -> None:
+    """Start the cache's bus and wait until its first subscription has emptied L1 (on_reset),
+    so that what a test puts in L1 afterwards stays there. (The bus reports ready slightly before
+    it runs the resets, hence the counter.)"""
+    cache.has_key("-")
+    coherence = cache.tiered._rt.coherence
+    assert coherence.bus is not None and coherence.bus.wait_ready(5)
+    assert _eventually(lambda: coherence._resets >= 1)
+
+
 def _eventually(check: Any, timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,12 +215,12 @@ def _eventually(check: Any, timeout: float = 3.0) -> bool:
 
 def test_other_processes_writes_reach_this_l1(config: dict[str, Any]) -> None:
     cache = _backend(config)
+    _bus_settled(cache)
     cache.set("shared", "old", 300)
     cache.set("n", 1, 300)
     assert cache.tiered.sync.get(":1:shared") == cache._dumps("old")  # now in this process's L1
     hits_before = cache.tiered.tiers[0].hit_count()
     assert cache.get("shared") == "old" and cache.tiered.tiers[0].hit_count() > hits_before
-    assert cache.tiered._rt.coherence.bus is not None and cache.tiered._rt.coherence.bus.wait_ready(5)
     _run_worker(config, "set", "0", "shared", json.dumps("new"))
     assert _eventually(lambda: cache.get("shared") == "new")
     assert _run_worker(config, "incr1", "0", "n") == 2  # a compare-and-set write announces too
@@ -427,10 +439,14 @@ def test_round_trips_per_call_match_the_docs(redis_server: Any, namespace: str) 
     cache.set("warm", 1, 60)  # scripts cached on the server, the bus subscribed
     cache.add("warm2", 1, 60)
     assert trips(lambda: cache.set("a", 1, 60)) == 2
-    fresh = _backend(
-        _config(redis_server.url, namespace),
-        OPTIONS={"NAMESPACE": namespace, "L1_MAX_ENTRIES": 9, "SIGNING_KEYS": [KEY.decode()]},
-    )
+    # Reads only, and no bus: its first subscription would empty L1 at a moment of its choosing.
+    fresh_options = {
+        "NAMESPACE": namespace,
+        "L1_MAX_ENTRIES": 9,
+        "SIGNING_KEYS": [KEY.decode()],
+        "BUS": False,
+    }
+    fresh = _backend(_config(redis_server.url, namespace), OPTIONS=fresh_options)
     assert trips(lambda: fresh.get("a")) == 1  # L1 miss
     assert trips(lambda: fresh.get("a")) == 0  # L1 hit
     assert trips(lambda: fresh.get_many(["b", "c", "d"])) == 1
@@ -454,23 +470,24 @@ def test_forked_child_drops_the_l1_it_inherited(config: dict[str, Any]) -> None:
     """gunicorn --preload style: the backend was used before fork(); the child must not serve the
     parent's L1 copies forever (its bus subscriber restarts and clears them)."""
     cache = _backend(config)
+    _bus_settled(cache)
     cache.set("a", 1, 60)
     assert cache.get("a") == 1
-    bus = cache.tiered._rt.coherence.bus
-    assert bus is not None and bus.wait_ready(5)
     quiet = _backend(config, OPTIONS={**config["OPTIONS"], "BUS": False, "L1_MAX_ENTRIES": 14})
     quiet.set("a", 2, 60)  # reaches Redis, but no bus message: the parent's L1 still says 1
     assert cache.get("a") == 1
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report what it reads, exit without running pytest's teardown
+        signal.alarm(20)  # never outlive the test, even if something deadlocked across fork()
         try:
             ok = _eventually(lambda: cache.get("a") == 2, timeout=5.0)
             os.write(write_end, b"2" if ok else repr(cache.get("a")).encode())
         finally:
             os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
+    ready, _, _ = select.select([read_end], [], [], 25)
+    answer = os.read(read_end, 100) if ready else b"(no answer: the child hung)"
+    os.close(read_end)
     os.waitpid(pid, 0)
     assert answer == b"2"
