@@ -491,3 +491,63 @@ def test_forked_child_drops_the_l1_it_inherited(config: dict[str, Any]) -> None:
     os.close(read_end)
     os.waitpid(pid, 0)
     assert answer == b"2"
+
+
+def test_get_or_set_calls_the_default_once_across_processes(config: dict[str, Any], client: Any) -> None:
+    """3 processes x 4 threads ask for one missing key: the slow default runs once (in-process
+    single flight plus the Redis lease), and everyone gets its value."""
+    calls = f"calls-{config['OPTIONS']['NAMESPACE']}"
+    start = _start_at()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.contrib_django.worker",
+                json.dumps(config),
+                "get_or_set",
+                start,
+                calls,
+                "4",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(3)
+    ]
+    results: list[str] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        results += json.loads(out)
+    try:
+        assert int(client.get(calls)) == 1
+    finally:
+        client.delete(calls)
+    assert len(results) == 12 and len(set(results)) == 1 and results[0].startswith("computed by ")
+    assert _backend(config).get("expensive") == results[0]
+
+
+def test_get_or_set_errors_and_zero_timeout(config: dict[str, Any]) -> None:
+    import pickle
+
+    cache = _backend(config)
+
+    def boom() -> None:
+        raise KeyError("nope")
+
+    class Unpicklable:
+        def __reduce__(self) -> Any:
+            raise pickle.PickleError("no")
+
+    with pytest.raises(KeyError):
+        cache.get_or_set("x", boom)
+    with pytest.raises(KeyError):
+        asyncio.run(cache.aget_or_set("x", boom))
+    assert cache.get("x", "absent") == "absent"  # a failing default is not cached
+    with pytest.raises(pickle.PickleError):
+        cache.get_or_set("u", Unpicklable())
+    assert cache.get_or_set("t", 5, timeout=0) == 5 and cache.get("t") is None
+    assert asyncio.run(cache.aget_or_set("t", lambda: 6, timeout=0)) == 6 and cache.get("t") is None

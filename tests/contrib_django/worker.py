@@ -8,6 +8,7 @@ Prints one JSON line with its results. Needs no Django settings (explicit SIGNIN
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -26,6 +27,29 @@ def main() -> None:
     elif op == "incr":  # n increments of "counter"
         n = int(args[1])
         print(json.dumps([cache.incr("counter") for _ in range(n)]))
+    elif op == "get_or_set":  # n threads ask for "expensive"; the slow default counts its calls
+        import threading
+
+        import redis
+
+        counter = redis.Redis.from_url(config["LOCATION"])
+        results: list[object] = []
+
+        def expensive() -> str:
+            counter.incr(args[1])
+            time.sleep(0.3)
+            return f"computed by {os.getpid()}"
+
+        def ask() -> None:
+            results.append(cache.get_or_set("expensive", expensive, 60))
+
+        threads = [threading.Thread(target=ask) for _ in range(int(args[2]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counter.close()
+        print(json.dumps(results))
     elif op == "set":
         cache.set(args[1], json.loads(args[2]))
         print(json.dumps("ok"))

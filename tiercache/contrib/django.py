@@ -36,8 +36,8 @@ still the one read, else the operation reads again. So ``add`` succeeds for exac
 and no increment is lost, whatever the number of processes, also against concurrent ``set`` and
 ``delete`` (they are linearizable on the Redis record). These four operations need Redis: when
 it cannot be reached they raise ``tiercache.TierError`` (``add`` never claims success it did not
-get). ``get_or_set``, ``incr_version`` and ``decr_version`` are Django's own compositions of the
-above (``get_or_set`` relies on ``add``, so concurrent callers agree on one stored value).
+get). ``get_or_set`` is tiercache's ``get_cached``: the default is computed once per key across
+threads and processes (single flight, Redis lease). ``incr_version``/``decr_version`` are Django's.
 
 One ``TieredCache`` per process and configuration is shared by every thread's backend object
 (Django makes one per thread and per async context), so there is one L1 and one bus subscription.
@@ -369,6 +369,24 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         k, blob, ttl = self._key(key, version), self._dumps(value), self._ttl(timeout)
         return bool(self._s.update("add", k, self._s.adder(blob, ttl)))
 
+    def get_or_set(
+        self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> Any:
+        """The cached value, or ``default`` (called if callable) stored and returned: once per key
+        across threads and processes (tiercache's single flight and Redis lease), not once per
+        caller as in Django's get-add-get."""
+        k, ttl = self._key(key, version), self._ttl(timeout)
+        if ttl <= 0:  # nothing may be stored: Django's get, then the default
+            blob = self._s.cache.sync.get(k, _MISS)
+            if blob is not _MISS:
+                return self._loads(blob, None)
+            return default() if callable(default) else default
+
+        def load() -> bytes:
+            return self._dumps(default() if callable(default) else default)
+
+        return self._loads(self._s.cache.sync.get_cached(k, load, ttl=ttl), None)
+
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k, ttl = self._key(key, version), self._ttl(timeout)
         if ttl <= 0:
@@ -446,6 +464,21 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
     ) -> bool:
         k, blob, ttl = self._key(key, version), await self._adumps(value), self._ttl(timeout)
         return bool(await self._s.aupdate("add", k, self._s.adder(blob, ttl)))
+
+    async def aget_or_set(
+        self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> Any:
+        k, ttl = self._key(key, version), self._ttl(timeout)
+        if ttl <= 0:
+            blob = await self._s.cache.get(k, _MISS)
+            if blob is not _MISS:
+                return self._loads(blob, None)
+            return default() if callable(default) else default
+
+        async def load() -> bytes:
+            return await self._adumps(default() if callable(default) else default)
+
+        return self._loads(await self._s.cache.get_cached(k, load, ttl=ttl), None)
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         k, ttl = self._key(key, version), self._ttl(timeout)
