@@ -1563,5 +1563,54 @@ class _Backoff:
         return pause
 
 
+# --- compare-and-set: read-modify-write of one key, atomic across processes -----------------
+# Used by tiercache.contrib.django for add/incr/decr/touch. ``read_for_update`` returns the live
+# entry (or None) and a *token*: the record's first 24 bytes (its header: kind and version), or
+# b"" when the key does not exist. ``compare_and_set`` writes a new record only if the stored
+# header is still exactly that token, in one script, so no other write (set, delete, expire,
+# clear, another compare_and_set) can fall between the read and the write.
+
+# KEYS: value, lease. ARGV: token, record, ttl ms, wake channel, value key. 1 = written, 0 = changed.
+_LUA_CAS = """
+if redis.call('GETRANGE', KEYS[1], 0, 23) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+_SCRIPTS["cas"] = (_LUA_CAS, _sha(_LUA_CAS))
+
+
+def _cas_args(tier: RedisTier, key: str, token: bytes, entry: Entry) -> tuple[Any, ...] | None:
+    encoded = tier._encode(entry, tier._clock())
+    if encoded is None:
+        return None
+    record, ttl_ms = encoded
+    vkey = tier._vkey(key)
+    return (vkey, vkey + ":lease", token, record, ttl_ms, tier._channel, vkey)
+
+
+def read_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    """The live entry for ``key`` (or None) and the token ``compare_and_set`` expects."""
+    data = tier._sync_client().get(tier._vkey(key))
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+async def aread_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    data = await tier._aclient().get(tier._vkey(key))
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+def compare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    """Store ``entry`` if the record is unchanged since ``read_for_update`` returned ``token``.
+    False: it changed, or ``entry`` is already dead (nothing is written; read again)."""
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(tier._eval(tier._sync_client(), "cas", 2, *args))
+
+
+async def acompare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(await tier._aeval(tier._aclient(), "cas", 2, *args))
+
+
 # Last, so that redis_bus (which imports this module only lazily) finds RedisTier defined.
 from tiercache.adapters.redis_bus import RedisBus  # noqa: E402
