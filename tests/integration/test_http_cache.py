@@ -1,0 +1,637 @@
+"""tiercache.contrib.starlette through real HTTP: uvicorn on loopback, FastAPI/Starlette, real Redis.
+
+Each test counts how often the handler really ran, so "served from the cache" is observed, not
+assumed; lifetimes move with an injected clock instead of sleeps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.integration.http_harness import serve
+from tests.redis_servers import purge_prefix
+from tiercache import TieredCache
+from tiercache.adapters.memory import MemoryTier
+from tiercache.adapters.redis import RedisTier
+from tiercache.contrib.starlette import HttpCache, if_none_match_matches, parse_cache_control, strong_etag
+from tiercache.testing import FakeClock
+
+pytestmark = pytest.mark.redis
+
+fastapi = pytest.importorskip("fastapi")
+
+
+class Env:
+    """One test's cache (memory -> real Redis), clock and handler call counter."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.clock = FakeClock()
+        self.namespace = "http" + uuid.uuid4().hex[:10]
+        self.cache = TieredCache(
+            [MemoryTier(), RedisTier(url=url, prefix=prefix)],
+            namespace=self.namespace,
+            clock=self.clock,
+            fail_safe_throttle=0.0,
+        )
+        self.http = HttpCache(self.cache)
+        self.calls: dict[str, int] = {}
+
+    def hit(self, name: str) -> int:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return self.calls[name]
+
+    def app(self, **kwargs: Any) -> Any:
+        cache = self.cache
+
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            yield
+            await cache.aclose()
+
+        app = fastapi.FastAPI(lifespan=lifespan, **kwargs)
+        self.http.install(app)
+        return app
+
+    def redis_keys(self) -> list[bytes]:
+        client = redis.Redis.from_url(self.url)
+        try:
+            return list(client.scan_iter(match=f"{self.prefix}:*"))
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def env(shared_redis_url: str, redis_prefix: str) -> Iterator[Env]:
+    e = Env(shared_redis_url, redis_prefix)
+    yield e
+    purge_prefix(shared_redis_url, redis_prefix)
+
+
+def get(base: str, path: str, **headers: str) -> httpx.Response:
+    return httpx.get(base + path, headers=headers, timeout=10)
+
+
+# --- Cache-Control, stored and served -----------------------------------------------------------
+
+
+def test_max_age_and_s_maxage_store_in_redis_and_serve_hits_with_age(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/items/{item_id}")
+    @env.http.cached(max_age=30, s_maxage=120)
+    async def read_item(item_id: int, q: str = "none") -> dict[str, Any]:
+        return {"id": item_id, "q": q, "n": env.hit("item")}
+
+    with serve(app) as base:
+        first = get(base, "/items/7?q=x")
+        assert first.status_code == 200
+        assert first.json() == {"id": 7, "q": "x", "n": 1}
+        assert first.headers["cache-control"] == "max-age=30, s-maxage=120"
+        assert first.headers["etag"] == strong_etag(first.content)
+        assert "age" not in first.headers  # produced for this request
+        assert env.redis_keys(), "the response is stored in Redis"
+
+        env.clock.advance(50)  # past max-age (browsers) but inside s-maxage (the shared cache)
+        second = get(base, "/items/7?q=x")
+        assert second.json() == {"id": 7, "q": "x", "n": 1}
+        assert second.headers["age"] == "50"
+        assert second.headers["etag"] == first.headers["etag"]
+
+        assert get(base, "/items/7?q=y").json()["n"] == 2  # another query string: another entry
+        env.clock.advance(71)  # s-maxage over
+        assert get(base, "/items/7?q=x").json()["n"] == 3
+    assert env.calls["item"] == 3
+
+
+def test_a_second_process_reads_the_response_from_redis(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/shared")
+    @env.http.cached(max_age=60)
+    async def shared() -> dict[str, int]:
+        return {"n": env.hit("shared")}
+
+    other = TieredCache(
+        [MemoryTier(), RedisTier(url=env.url, prefix=env.prefix)], namespace=env.namespace, clock=env.clock
+    )
+    other_http = HttpCache(other)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await other.aclose()
+
+    app2 = fastapi.FastAPI(lifespan=lifespan)
+    other_http.install(app2)
+
+    @app2.get("/shared")
+    @other_http.cached(max_age=60)
+    async def shared2() -> dict[str, int]:
+        return {"n": 1000 + env.hit("shared")}
+
+    with serve(app) as base, serve(app2) as base2:
+        assert get(base, "/shared").json() == {"n": 1}
+        again = get(base2, "/shared")  # its own L1 is empty: the Redis copy answers
+        assert again.json() == {"n": 1}
+        assert "age" in again.headers
+    assert env.calls["shared"] == 1
+
+
+def test_handler_no_store_or_private_is_passed_through_and_never_stored(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/nostore")
+    @env.http.cached(max_age=60)
+    async def nostore(response: fastapi.Response) -> dict[str, int]:
+        response.headers["Cache-Control"] = "no-store"
+        return {"n": env.hit("nostore")}
+
+    @app.get("/private")
+    @env.http.cached(max_age=60)
+    async def private(response: fastapi.Response) -> dict[str, int]:
+        response.headers["Cache-Control"] = "private, max-age=60"
+        return {"n": env.hit("private")}
+
+    @app.get("/rule-private")
+    @env.http.cached(max_age=60, private=True)
+    async def rule_private() -> dict[str, str]:
+        env.hit("rule-private")
+        return {"user": "alice"}
+
+    with serve(app) as base:
+        for expected in (1, 2):
+            r = get(base, "/nostore")
+            assert r.json() == {"n": expected}
+            assert r.headers["cache-control"] == "no-store"
+            assert get(base, "/private").json() == {"n": expected}
+        first = get(base, "/rule-private")
+        assert first.headers["cache-control"] == "private, max-age=60"
+        # never stored server-side, but the browser may keep it and revalidate: 304 still works
+        again = get(base, "/rule-private", **{"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 304
+    assert env.calls == {"nostore": 2, "private": 2, "rule-private": 2}
+
+
+def test_set_cookie_responses_and_authorized_requests_are_not_shared(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/cookie")
+    @env.http.cached(max_age=60)
+    async def cookie(response: fastapi.Response) -> dict[str, int]:
+        response.set_cookie("session", "secret")
+        return {"n": env.hit("cookie")}
+
+    @app.get("/me")
+    @env.http.cached(max_age=60)
+    async def me(request: fastapi.Request) -> dict[str, Any]:
+        return {"auth": request.headers.get("authorization"), "n": env.hit("me")}
+
+    @app.get("/public")
+    @env.http.cached(max_age=60, public=True)
+    async def public() -> dict[str, int]:
+        return {"n": env.hit("public")}
+
+    with serve(app) as base:
+        assert get(base, "/cookie").json() == {"n": 1}
+        assert get(base, "/cookie").json() == {"n": 2}
+        assert get(base, "/me", Authorization="Bearer a").json()["auth"] == "Bearer a"
+        assert get(base, "/me", Authorization="Bearer b").json()["auth"] == "Bearer b"
+        assert get(base, "/public", Authorization="Bearer a").json() == {"n": 1}
+        public_again = get(base, "/public", Authorization="Bearer b")
+        assert public_again.json() == {"n": 1}
+        assert public_again.headers["cache-control"] == "public, max-age=60"
+    assert env.calls == {"cookie": 2, "me": 2, "public": 1}
+
+
+# --- ETag and If-None-Match ---------------------------------------------------------------------
+
+
+def test_etag_if_none_match_gives_304_with_weak_comparison(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/doc")
+    @env.http.cached(max_age=60, vary=("Accept-Language",))
+    async def doc() -> dict[str, str]:
+        env.hit("doc")
+        return {"text": "hello"}
+
+    with serve(app) as base:
+        first = get(base, "/doc")
+        etag = first.headers["etag"]
+        assert etag.startswith('"') and etag.endswith('"') and not etag.startswith("W/")
+        for inm in (etag, "W/" + etag, f'"nope", {etag}', "*"):
+            r = get(base, "/doc", **{"If-None-Match": inm})
+            assert r.status_code == 304, inm
+            assert r.content == b""
+            assert r.headers["etag"] == etag
+            assert r.headers["cache-control"] == "max-age=60"
+            assert r.headers["vary"] == "accept-language"
+            assert "content-type" not in r.headers
+        miss = get(base, "/doc", **{"If-None-Match": '"other"'})
+        assert miss.status_code == 200 and miss.json() == {"text": "hello"}
+        head = httpx.head(base + "/doc", timeout=10)  # FastAPI routes GET only: the framework's 405
+        assert head.status_code == 405
+    assert env.calls["doc"] == 1
+
+
+def test_a_handler_etag_is_kept_and_the_handler_never_sees_conditional_headers(env: Env) -> None:
+    app = env.app()
+    seen: list[str | None] = []
+
+    @app.get("/tagged")
+    @env.http.cached(max_age=60)
+    async def tagged(request: fastapi.Request) -> fastapi.Response:
+        seen.append(request.headers.get("if-none-match"))
+        return fastapi.Response(b"v1", headers={"ETag": 'W/"v1"'}, media_type="text/plain")
+
+    with serve(app) as base:
+        r = get(base, "/tagged", **{"If-None-Match": '"v1"'})  # weak comparison: matches W/"v1"
+        assert r.status_code == 304
+        assert r.headers["etag"] == 'W/"v1"'
+    assert seen == [None]
+
+
+def test_pure_matching_helpers() -> None:
+    assert if_none_match_matches('W/"a", "b"', '"a"')
+    assert if_none_match_matches('"a"', 'W/"a"')
+    assert not if_none_match_matches('"a,b"', '"a"')
+    assert if_none_match_matches('"x", "a,b"', '"a,b"')
+    assert parse_cache_control('max-age=5, No-Cache, private="set-cookie", max-age=9') == {
+        "max-age": "5",
+        "no-cache": None,
+        "private": "set-cookie",
+    }
+
+
+# --- Vary ----------------------------------------------------------------------------------------
+
+
+def test_vary_declared_by_the_rule_and_learnt_from_the_handler(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/greeting")
+    @env.http.cached(max_age=60, vary=("Accept-Language",))
+    async def greeting(request: fastapi.Request) -> dict[str, Any]:
+        lang = request.headers.get("accept-language", "en")
+        return {"hello": {"fr": "bonjour", "en": "hello"}[lang], "n": env.hit("greeting")}
+
+    @app.get("/tenant")
+    @env.http.cached(max_age=60)
+    async def tenant(request: fastapi.Request, response: fastapi.Response) -> dict[str, Any]:
+        response.headers["Vary"] = "X-Tenant"
+        return {"tenant": request.headers.get("x-tenant"), "n": env.hit("tenant")}
+
+    with serve(app) as base:
+        fr = get(base, "/greeting", **{"Accept-Language": "fr"})
+        assert fr.json() == {"hello": "bonjour", "n": 1}
+        assert fr.headers["vary"] == "accept-language"
+        assert get(base, "/greeting", **{"Accept-Language": "en"}).json() == {"hello": "hello", "n": 2}
+        assert get(base, "/greeting", **{"Accept-Language": "fr"}).json() == {"hello": "bonjour", "n": 1}
+        assert get(base, "/greeting").json()["n"] == 3  # header absent: its own variant
+
+        assert get(base, "/tenant", **{"X-Tenant": "a"}).json() == {"tenant": "a", "n": 1}
+        assert get(base, "/tenant", **{"X-Tenant": "b"}).json() == {"tenant": "b", "n": 2}
+        assert get(base, "/tenant", **{"X-Tenant": "a"}).json() == {"tenant": "a", "n": 1}
+        assert get(base, "/tenant", **{"X-Tenant": "b"}).json() == {"tenant": "b", "n": 2}
+
+
+# --- request directives ---------------------------------------------------------------------------
+
+
+def test_request_no_cache_pragma_and_max_age_revalidate_with_the_handler(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/counter")
+    @env.http.cached(max_age=60)
+    async def counter() -> dict[str, int]:
+        return {"n": env.hit("counter")}
+
+    with serve(app) as base:
+        assert get(base, "/counter").json() == {"n": 1}
+        assert get(base, "/counter").json() == {"n": 1}
+        assert get(base, "/counter", **{"Cache-Control": "no-cache"}).json() == {"n": 2}
+        assert get(base, "/counter").json() == {"n": 2}  # the revalidated copy was stored
+        assert get(base, "/counter", Pragma="no-cache").json() == {"n": 3}
+        assert get(base, "/counter", **{"Cache-Control": "max-age=0"}).json() == {"n": 4}
+        env.clock.advance(10)
+        assert get(base, "/counter", **{"Cache-Control": "max-age=20"}).json() == {"n": 4}
+        assert get(base, "/counter", **{"Cache-Control": "max-age=5"}).json() == {"n": 5}
+        # a revalidation whose body did not change still answers the client's validator with 304
+        etag = get(base, "/counter").headers["etag"]
+        env.calls["counter"] -= 1  # the handler will produce the same body again
+        r = get(base, "/counter", **{"Cache-Control": "no-cache", "If-None-Match": etag})
+        assert r.status_code == 304
+
+
+def test_request_no_store_is_never_stored_and_only_if_cached(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/ns")
+    @env.http.cached(max_age=60)
+    async def ns() -> dict[str, int]:
+        return {"n": env.hit("ns")}
+
+    with serve(app) as base:
+        assert get(base, "/ns", **{"Cache-Control": "only-if-cached"}).status_code == 504
+        assert get(base, "/ns", **{"Cache-Control": "no-store"}).json() == {"n": 1}
+        assert get(base, "/ns", **{"Cache-Control": "no-store"}).json() == {"n": 2}
+        assert env.redis_keys() == []  # nothing of it reached Redis
+        assert get(base, "/ns").json() == {"n": 3}
+        # a fresh stored response may still answer a no-store request (RFC 9111 5.2.1.5)
+        assert get(base, "/ns", **{"Cache-Control": "no-store"}).json() == {"n": 3}
+        assert get(base, "/ns", **{"Cache-Control": "only-if-cached"}).json() == {"n": 3}
+
+
+# --- RFC 5861 --------------------------------------------------------------------------------------
+
+
+def test_stale_while_revalidate_serves_stale_once_then_the_refreshed_copy(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/swr")
+    @env.http.cached(max_age=10, stale_while_revalidate=30)
+    async def swr() -> dict[str, int]:
+        return {"n": env.hit("swr")}
+
+    with serve(app) as base:
+        first = get(base, "/swr")
+        assert first.headers["cache-control"] == "max-age=10, stale-while-revalidate=30"
+        env.clock.advance(15)
+        stale = get(base, "/swr")
+        assert stale.json() == {"n": 1}  # answered at once with the stale copy
+        assert stale.headers["age"] == "15"
+        for _ in range(200):  # the background refresh lands
+            fresh = get(base, "/swr")
+            if fresh.json() == {"n": 2}:
+                break
+        assert fresh.json() == {"n": 2}
+        env.clock.advance(10 + 31)  # past fresh + SWR: a plain miss, loaded while the client waits
+        assert get(base, "/swr").json() == {"n": 3}
+
+
+def test_swr_window_shorter_than_sie_window_is_not_stretched(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/win")
+    @env.http.cached(max_age=10, stale_while_revalidate=5, stale_if_error=100)
+    async def win() -> dict[str, int]:
+        return {"n": env.hit("win")}
+
+    with serve(app) as base:
+        assert get(base, "/win").json() == {"n": 1}
+        env.clock.advance(30)  # stale, past SWR's 5 s but inside stale-if-error's 100 s
+        assert get(base, "/win").json() == {"n": 2}  # revalidated before answering
+
+
+def test_stale_if_error_serves_stale_on_exception_or_5xx_within_its_window(env: Env) -> None:
+    app = env.app()
+    mode = {"fail": ""}
+
+    @app.get("/sie")
+    @env.http.cached(max_age=10, stale_if_error=60)
+    async def sie() -> Any:
+        n = env.hit("sie")
+        if mode["fail"] == "raise":
+            raise RuntimeError("database down")
+        if mode["fail"] == "503":
+            return fastapi.responses.JSONResponse({"error": "busy"}, status_code=503)
+        return {"n": n}
+
+    with serve(app) as base:
+        assert get(base, "/sie").json() == {"n": 1}
+        env.clock.advance(20)
+        mode["fail"] = "raise"
+        r = get(base, "/sie")
+        assert (r.status_code, r.json()) == (200, {"n": 1})
+        mode["fail"] = "503"
+        r = get(base, "/sie")
+        assert (r.status_code, r.json()) == (200, {"n": 1})
+        env.clock.advance(60)  # past the stale-if-error window: the error stands
+        r = get(base, "/sie")
+        assert r.status_code == 503 and r.json() == {"error": "busy"}
+        mode["fail"] = "raise"
+        assert get(base, "/sie").status_code == 500
+
+
+def test_without_stale_if_error_an_error_is_not_hidden(env: Env) -> None:
+    app = env.app()
+    mode = {"fail": False}
+
+    @app.get("/plain")
+    @env.http.cached(max_age=10)
+    async def plain() -> Any:
+        if mode["fail"]:
+            return fastapi.responses.JSONResponse({"error": "busy"}, status_code=503)
+        return {"n": env.hit("plain")}
+
+    with serve(app) as base:
+        assert get(base, "/plain").json() == {"n": 1}
+        env.clock.advance(11)
+        mode["fail"] = True
+        assert get(base, "/plain").status_code == 503
+
+
+# --- declarative invalidation --------------------------------------------------------------------
+
+
+def test_evict_by_path_and_tag_before_the_write_response_completes(env: Env) -> None:
+    app = env.app()
+    db = {"1": "one", "2": "two"}
+
+    @app.get("/things/{tid}")
+    @env.http.cached(max_age=300, vary=("Accept",), tags=("things", "thing:{tid}"))
+    async def read(tid: str) -> dict[str, str]:
+        env.hit("read")
+        return {"id": tid, "name": db[tid]}
+
+    @app.post("/things/{tid}")
+    @env.http.evict(paths=("/things/{tid}",))
+    async def update(tid: str, name: str) -> dict[str, str]:
+        db[tid] = name
+        return {"ok": tid}
+
+    @app.post("/rename-all")
+    @env.http.evict(tags=("things",))
+    async def rename_all() -> dict[str, bool]:
+        for k in db:
+            db[k] = db[k].upper()
+        return {"ok": True}
+
+    @app.post("/fail/{tid}")
+    @env.http.evict(paths=("/things/{tid}",))
+    async def fail(tid: str) -> Any:
+        db[tid] = "not committed"
+        return fastapi.responses.JSONResponse({"error": "x"}, status_code=409)
+
+    with serve(app) as base:
+        assert get(base, "/things/1").json()["name"] == "one"
+        assert get(base, "/things/1", Accept="application/json").json()["name"] == "one"
+        assert get(base, "/things/2").json()["name"] == "two"
+        assert env.calls["read"] == 3
+        assert httpx.post(base + "/things/1?name=uno", timeout=10).status_code == 200
+        assert get(base, "/things/1").json()["name"] == "uno"  # every variant of the path dropped
+        assert get(base, "/things/1", Accept="application/json").json()["name"] == "uno"
+        assert get(base, "/things/2").json()["name"] == "two"  # other paths untouched
+        assert env.calls["read"] == 5
+        assert httpx.post(base + "/fail/2", timeout=10).status_code == 409
+        assert get(base, "/things/2").json()["name"] == "two"  # a failed write evicts nothing
+        httpx.post(base + "/rename-all", timeout=10)
+        assert get(base, "/things/2").json()["name"] == "NOT COMMITTED"
+
+
+def test_put_stores_the_write_response_as_the_new_representation(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    env = Env(shared_redis_url, redis_prefix)
+    env.cache = TieredCache(  # real clock: the put must be newer than the invalidation before it
+        [MemoryTier(), RedisTier(url=env.url, prefix=env.prefix)], namespace=env.namespace
+    )
+    env.http = HttpCache(env.cache)
+    app = env.app()
+    db = {"name": "old"}
+
+    @app.get("/profile/{pid}")
+    @env.http.cached(max_age=300)
+    async def read(pid: int) -> dict[str, Any]:
+        env.hit("read")
+        return {"id": pid, "name": db["name"]}
+
+    @app.put("/profile/{pid}")
+    @env.http.put("/profile/{pid}")
+    async def write(pid: int, name: str) -> dict[str, Any]:
+        db["name"] = name
+        return {"id": pid, "name": name}
+
+    try:
+        with serve(app) as base:
+            assert get(base, "/profile/3").json() == {"id": 3, "name": "old"}
+            put = httpx.put(base + "/profile/3?name=new", timeout=10)
+            assert put.json() == {"id": 3, "name": "new"}
+            after = get(base, "/profile/3")
+            assert after.json() == {"id": 3, "name": "new"}
+            assert after.headers["cache-control"] == "max-age=300"
+            assert "age" in after.headers  # from the cache, not from the handler
+        assert env.calls["read"] == 1
+    finally:
+        purge_prefix(shared_redis_url, redis_prefix)
+
+
+# --- frameworks and signatures -------------------------------------------------------------------
+
+
+def test_fastapi_still_sees_the_parameters_and_dependencies(env: Env) -> None:
+    app = env.app()
+
+    def page_size(size: int = 10) -> int:
+        return size
+
+    async def search(term: str, page: int = 1, size: int = fastapi.Depends(page_size)) -> dict[str, Any]:
+        env.hit("search")
+        return {"term": term, "page": page, "size": size}
+
+    before = inspect.signature(search)
+    decorated = env.http.cached(max_age=60)(search)
+    assert decorated is search and inspect.signature(decorated) == before
+    app.get("/search")(decorated)
+
+    with serve(app) as base:
+        assert get(base, "/search?term=a&page=2&size=5").json() == {"term": "a", "page": 2, "size": 5}
+        assert get(base, "/search?term=a&page=2&size=5").json() == {"term": "a", "page": 2, "size": 5}
+        assert get(base, "/search").status_code == 422  # validation still runs (not stored)
+        assert get(base, "/search").status_code == 422
+        schema = httpx.get(base + "/openapi.json", timeout=10).json()
+        names = {p["name"] for p in schema["paths"]["/search"]["get"]["parameters"]}
+        assert names == {"term", "page", "size"}
+    assert env.calls["search"] == 1
+
+
+def test_plain_starlette_app_with_head_and_a_sync_endpoint(env: Env) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    @env.http.cached(max_age=60)
+    def hello(request: Request) -> PlainTextResponse:
+        n = env.hit("hello")
+        return PlainTextResponse(f"hello {request.path_params['name']} #{n}")
+
+    cache = env.cache
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await cache.aclose()
+
+    app = Starlette(routes=[Mount("/api", routes=[Route("/hello/{name}", hello)])], lifespan=lifespan)
+    env.http.install(app)
+
+    with serve(app) as base:
+        first = get(base, "/api/hello/bob")
+        assert first.text == "hello bob #1"
+        assert first.headers["content-type"].startswith("text/plain")
+        head = httpx.head(base + "/api/hello/bob", timeout=10)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(b"hello bob #1"))
+        assert head.headers["etag"] == first.headers["etag"]
+        assert get(base, "/api/hello/bob", **{"If-None-Match": first.headers["etag"]}).status_code == 304
+        assert get(base, "/api/hello/eve").text == "hello eve #2"
+    assert env.calls["hello"] == 2
+
+
+def test_a_broken_redis_never_breaks_a_request(shared_redis_url: str) -> None:
+    from tests.integration.http_harness import free_port
+
+    cache = TieredCache(
+        [MemoryTier(), RedisTier(url=f"redis://127.0.0.1:{free_port()}/0")],
+        namespace="down" + uuid.uuid4().hex[:6],
+    )
+    http = HttpCache(cache)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await cache.aclose()
+
+    app = fastapi.FastAPI(lifespan=lifespan)
+    http.install(app)
+    calls = []
+
+    @app.get("/x")
+    @http.cached(max_age=60)
+    async def x() -> dict[str, int]:
+        calls.append(1)
+        return {"n": len(calls)}
+
+    with serve(app) as base:
+        assert get(base, "/x").json() == {"n": 1}
+        assert get(base, "/x").json() == {"n": 1}  # L1 still serves
+
+
+def test_bad_rules_are_refused_when_declared(env: Env) -> None:
+    from tiercache import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=-1)
+    with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=1, private=True, public=True)
+    with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=1, vary="Accept")
+    with pytest.raises(ConfigurationError):
+        env.http.evict()
+    with pytest.raises(ConfigurationError):
+        env.http.evict(paths=("/x/{a.b}",))
+    with pytest.raises(ConfigurationError):
+        HttpCache(object())  # type: ignore[arg-type]
