@@ -32,7 +32,7 @@ fastapi = pytest.importorskip("fastapi")
 class Env:
     """One test's cache (memory -> real Redis), clock and handler call counter."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, *, real_clock: bool = False) -> None:
         self.url = url
         self.prefix = prefix
         self.clock = FakeClock()
@@ -40,7 +40,7 @@ class Env:
         self.cache = TieredCache(
             [MemoryTier(), RedisTier(url=url, prefix=prefix)],
             namespace=self.namespace,
-            clock=self.clock,
+            clock=None if real_clock else self.clock,
             fail_safe_throttle=0.0,
         )
         self.http = HttpCache(self.cache)
@@ -489,14 +489,11 @@ def test_evict_by_path_and_tag_before_the_write_response_completes(env: Env) -> 
         assert get(base, "/things/2").json()["name"] == "NOT COMMITTED"
 
 
-def test_put_stores_the_write_response_as_the_new_representation(
+def test_put_stores_the_new_representation_before_the_write_completes(
     shared_redis_url: str, redis_prefix: str
 ) -> None:
-    env = Env(shared_redis_url, redis_prefix)
-    env.cache = TieredCache(  # real clock: the put must be newer than the invalidation before it
-        [MemoryTier(), RedisTier(url=env.url, prefix=env.prefix)], namespace=env.namespace
-    )
-    env.http = HttpCache(env.cache)
+    # the real clock: the put must be newer than the path invalidation written just before it
+    env = Env(shared_redis_url, redis_prefix, real_clock=True)
     app = env.app()
     db = {"name": "old"}
 
@@ -521,7 +518,7 @@ def test_put_stores_the_write_response_as_the_new_representation(
             assert after.json() == {"id": 3, "name": "new"}
             assert after.headers["cache-control"] == "max-age=300"
             assert "age" in after.headers  # from the cache, not from the handler
-        assert env.calls["read"] == 1
+        assert env.calls["read"] == 2  # the first GET, then the one run by the put
     finally:
         purge_prefix(shared_redis_url, redis_prefix)
 
@@ -541,7 +538,8 @@ def test_fastapi_still_sees_the_parameters_and_dependencies(env: Env) -> None:
 
     before = inspect.signature(search)
     decorated = env.http.cached(max_age=60)(search)
-    assert decorated is search and inspect.signature(decorated) == before
+    assert inspect.signature(decorated) == before
+    assert inspect.iscoroutinefunction(decorated)
     app.get("/search")(decorated)
 
     with serve(app) as base:
@@ -635,3 +633,142 @@ def test_bad_rules_are_refused_when_declared(env: Env) -> None:
         env.http.evict(paths=("/x/{a.b}",))
     with pytest.raises(ConfigurationError):
         HttpCache(object())  # type: ignore[arg-type]
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+def gather_gets(base: str, path: str, headers: list[dict[str, str]]) -> list[httpx.Response]:
+    import asyncio
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(headers))
+        async with httpx.AsyncClient(base_url=base, timeout=20, limits=limits) as client:
+            return list(await asyncio.gather(*(client.get(path, headers=h) for h in headers)))
+
+    return asyncio.run(run())
+
+
+def test_concurrent_cold_requests_run_the_handler_once(env: Env) -> None:
+    import asyncio
+
+    app = env.app()
+
+    @app.get("/slow")
+    @env.http.cached(max_age=60)
+    async def slow() -> dict[str, int]:
+        n = env.hit("slow")
+        await asyncio.sleep(0.3)
+        return {"n": n}
+
+    with serve(app) as base:
+        responses = gather_gets(base, "/slow", [{}] * 40)
+    assert {r.status_code for r in responses} == {200}
+    assert {r.json()["n"] for r in responses} == {1}
+    assert env.calls["slow"] == 1
+
+
+def test_concurrent_requests_never_get_each_others_unshareable_answer(env: Env) -> None:
+    import asyncio
+
+    app = env.app()
+
+    @app.get("/whoami")
+    @env.http.cached(max_age=60)
+    async def whoami(request: fastapi.Request, response: fastapi.Response) -> dict[str, Any]:
+        response.headers["Cache-Control"] = "private, max-age=60"  # decided by the handler
+        env.hit("whoami")
+        await asyncio.sleep(0.1)
+        return {"user": request.headers["x-user"]}
+
+    with serve(app) as base:
+        users = [{"X-User": f"u{i}"} for i in range(30)]
+        for _ in range(2):  # cold (one shared load, then each runs alone), then with the pass marker
+            responses = gather_gets(base, "/whoami", users)
+            assert [r.json()["user"] for r in responses] == [h["X-User"] for h in users]
+            assert {r.headers["cache-control"] for r in responses} == {"private, max-age=60"}
+    assert env.calls["whoami"] == 60
+
+
+def test_an_answer_that_becomes_unshareable_replaces_the_stored_one_and_back(env: Env) -> None:
+    app = env.app()
+    mode = {"cc": ""}
+
+    @app.get("/flip")
+    @env.http.cached(max_age=10)
+    async def flip(response: fastapi.Response) -> dict[str, int]:
+        if mode["cc"]:
+            response.headers["Cache-Control"] = mode["cc"]
+        return {"n": env.hit("flip")}
+
+    with serve(app) as base:
+        assert get(base, "/flip").json() == {"n": 1}
+        assert get(base, "/flip").json() == {"n": 1}
+        env.clock.advance(11)
+        mode["cc"] = "no-store"
+        assert get(base, "/flip").json() == {"n": 2}
+        assert get(base, "/flip").json() == {"n": 3}  # the old copy is gone, nothing new stored
+        mode["cc"] = ""
+        assert get(base, "/flip").json() == {"n": 4}  # shareable again: stored
+        assert get(base, "/flip").json() == {"n": 4}
+        mode["cc"] = "no-store"
+        assert get(base, "/flip", **{"Cache-Control": "no-cache"}).json() == {"n": 5}
+        assert get(base, "/flip").json() == {"n": 6}  # revalidation replaced the stored copy
+
+
+def test_routes_of_routers_included_after_install_and_put_through_a_mount(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    env = Env(shared_redis_url, redis_prefix, real_clock=True)
+
+    router = fastapi.APIRouter(prefix="/v1")
+
+    @router.get("/ping")
+    @env.http.cached(max_age=60)
+    async def ping() -> dict[str, int]:
+        return {"n": env.hit("ping")}
+
+    app = env.app()
+    app.include_router(router)
+    state = {"v": "a"}
+
+    @env.http.cached(max_age=60, tags=("conf",))
+    async def read_conf(request: Request) -> JSONResponse:
+        env.hit("conf")
+        return JSONResponse({"name": request.path_params["name"], "v": state["v"]})
+
+    @env.http.put("/sub/conf/{name}")
+    async def write_conf(request: Request) -> JSONResponse:
+        state["v"] = (await request.json())["v"]
+        return JSONResponse({"saved": True}, status_code=201)
+
+    sub = Starlette(
+        routes=[
+            Route("/conf/{name}", read_conf, methods=["GET"]),
+            Route("/conf/{name}", write_conf, methods=["PUT"]),
+        ]
+    )
+    app.mount("/sub", sub)
+
+    try:
+        run_included_and_mounted(env, app)
+    finally:
+        purge_prefix(shared_redis_url, redis_prefix)
+
+
+def run_included_and_mounted(env: Env, app: Any) -> None:
+    with serve(app) as base:
+        assert get(base, "/v1/ping").json() == {"n": 1}
+        assert get(base, "/v1/ping").json() == {"n": 1}
+        assert get(base, "/sub/conf/db").json() == {"name": "db", "v": "a"}
+        r = httpx.put(base + "/sub/conf/db", json={"v": "b"}, timeout=10)
+        assert r.status_code == 201
+        after = get(base, "/sub/conf/db")
+        assert after.json() == {"name": "db", "v": "b"}
+        assert "age" in after.headers
+    assert env.calls == {"ping": 1, "conf": 2}

@@ -2,14 +2,17 @@
 
 How it hooks in
 ---------------
-``@http_cache.cached(...)``, ``@http_cache.evict(...)`` and ``@http_cache.put(...)`` only *mark*
-an endpoint (they return the very same function, so FastAPI's dependency injection and every
-caller see its signature unchanged). ``http_cache.install(app)`` adds a small ASGI middleware that,
-on the first request (and whenever the app's route list grows), finds the routes whose endpoint is
-marked and wraps each route's own ASGI app. The caching layer therefore runs *after* routing and
-*around* the framework's whole endpoint machinery: what it stores is exactly the status, headers and
-body the framework produced (FastAPI's ``response_model`` filtering and custom response classes
-included), and running "the origin" is calling that route app with a copy of the request's scope.
+``http_cache.install(app)`` adds a small ASGI middleware that records, per request, what the
+decorated endpoints need (a context variable: the request's scope and the app below the
+middleware). ``@http_cache.cached(...)`` wraps an endpoint with ``functools.wraps`` (FastAPI's
+dependency injection reads the original parameters through ``__wrapped__``; a coroutine function
+stays one, a plain function stays plain). When it is called for a GET/HEAD request, it answers
+from the cache; on a miss it *loads* by running the request again below the middleware -- routing,
+the framework's endpoint machinery and the handler -- and storing exactly the status, headers and
+body the framework produced (FastAPI's ``response_model`` and custom response classes included).
+That run is self-contained, so it can also happen in the background (stale-while-revalidate).
+``@http_cache.evict(...)`` / ``@http_cache.put(...)`` register work the middleware runs when the
+write endpoint's response is a 2xx, before its last byte is sent.
 
 Shared-cache semantics
 ----------------------
@@ -37,11 +40,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
+import inspect
 import logging
 import string
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
+from contextvars import ContextVar
 from typing import Any, TypeVar
+
+try:
+    from starlette.responses import Response
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "tiercache.contrib.starlette needs Starlette (or FastAPI): pip install starlette"
+    ) from exc
 
 from .._cache import TieredCache
 from .._errors import ConfigurationError
@@ -58,7 +72,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Any])
 
-_MARK = "__tiercache_http__"
 # RFC 9110 section 15.1: statuses a cache may store without explicit freshness information
 # (206 left out: range responses are not reassembled here).
 DEFAULT_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414})
@@ -79,6 +92,8 @@ _NOT_STORED = frozenset(
 )
 # What a 304 repeats of the 200 it stands for (RFC 9110 section 15.4.5).
 _KEPT_ON_304 = frozenset({b"cache-control", b"content-location", b"etag", b"expires", b"vary"})
+# What a GET run for ``put`` must not inherit from the write request.
+_BODY_HEADERS = frozenset({b"content-length", b"content-type", b"transfer-encoding", b"content-encoding"})
 # Conditional and range headers are answered here, so the handler always produces a full 200.
 _STRIPPED_FROM_ORIGIN = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range", b"range"}
@@ -246,8 +261,8 @@ class HttpCache:
             raise ConfigurationError("prefix must be a non-empty str without ':'")
         self.cache = cache
         self.prefix = prefix
-        # cached routes found so far, for ``put`` to find the GET rule of a path
-        self._cached_routes: list[tuple[Any, CacheRule]] = []
+        # the request the current task or thread is serving, set by this object's middleware
+        self._slot: ContextVar[_Slot | None] = ContextVar(f"tiercache_http_{prefix}", default=None)
 
     # --- decorators --------------------------------------------------------------------------
 
@@ -277,9 +292,12 @@ class HttpCache:
         tags, formatted with the path parameters (``"item:{item_id}"``). ``statuses``: which
         statuses are stored. Bodies larger than ``max_body`` bytes are served but not stored.
         """
-        for name, v in (("max_age", max_age), ("stale_while_revalidate", stale_while_revalidate)):
+        for name, v in (
+            ("max_age", max_age),
+            ("stale_while_revalidate", stale_while_revalidate),
+            ("stale_if_error", stale_if_error),
+        ):
             _check_seconds(name, v)
-        _check_seconds("stale_if_error", stale_if_error)
         if s_maxage is not None:
             _check_seconds("s_maxage", s_maxage)
         if private and public:
@@ -296,75 +314,134 @@ class HttpCache:
             statuses=frozenset(statuses),
             max_body=max_body,
         )
-        return self._marker(("cached", rule))
+
+        def decorate(func: F) -> F:
+            handler = _CachedEndpoint(self, rule)
+
+            def on_call(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Job | None:
+                if slot.origin:
+                    slot.found = handler  # a refresh for ``put`` wants to know who answered
+                    return None
+                if slot.claimed or slot.scope.get("method") not in ("GET", "HEAD"):
+                    return None
+                slot.claimed = True  # a decorated function called by another runs plainly
+                return lambda: handler.respond(slot, _params(slot, args, kwargs))
+
+            return self._decorate(func, on_call)
+
+        return decorate
 
     def evict(self, *, paths: Iterable[str] = (), tags: Iterable[str] = ()) -> Callable[[F], F]:
         """After a successful (2xx) answer of this write endpoint, drop the cached responses of
         ``paths`` (every query string and Vary variant of each) and of ``tags``. Both are
         templates formatted with this request's path parameters: ``paths=("/items/{item_id}",)``.
         The eviction completes before the last byte of the response is sent."""
-        spec = ("evict", tuple(_check_templates("paths", paths)), tuple(_check_templates("tags", tags)))
-        if not spec[1] and not spec[2]:
+        path_list = _check_templates("paths", paths)
+        tag_list = _check_templates("tags", tags)
+        if not path_list and not tag_list:
             raise ConfigurationError("evict needs paths or tags")
-        return self._marker(spec)
+
+        def decorate(func: F) -> F:
+            def on_call(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Job | None:
+                if not slot.origin:
+                    params = _params(slot, args, kwargs)
+                    filled_paths = [_fill(p, params) for p in path_list]
+                    filled_tags = [_fill(t, params) for t in tag_list]
+
+                    async def evict_now() -> None:
+                        await self.evict_paths(*filled_paths)
+                        await self.evict_tags(*filled_tags)
+
+                    slot.after_success.append(evict_now)
+                return None
+
+            return self._decorate(func, on_call)
+
+        return decorate
 
     def put(self, path: str, *, evict_tags: Iterable[str] = ()) -> Callable[[F], F]:
-        """After a successful (2xx) answer of this write endpoint, store its response as the GET
-        representation of ``path`` (a template formatted with this request's path parameters),
-        with the lifetimes of the cached GET route serving that path; its other variants and
-        ``evict_tags`` are dropped first. A response that is not storable is only an eviction."""
-        (checked,) = _check_templates("path", (path,))
-        return self._marker(("put", checked, tuple(_check_templates("evict_tags", evict_tags))))
+        """After a successful (2xx) answer of this write endpoint, drop every cached variant of
+        ``path`` (a template formatted with this request's path parameters) and ``evict_tags``,
+        then run the GET endpoint of ``path`` once (with this request's headers) and store its
+        answer under its own rule: the next reader is served the new representation from the
+        cache. All of it completes before the last byte of the write's response is sent."""
+        (template,) = _check_templates("path", (path,))
+        tag_list = _check_templates("evict_tags", evict_tags)
 
-    def _marker(self, spec: tuple[Any, ...]) -> Callable[[F], F]:
-        def mark(endpoint: F) -> F:
-            target = getattr(endpoint, "__func__", endpoint)
-            specs = getattr(target, _MARK, None)
-            if specs is None:
-                specs = {}
-                setattr(target, _MARK, specs)
-            if id(self) in specs:
-                raise ConfigurationError(
-                    f"{endpoint!r} already has a tiercache HTTP rule from this HttpCache"
-                )
-            specs[id(self)] = spec
-            return endpoint
+        def decorate(func: F) -> F:
+            def on_call(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Job | None:
+                if not slot.origin:
+                    params = _params(slot, args, kwargs)
+                    target = _fill(template, params)
+                    filled_tags = [_fill(t, params) for t in tag_list]
 
-        return mark
+                    async def put_now() -> None:
+                        await self.evict_paths(target)
+                        await self.evict_tags(*filled_tags)
+                        await self._refresh(slot, target)
+
+                    slot.after_success.append(put_now)
+                return None
+
+            return self._decorate(func, on_call)
+
+        return decorate
+
+    def _decorate(
+        self, func: F, on_call: Callable[[_Slot, tuple[Any, ...], dict[str, Any]], Job | None]
+    ) -> F:
+        """Wrap ``func`` keeping its signature (``functools.wraps``: FastAPI reads the parameters
+        through ``__wrapped__``) and its kind: a coroutine function stays one, a plain function
+        stays plain (the framework runs it in a worker thread; the cache work then runs on the
+        event loop through ``anyio.from_thread``)."""
+        slot_var = self._slot
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def endpoint(*args: Any, **kwargs: Any) -> Any:
+                slot = slot_var.get()
+                job = None if slot is None else on_call(slot, args, kwargs)
+                if job is None:
+                    return await func(*args, **kwargs)
+                return await job()
+
+            return endpoint  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def sync_endpoint(*args: Any, **kwargs: Any) -> Any:
+            slot = slot_var.get()
+            job = None if slot is None else on_call(slot, args, kwargs)
+            if job is None:
+                return func(*args, **kwargs)
+            from anyio.from_thread import run
+
+            try:
+                return run(job)
+            except RuntimeError as exc:
+                if "thread" not in str(exc):
+                    raise
+                log.warning("tiercache: %s ran outside the server's worker threads: not cached", func)
+                return func(*args, **kwargs)
+
+        return sync_endpoint  # type: ignore[return-value]
 
     # --- installation ------------------------------------------------------------------------
 
     def install(self, app: Any) -> None:
-        """Hook this HttpCache into a Starlette or FastAPI ``app`` (before it starts serving)."""
-        router = getattr(app, "router", app)
-        if not hasattr(router, "routes") or not hasattr(app, "add_middleware"):
+        """Hook this HttpCache into a Starlette or FastAPI ``app``, before it starts serving.
+
+        Call it right after creating the app, before adding other middleware: it is then the
+        innermost middleware, and what runs again when a response is (re)loaded is routing,
+        the framework's endpoint machinery and the handler -- not your other middleware.
+        """
+        if not hasattr(app, "add_middleware"):
             raise ConfigurationError("install() takes a Starlette or FastAPI application")
-        app.add_middleware(_Installer, http_cache=self, router=router)
+        app.add_middleware(_Middleware, http_cache=self)
 
-    def _wrap_routes(self, routes: Sequence[Any]) -> None:
-        for route in routes:
-            inner_routes = getattr(route, "routes", None)
-            if inner_routes:
-                self._wrap_routes(inner_routes)
-            endpoint = getattr(route, "endpoint", None)
-            specs = getattr(getattr(endpoint, "__func__", endpoint), _MARK, None)
-            spec = specs.get(id(self)) if specs else None
-            if spec is None or not hasattr(route, "app"):
-                continue
-            wrapped = getattr(route, "_tiercache_wrapped", None)
-            if wrapped is not None and id(self) in wrapped:
-                continue
-            if spec[0] == "cached":
-                route.app = _CachedRoute(self, route.app, spec[1])
-                self._cached_routes.append((route, spec[1]))
-            else:
-                route.app = _WriteRoute(self, route.app, spec)
-            route._tiercache_wrapped = (wrapped or frozenset()) | {id(self)}
-
-    # --- keys ----------------------------------------------------------------------------------
+    # --- keys, tags and invalidation -----------------------------------------------------------
 
     def _base_key(self, scope: Scope) -> str:
-        path = scope.get("root_path", "") + scope["path"]
+        path = scope["path"]  # ASGI: the full path, root_path included
         query = scope.get("query_string", b"").decode("latin-1")
         return f"{self.prefix}:{_digest(path + '?' + query)}"
 
@@ -373,10 +450,11 @@ class HttpCache:
         return f"{self.prefix}-path:{_digest(path)}"
 
     def user_tag(self, tag: str) -> str:
+        """The cache tag a rule's ``tags`` entry becomes."""
         return f"{self.prefix}-tag:{tag}"
 
     async def evict_paths(self, *paths: str) -> None:
-        """Drop the cached responses of these paths (all query strings and variants)."""
+        """Drop the cached responses of these request paths (all query strings and variants)."""
         if paths:
             await self.cache.invalidate_tags(*(self.path_tag(p) for p in paths))
 
@@ -384,6 +462,43 @@ class HttpCache:
         """Drop the cached responses carrying any of these rule tags."""
         if tags:
             await self.cache.invalidate_tags(*(self.user_tag(t) for t in tags))
+
+    async def _refresh(self, slot: _Slot, path: str) -> None:
+        """Run the GET endpoint of ``path`` and store its answer under that endpoint's rule."""
+        scope = _origin_scope(slot.raw)
+        scope.update(path=path, raw_path=path.encode("utf-8"), query_string=b"", path_params={})
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
+        status, raw, body, too_big, found = await _run_origin(self, slot.app, scope, None, 8 * 1024 * 1024)
+        if not isinstance(found, _CachedEndpoint):
+            log.warning("tiercache: put(%r): no cached GET endpoint answers that path", path)
+            return
+        response = found._build(status, raw, body, too_big)
+        if not response.storable:
+            return
+        base = self._base_key(scope)
+        learnt = await _safe(self.cache.get(base + ":vary"))
+        names = set(response.vary) | (set(learnt) if isinstance(learnt, list) else set())
+        key = _variant_key(base, scope, sorted(names))
+        params = {k: str(v) for k, v in (scope.get("path_params") or {}).items()}
+        # written after the path's invalidation, so (clock permitting) it is newer than it; if
+        # the clock has not moved, the entry is simply invalid: a miss, never stale data
+        await self.cache.set(key, response, **found._lifetimes(response, path, params))
+
+
+Job = Callable[[], Coroutine[Any, Any, Any]]
+OnCall = Callable[["_Slot", tuple[Any, ...], dict[str, Any]], "Job | None"]
+
+
+def _params(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """The path parameters of this request, for templates (the routed scope's, else the
+    endpoint's keyword arguments, which is how FastAPI passes them)."""
+    out = {k: str(v) for k, v in kwargs.items() if isinstance(v, (str, int, float, uuid.UUID))}
+    for arg in args:  # a Starlette endpoint's request
+        params = getattr(arg, "path_params", None)
+        if isinstance(params, dict):
+            out.update({k: str(v) for k, v in params.items()})
+    out.update({k: str(v) for k, v in (slot.scope.get("path_params") or {}).items()})
+    return out
 
 
 def _check_seconds(name: str, value: object) -> None:
@@ -419,10 +534,9 @@ def _check_templates(what: str, values: Iterable[str]) -> list[str]:
     return out
 
 
-def _fill(template: str, scope: Scope) -> str:
-    params = scope.get("path_params", {})
+def _fill(template: str, params: dict[str, str]) -> str:
     try:
-        return template.format_map({k: str(v) for k, v in params.items()})
+        return template.format_map(params)
     except KeyError as exc:
         raise ConfigurationError(f"{template!r} names {exc}, which is not a path parameter") from None
 
@@ -432,30 +546,80 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return ", ".join(values) if values else None
 
 
-# --- the middleware that finds marked routes ------------------------------------------------------
+# --- the middleware: one slot per request, and the after-success hook for write endpoints -----------
 
 
-class _Installer:
-    """Wraps the marked routes' apps on the first request and whenever the route list grows."""
+class _Slot:
+    """What a decorated endpoint needs to know about the request it is serving."""
 
-    def __init__(self, app: ASGIApp, *, http_cache: HttpCache, router: Any) -> None:
+    __slots__ = ("after_success", "app", "claimed", "found", "origin", "raw", "receive", "scope")
+
+    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive | None, *, origin: bool = False) -> None:
+        self.app = app  # everything below the middleware: what a (re)load runs
+        self.scope = scope  # the live scope (routing adds path_params to it)
+        self.raw = dict(scope)  # as it arrived, for running the request again
+        self.receive = receive
+        self.origin = origin  # a run made by the cache itself: endpoints just run
+        self.claimed = False
+        self.found: _CachedEndpoint | None = None
+        self.after_success: list[Job] = []
+
+
+class _Middleware:
+    """Sets the request's slot for the decorated endpoints and runs their after-success jobs."""
+
+    def __init__(self, app: ASGIApp, *, http_cache: HttpCache) -> None:
         self.app = app
         self.http_cache = http_cache
-        self.router = router
-        self.seen = -1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and len(self.router.routes) != self.seen:
-            self.seen = len(self.router.routes)
-            self.http_cache._wrap_routes(self.router.routes)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        slot = _Slot(self.app, scope, receive)
+        token = self.http_cache._slot.set(slot)
+        try:
+            await self.app(scope, receive, _Relay(slot, send))
+        finally:
+            self.http_cache._slot.reset(token)
+
+
+class _Relay:
+    """The response's ``send``: before the last body message of a 2xx answer, run the slot's
+    after-success jobs (evictions), so the client never sees its write complete before the
+    cache forgot the old data."""
+
+    __slots__ = ("done", "send", "slot", "status")
+
+    def __init__(self, slot: _Slot, send: Send) -> None:
+        self.slot = slot
+        self.send = send
+        self.status = 0
+        self.done = False
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+        elif kind == "http.response.body" and not self.done and not message.get("more_body", False):
+            self.done = True
+            if self.slot.after_success and 200 <= self.status < 300:
+                try:
+                    for job in self.slot.after_success:
+                        await job()
+                except Exception:
+                    log.warning("tiercache: HTTP cache invalidation after a write failed", exc_info=True)
+        await self.send(message)
 
 
 # --- running the handler ("the origin") and capturing its response -------------------------------
 
 
-async def _run_origin(app: ASGIApp, scope: Scope, receive: Receive | None, max_body: int) -> tuple[Any, ...]:
-    """Run the route app for ``scope`` and collect (status, raw headers, body, too_big)."""
+async def _run_origin(
+    http_cache: HttpCache, app: ASGIApp, scope: Scope, receive: Receive | None, max_body: int
+) -> tuple[int, list[Any], bytes, bool, _CachedEndpoint | None]:
+    """Run the app below the middleware for ``scope``; collect (status, raw headers, body,
+    too_big, the cached endpoint that answered)."""
     started: dict[str, Any] = {}
     chunks: list[bytes] = []
     size = 0
@@ -470,9 +634,10 @@ async def _run_origin(app: ASGIApp, scope: Scope, receive: Receive | None, max_b
             body = message.get("body", b"")
             size += len(body)
             too_big = too_big or size > max_body
-            chunks.append(body)
+            if not too_big:
+                chunks.append(body)
 
-    if receive is None:  # a background refresh: the original request is gone; GETs have no body
+    if receive is None:  # a background refresh or a put: there is no request body to read
         sent = False
 
         async def receive_none() -> Message:
@@ -484,41 +649,48 @@ async def _run_origin(app: ASGIApp, scope: Scope, receive: Receive | None, max_b
             raise AssertionError("unreachable")
 
         receive = receive_none
-    await app(scope, receive, capture)
+    slot = _Slot(app, scope, receive, origin=True)
+    token = http_cache._slot.set(slot)
+    try:
+        await app(scope, receive, capture)
+    finally:
+        http_cache._slot.reset(token)
     if "status" not in started:
         raise RuntimeError("the endpoint finished without sending a response")
-    return started["status"], started["headers"], b"".join(chunks), too_big
+    return started["status"], started["headers"], b"".join(chunks), too_big, slot.found
 
 
 def _origin_scope(scope: Scope) -> Scope:
+    """A copy of the request's scope for running it again: a GET without validators."""
     sub = dict(scope)
     sub["method"] = "GET"
     sub["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k.lower() not in _STRIPPED_FROM_ORIGIN]
+    sub["state"] = dict(scope.get("state") or {})
     return sub
 
 
-class _CachedRoute:
-    """The route app of a ``cached`` endpoint: answers GET/HEAD from the cache, conditionally."""
+class _CachedEndpoint:
+    """What a ``cached`` endpoint does with a GET/HEAD request: answer it from the cache, or
+    (re)load it by running the request again below the middleware, conditionally (304)."""
 
-    def __init__(self, http_cache: HttpCache, app: ASGIApp, rule: CacheRule) -> None:
+    def __init__(self, http_cache: HttpCache, rule: CacheRule) -> None:
         self.http_cache = http_cache
         self.cache = http_cache.cache
-        self.app = app
         self.rule = rule
         rule_ttl = rule.s_maxage if rule.s_maxage is not None else rule.max_age
         self.default_ttl = 0 if rule.private else rule_ttl
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
+    async def respond(self, slot: _Slot, params: dict[str, str]) -> Any:
+        """The response object the endpoint returns (the framework sends it unchanged)."""
         try:
-            await self._serve(scope, receive, send)
+            response, hit = await self._serve(slot, params)
         except _OriginError as exc:
-            await self._send(scope, send, exc.response, hit=False)
+            response, hit = exc.response, False
+        return self._response(slot.scope, response, hit=hit)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, slot: _Slot, params: dict[str, str]) -> tuple[StoredResponse, bool]:
         rule = self.rule
+        scope = slot.scope
         req_cc = parse_cache_control(_header(scope, b"cache-control") or "")
         if not req_cc and "no-cache" in (_header(scope, b"pragma") or "").lower():
             req_cc = {"no-cache": None}  # HTTP/1.0 clients (RFC 9111 5.4)
@@ -526,8 +698,7 @@ class _CachedRoute:
         # RFC 9111 3.5: a shared cache stores answers to authorized requests only when the response
         # says public or s-maxage (here: the rule does)
         if self.default_ttl <= 0 or (authorized and not rule.public and rule.s_maxage is None):
-            await self._send(scope, send, await self._origin(scope, receive), hit=False)
-            return
+            return await self._origin(slot), False
         may_store = "no-store" not in req_cc
 
         cache = self.cache
@@ -542,44 +713,40 @@ class _CachedRoute:
         if not may_store:  # request no-store: a fresh stored response may be used, nothing is stored
             stored = None if revalidate else await _safe(cache.get(key, value_type=StoredResponse))
             if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc):
-                await self._send(scope, send, stored, hit=True)
+                return stored, True
             else:
-                await self._send(scope, send, await self._origin(scope, receive), hit=False)
-            return
+                return await self._origin(slot), False
 
         if revalidate:
-            response = await self._reload(scope, receive, key, sorted(names))
-            await self._send(scope, send, response, hit=False)
-            return
+            response = await self._reload(slot, params, key, sorted(names))
+            return response, False
 
         if "only-if-cached" in req_cc:
             stored = await _safe(cache.get(key, value_type=StoredResponse))
             if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc):
-                await self._send(scope, send, stored, hit=True)
+                return stored, True
             else:
-                await self._send(scope, send, _gateway_timeout(cache.clock()), hit=False)
-            return
+                return _gateway_timeout(cache.clock()), False
 
-        response, hit = await self._lookup(scope, receive, key, sorted(names))
+        response, hit = await self._lookup(slot, params, key, sorted(names))
         if hit and not self._acceptable(response, req_cc):  # the request's max-age is stricter
-            response, hit = await self._reload(scope, receive, key, sorted(names)), False
-        await self._send(scope, send, response, hit=hit)
+            response, hit = await self._reload(slot, params, key, sorted(names)), False
+        return response, hit
 
     def _acceptable(self, stored: StoredResponse, req_cc: dict[str, str | None]) -> bool:
         limit = _seconds(req_cc, "max-age")
         return limit is None or stored.age(self.cache.clock()) <= limit
 
     async def _lookup(
-        self, scope: Scope, receive: Receive, key: str, names: list[str]
+        self, slot: _Slot, params: dict[str, str], key: str, names: list[str]
     ) -> tuple[StoredResponse, bool]:
         """get_cached with the rule's windows; a stale answer outside its own window is refused."""
         rule = self.rule
         mine: list[Any] = []  # what this request's own load produced (response or exception)
-        origin_scope = _origin_scope(scope)
 
         async def load() -> StoredResponse:
             try:
-                response = await self._fetch(origin_scope, None)
+                response = await self._fetch(slot)
             except BaseException as exc:
                 mine.append(exc)
                 raise
@@ -589,7 +756,7 @@ class _CachedRoute:
         options: dict[str, Any] = {
             "ttl": self.default_ttl,
             "stale_ttl": max(rule.stale_while_revalidate, rule.stale_if_error),
-            "tags": self._tags(scope),
+            "tags": self._tags(slot.scope["path"], params),
             "swr": rule.stale_while_revalidate > 0,
             "fail_safe": rule.stale_if_error > 0,
             "value_type": StoredResponse,
@@ -598,12 +765,12 @@ class _CachedRoute:
             found = await self.cache.lookup(key, load, **options)
             response = found.value
             if not isinstance(response, StoredResponse):  # not ours (someone else's key?)
-                return await self._pass(scope, receive, key), False
+                return await self._pass(slot, params, key), False
             if response.status == 0:  # hit-for-pass: the handler's answers are not shareable
                 if found.source == Source.LOADED and mine and isinstance(mine[0], StoredResponse):
                     return mine[0], False
                 # a marker, or a joined load whose answer may not be shared: ask the handler
-                return await self._pass(scope, receive, key), False
+                return await self._pass(slot, params, key), False
             age = response.age(self.cache.clock())
             if found.source == Source.STALE_SWR and age > response.ttl + response.swr and attempt == 0:
                 options["swr"] = False  # past the SWR window: wait for the refresh just started
@@ -613,39 +780,52 @@ class _CachedRoute:
             if found.source == Source.STALE_FAILSAFE and failed is not None and past_window:
                 raise failed  # past the stale-if-error window: the error stands
             if found.source == Source.LOADED:
-                await self._after_load(key, response, names, scope)
+                await self._after_load(key, response, names, slot.scope, params)
             return response, found.source != Source.LOADED
         raise AssertionError("unreachable")
 
-    async def _pass(self, scope: Scope, receive: Receive, key: str) -> StoredResponse:
+    async def _pass(self, slot: _Slot, params: dict[str, str], key: str) -> StoredResponse:
         """Run the handler for this request alone; a storable answer replaces the pass marker."""
-        response = await self._origin(scope, receive)
+        response = await self._origin(slot)
         if response.storable:
-            await _safe(self.cache.set(key, response, **self._lifetimes(response, scope)))
+            await _safe(
+                self.cache.set(key, response, **self._lifetimes(response, slot.scope["path"], params))
+            )
         return response
 
-    async def _reload(self, scope: Scope, receive: Receive, key: str, names: list[str]) -> StoredResponse:
+    async def _reload(
+        self, slot: _Slot, params: dict[str, str], key: str, names: list[str]
+    ) -> StoredResponse:
         """Revalidate with the handler now (request no-cache / max-age=0) and store the result."""
         try:
-            response = await self._fetch(_origin_scope(scope), receive)
+            response = await self._fetch(slot)
         except _OriginError as exc:
             return exc.response
         if response.storable:
-            await _safe(self.cache.set(key, response, **self._lifetimes(response, scope)))
-            await self._after_load(key, response, names, scope, stored=True)
+            lifetimes = self._lifetimes(response, slot.scope["path"], params)
+            await _safe(self.cache.set(key, response, **lifetimes))
+            await self._after_load(key, response, names, slot.scope, params, stored=True)
         else:  # what is stored is obsolete: the handler's current answer may not be shared
             await _safe(self.cache.set(key, _pass_marker(response, self.default_ttl), ttl=self.default_ttl))
         return response
 
-    def _tags(self, scope: Scope) -> list[str]:
-        tags = [self.http_cache.path_tag(scope.get("root_path", "") + scope["path"])]
-        return tags + [self.http_cache.user_tag(_fill(t, scope)) for t in self.rule.tags]
+    def _tags(self, path: str, params: dict[str, str]) -> list[str]:
+        tags = [self.http_cache.path_tag(path)]
+        return tags + [self.http_cache.user_tag(_fill(t, params)) for t in self.rule.tags]
 
-    def _lifetimes(self, response: StoredResponse, scope: Scope) -> dict[str, Any]:
-        return {"ttl": response.ttl, "stale_ttl": max(response.swr, response.sie), "tags": self._tags(scope)}
+    def _lifetimes(self, response: StoredResponse, path: str, params: dict[str, str]) -> dict[str, Any]:
+        stale = max(response.swr, response.sie)
+        return {"ttl": response.ttl, "stale_ttl": stale, "tags": self._tags(path, params)}
 
     async def _after_load(
-        self, key: str, response: StoredResponse, names: list[str], scope: Scope, *, stored: bool = False
+        self,
+        key: str,
+        response: StoredResponse,
+        names: list[str],
+        scope: Scope,
+        params: dict[str, str],
+        *,
+        stored: bool = False,
     ) -> None:
         """Fix what the loader could not know in advance: a Vary header naming request headers
         not in the key (store under the right key, remember the names for this URL) and
@@ -657,27 +837,28 @@ class _CachedRoute:
             await _safe(self.cache.set(base + ":vary", all_names, ttl=max(response.ttl, 1.0)))
             await _safe(self.cache.delete(key))
             right = _variant_key(base, scope, all_names)
-            await _safe(self.cache.set(right, response, **self._lifetimes(response, scope)))
+            await _safe(self.cache.set(right, response, **self._lifetimes(response, scope["path"], params)))
             return
         if not stored and (
             response.ttl != self.default_ttl
             or max(response.swr, response.sie)
             != max(self.rule.stale_while_revalidate, self.rule.stale_if_error)
         ):
-            await _safe(self.cache.set(key, response, **self._lifetimes(response, scope)))
+            await _safe(self.cache.set(key, response, **self._lifetimes(response, scope["path"], params)))
 
-    async def _fetch(self, origin_scope: Scope, receive: Receive | None) -> StoredResponse:
+    async def _fetch(self, slot: _Slot) -> StoredResponse:
         """Run the handler; its response (``storable`` says if it may be shared), or _OriginError."""
-        status, raw, body, too_big = await _run_origin(self.app, origin_scope, receive, self.rule.max_body)
-        response = self._build(status, raw, body, too_big)
+        response = await self._origin(slot)
+        status = response.status
         if status >= 500:
             raise _OriginError(response)
         return response
 
-    async def _origin(self, scope: Scope, receive: Receive) -> StoredResponse:
-        """Run the handler for this request only (nothing is stored)."""
-        status, raw, body, too_big = await _run_origin(
-            self.app, _origin_scope(scope), receive, self.rule.max_body
+    async def _origin(self, slot: _Slot) -> StoredResponse:
+        """Run the request again below the middleware (the handler answers; nothing is stored)."""
+        scope = _origin_scope(slot.raw)
+        status, raw, body, too_big, _ = await _run_origin(
+            self.http_cache, slot.app, scope, None, self.rule.max_body
         )
         return self._build(status, raw, body, too_big)
 
@@ -739,8 +920,8 @@ class _CachedRoute:
         response.storable = storable
         return response
 
-    async def _send(self, scope: Scope, send: Send, response: StoredResponse, *, hit: bool) -> None:
-        """Send ``response`` (or a 304 when the request's If-None-Match matches it)."""
+    def _response(self, scope: Scope, response: StoredResponse, *, hit: bool) -> Any:
+        """``response`` as a Starlette Response (a 304 when the request's If-None-Match matches)."""
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
         if response.etag:
             headers.append((b"etag", response.etag.encode("latin-1")))
@@ -748,20 +929,21 @@ class _CachedRoute:
             age = int(response.age(self.cache.clock()))
             headers.append((b"age", str(age).encode()))
         inm = _header(scope, b"if-none-match")
+        out = Response()
         if (
             inm is not None
             and response.etag
             and 200 <= response.status < 300
             and if_none_match_matches(inm, response.etag)
         ):
-            kept = [(k, v) for k, v in headers if k in _KEPT_ON_304 or k == b"age"]
-            await send({"type": "http.response.start", "status": 304, "headers": kept})
-            await send({"type": "http.response.body", "body": b""})
-            return
+            out.status_code = 304
+            out.raw_headers = [(k, v) for k, v in headers if k in _KEPT_ON_304 or k == b"age"]
+            return out
         headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        body = b"" if scope["method"] == "HEAD" else response.body
-        await send({"type": "http.response.body", "body": body})
+        out.status_code = response.status
+        out.body = b"" if scope.get("method") == "HEAD" else response.body
+        out.raw_headers = headers
+        return out
 
 
 def _variant_key(base: str, scope: Scope, names: list[str]) -> str:
@@ -795,95 +977,3 @@ async def _safe(awaitable: Awaitable[Any]) -> Any:
     except Exception:
         log.warning("tiercache: HTTP cache operation failed; serving without it", exc_info=True)
         return None
-
-
-# --- write endpoints -------------------------------------------------------------------------------
-
-
-class _WriteRoute:
-    """The route app of an ``evict`` / ``put`` endpoint: invalidates after a 2xx, before its end."""
-
-    def __init__(self, http_cache: HttpCache, app: ASGIApp, spec: tuple[Any, ...]) -> None:
-        self.http_cache = http_cache
-        self.app = app
-        self.spec = spec
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 0
-        start: Message | None = None
-        chunks: list[bytes] = []
-        done = False
-        put = self.spec[0] == "put"
-
-        async def relay(message: Message) -> None:
-            nonlocal status, start, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if put:
-                    start = message
-                    return
-            elif message["type"] == "http.response.body" and not done:
-                last = not message.get("more_body", False)
-                if put:
-                    chunks.append(message.get("body", b""))
-                    if not last:
-                        return
-                if last:
-                    done = True
-                    if 200 <= status < 300:
-                        await self._after_success(scope, start, b"".join(chunks))
-                    if put and start is not None:
-                        await send(start)
-                        message = {"type": "http.response.body", "body": b"".join(chunks)}
-            await send(message)
-
-        await self.app(scope, receive, relay)
-
-    async def _after_success(self, scope: Scope, start: Message | None, body: bytes) -> None:
-        http_cache = self.http_cache
-        try:
-            if self.spec[0] == "evict":
-                await http_cache.evict_paths(*(_fill(p, scope) for p in self.spec[1]))
-                await http_cache.evict_tags(*(_fill(t, scope) for t in self.spec[2]))
-                return
-            path = _fill(self.spec[1], scope)
-            await http_cache.evict_paths(path)
-            await http_cache.evict_tags(*(_fill(t, scope) for t in self.spec[2]))
-            assert start is not None
-            await self._store(scope, path, start, body)
-        except ConfigurationError:
-            raise
-        except Exception:
-            log.warning("tiercache: HTTP cache invalidation failed", exc_info=True)
-
-    async def _store(self, scope: Scope, path: str, start: Message, body: bytes) -> None:
-        """Store this write's response as the GET representation of ``path``, if some cached GET
-        route serves that path and the response is storable under its rule."""
-        get_scope = dict(scope)
-        get_scope.update(method="GET", path=path, query_string=b"")
-        for route, _ in self.http_cache._cached_routes:
-            match, child = route.matches(get_scope)
-            if match.name != "FULL":
-                continue
-            target = route.app
-            if not isinstance(target, _CachedRoute):
-                return
-            get_scope.update(child)
-            if start["status"] == 204 or not body:
-                return
-            # only what describes the representation itself carries over from the write's answer
-            headers = [
-                (k, v)
-                for k, v in start.get("headers", ())
-                if bytes(k).lower().startswith(b"content-") or bytes(k).lower() in (b"etag", b"vary")
-            ]
-            response = target._build(200, headers, body, False)
-            if response.storable:
-                # written after the path's invalidation, so (clock permitting) it is newer than it;
-                # if the clock has not moved, the entry is simply invalid: a miss, never stale data
-                key = _variant_key(self.http_cache._base_key(get_scope), get_scope, response.vary)
-                await target.cache.set(key, response, **target._lifetimes(response, get_scope))
-            return
