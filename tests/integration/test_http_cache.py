@@ -772,3 +772,24 @@ def run_included_and_mounted(env: Env, app: Any) -> None:
         assert after.json() == {"name": "db", "v": "b"}
         assert "age" in after.headers
     assert env.calls == {"ping": 1, "conf": 2}
+
+
+def test_a_vary_the_handler_declares_never_leaks_a_variant_while_it_is_learnt(env: Env) -> None:
+    import asyncio
+
+    app = env.app()
+
+    @app.get("/dash")
+    @env.http.cached(max_age=60)
+    async def dash(request: fastapi.Request, response: fastapi.Response) -> dict[str, Any]:
+        response.headers["Vary"] = "X-Tenant"  # not declared in the rule: learnt from here
+        env.hit("dash")
+        await asyncio.sleep(0.2)
+        return {"tenant": request.headers["x-tenant"]}
+
+    with serve(app) as base:
+        tenants = [{"X-Tenant": f"t{i}"} for i in range(20)]
+        responses = gather_gets(base, "/dash", tenants)
+        assert [r.json()["tenant"] for r in responses] == [h["X-Tenant"] for h in tenants]
+        again = gather_gets(base, "/dash", tenants)  # learnt: each tenant's variant is served
+        assert [r.json()["tenant"] for r in again] == [h["X-Tenant"] for h in tenants]

@@ -712,7 +712,7 @@ class _CachedEndpoint:
 
         if not may_store:  # request no-store: a fresh stored response may be used, nothing is stored
             stored = None if revalidate else await _safe(cache.get(key, value_type=StoredResponse))
-            if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc):
+            if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc, names):
                 return stored, True
             else:
                 return await self._origin(slot), False
@@ -723,17 +723,20 @@ class _CachedEndpoint:
 
         if "only-if-cached" in req_cc:
             stored = await _safe(cache.get(key, value_type=StoredResponse))
-            if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc):
+            if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc, names):
                 return stored, True
             else:
                 return _gateway_timeout(cache.clock()), False
 
         response, hit = await self._lookup(slot, params, key, sorted(names))
-        if hit and not self._acceptable(response, req_cc):  # the request's max-age is stricter
+        if hit and not self._acceptable(response, req_cc, names):  # the request's max-age is stricter
             response, hit = await self._reload(slot, params, key, sorted(names)), False
         return response, hit
 
-    def _acceptable(self, stored: StoredResponse, req_cc: dict[str, str | None]) -> bool:
+    def _acceptable(self, stored: StoredResponse, req_cc: dict[str, str | None], names: set[str]) -> bool:
+        """May this stored response answer the request read-only (no load)?"""
+        if stored.status == 0 or not set(stored.vary) <= names:  # a pass marker / another variant
+            return False
         limit = _seconds(req_cc, "max-age")
         return limit is None or stored.age(self.cache.clock()) <= limit
 
@@ -771,6 +774,16 @@ class _CachedEndpoint:
                     return mine[0], False
                 # a marker, or a joined load whose answer may not be shared: ask the handler
                 return await self._pass(slot, params, key), False
+            if not set(response.vary) <= set(names):
+                # the response varies on request headers the key did not include (a Vary the
+                # handler set, not learnt yet): it may be another variant's, so it is never used
+                # for this request, even by the load that produced it (whose key was wrong too)
+                own = found.source == Source.LOADED and mine and mine[0] is response
+                if not own:
+                    response = await self._origin(slot)
+                if response.storable:
+                    await self._after_load(key, response, names, slot.scope, params)
+                return response, False
             age = response.age(self.cache.clock())
             if found.source == Source.STALE_SWR and age > response.ttl + response.swr and attempt == 0:
                 options["swr"] = False  # past the SWR window: wait for the refresh just started
