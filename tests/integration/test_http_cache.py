@@ -542,7 +542,23 @@ def test_fastapi_still_sees_the_parameters_and_dependencies(env: Env) -> None:
     assert inspect.iscoroutinefunction(decorated)
     app.get("/search")(decorated)
 
+    @app.get("/sync/{item}")
+    @env.http.cached(max_age=60)
+    def sync_item(item: str, flag: bool = False) -> dict[str, Any]:
+        import threading
+
+        env.hit("sync")
+        return {"item": item, "flag": flag, "thread": threading.current_thread().name}
+
+    assert not inspect.iscoroutinefunction(sync_item)
+    assert list(inspect.signature(sync_item).parameters) == ["item", "flag"]
+
     with serve(app) as base:
+        first = get(base, "/sync/a?flag=true").json()
+        assert first["item"] == "a" and first["flag"] is True
+        assert first["thread"] != "uvicorn-test"  # not the event loop: FastAPI still uses its thread pool
+        assert get(base, "/sync/a?flag=true").json() == first
+        assert env.calls["sync"] == 1
         assert get(base, "/search?term=a&page=2&size=5").json() == {"term": "a", "page": 2, "size": 5}
         assert get(base, "/search?term=a&page=2&size=5").json() == {"term": "a", "page": 2, "size": 5}
         assert get(base, "/search").status_code == 422  # validation still runs (not stored)

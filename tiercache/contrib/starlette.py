@@ -61,7 +61,14 @@ from .._cache import TieredCache
 from .._errors import ConfigurationError
 from .._flow import Source
 
-__all__ = ["CacheRule", "HttpCache", "StoredResponse"]
+__all__ = [
+    "CacheRule",
+    "HttpCache",
+    "StoredResponse",
+    "if_none_match_matches",
+    "parse_cache_control",
+    "strong_etag",
+]
 
 log = logging.getLogger("tiercache.contrib.starlette")
 
