@@ -809,3 +809,30 @@ def test_a_vary_the_handler_declares_never_leaks_a_variant_while_it_is_learnt(en
         assert [r.json()["tenant"] for r in responses] == [h["X-Tenant"] for h in tenants]
         again = gather_gets(base, "/dash", tenants)  # learnt: each tenant's variant is served
         assert [r.json()["tenant"] for r in again] == [h["X-Tenant"] for h in tenants]
+
+
+def test_a_2xx_write_whose_response_breaks_midway_still_evicts(env: Env) -> None:
+    app = env.app()
+    db = {"v": "old"}
+
+    @app.get("/val")
+    @env.http.cached(max_age=300)
+    async def val() -> dict[str, str]:
+        return {"v": db["v"]}
+
+    @app.post("/val")
+    @env.http.evict(paths=("/val",))
+    async def set_val() -> Any:
+        db["v"] = "new"
+
+        async def body() -> Any:
+            yield b"partial"
+            raise RuntimeError("the stream broke after the data changed")
+
+        return fastapi.responses.StreamingResponse(body())
+
+    with serve(app) as base:
+        assert get(base, "/val").json() == {"v": "old"}
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(base + "/val", timeout=10).read()
+        assert get(base, "/val").json() == {"v": "new"}

@@ -584,11 +584,15 @@ class _Middleware:
             await self.app(scope, receive, send)
             return
         slot = _Slot(self.app, scope, receive)
+        relay = _Relay(slot, send)
         token = self.http_cache._slot.set(slot)
         try:
-            await self.app(scope, receive, _Relay(slot, send))
+            await self.app(scope, receive, relay)
         finally:
             self.http_cache._slot.reset(token)
+            # a 2xx write whose response never finished (client gone, error mid-body) still
+            # changed data: forget the old copies anyway
+            await relay.finish()
 
 
 class _Relay:
@@ -608,15 +612,21 @@ class _Relay:
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message["status"]
-        elif kind == "http.response.body" and not self.done and not message.get("more_body", False):
-            self.done = True
-            if self.slot.after_success and 200 <= self.status < 300:
-                try:
-                    for job in self.slot.after_success:
-                        await job()
-                except Exception:
-                    log.warning("tiercache: HTTP cache invalidation after a write failed", exc_info=True)
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await self.finish()
         await self.send(message)
+
+    async def finish(self) -> None:
+        """Run the after-success jobs once, if the answer was a 2xx."""
+        if self.done:
+            return
+        self.done = True
+        if self.slot.after_success and 200 <= self.status < 300:
+            try:
+                for job in self.slot.after_success:
+                    await job()
+            except Exception:
+                log.warning("tiercache: HTTP cache invalidation after a write failed", exc_info=True)
 
 
 # --- running the handler ("the origin") and capturing its response -------------------------------
