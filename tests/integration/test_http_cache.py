@@ -836,3 +836,25 @@ def test_a_2xx_write_whose_response_breaks_midway_still_evicts(env: Env) -> None
         with pytest.raises(httpx.HTTPError):
             httpx.post(base + "/val", timeout=10).read()
         assert get(base, "/val").json() == {"v": "new"}
+
+
+def test_a_hit_is_answered_from_memory_without_a_redis_round_trip(redis_server: Any) -> None:
+    from tests.redis_servers import commandstats
+
+    env = Env(redis_server.url, "hits")
+    app = env.app()
+
+    @app.get("/hot/{n}")
+    @env.http.cached(max_age=60, tags=("hot",))
+    async def hot(n: int) -> dict[str, int]:
+        return {"n": n, "runs": env.hit("hot")}
+
+    with serve(app) as base:
+        assert get(base, "/hot/1").json() == {"n": 1, "runs": 1}
+        assert get(base, "/hot/1").json() == {"n": 1, "runs": 1}  # learns the tags' times (1 HMGET)
+        before = commandstats(redis_server.port)
+        for _ in range(20):
+            assert get(base, "/hot/1").json() == {"n": 1, "runs": 1}
+        after = commandstats(redis_server.port)
+    spent = {cmd: after.get(cmd, 0) - before.get(cmd, 0) for cmd in after}
+    assert {cmd: n for cmd, n in spent.items() if n and cmd not in ("info",)} == {}

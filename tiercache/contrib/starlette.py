@@ -748,6 +748,11 @@ class _CachedEndpoint:
         response, hit = await self._lookup(slot, params, key, sorted(names))
         if hit and not self._acceptable(response, req_cc, names):  # the request's max-age is stricter
             response, hit = await self._reload(slot, params, key, sorted(names)), False
+        if not hit and learnt is None and response.storable and set(response.vary) <= names:
+            # remember the URL's Vary names (none, usually) so that the index read every request
+            # makes is an L1 hit, not a shared-tier miss; without it lookups are still correct
+            index_ttl = max(response.ttl + max(response.swr, response.sie), 1.0)
+            await _safe(cache.set(base + ":vary", sorted(names), ttl=index_ttl))
         return response, hit
 
     def _acceptable(self, stored: StoredResponse, req_cc: dict[str, str | None], names: set[str]) -> bool:
