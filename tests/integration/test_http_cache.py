@@ -858,3 +858,65 @@ def test_a_hit_is_answered_from_memory_without_a_redis_round_trip(redis_server: 
         after = commandstats(redis_server.port)
     spent = {cmd: after.get(cmd, 0) - before.get(cmd, 0) for cmd in after}
     assert {cmd: n for cmd, n in spent.items() if n and cmd not in ("info",)} == {}
+
+
+def test_statuses_and_body_size_decide_what_is_stored(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/missing")
+    @env.http.cached(max_age=60)
+    async def missing() -> None:
+        env.hit("missing")
+        raise fastapi.HTTPException(status_code=404, detail="no such thing")
+
+    @app.get("/moved")
+    @env.http.cached(max_age=60)
+    async def moved() -> Any:
+        env.hit("moved")
+        return fastapi.responses.RedirectResponse("/elsewhere", status_code=302)
+
+    @app.get("/big")
+    @env.http.cached(max_age=60, max_body=1000)
+    async def big() -> fastapi.Response:
+        env.hit("big")
+        return fastapi.Response(b"x" * 5000, media_type="text/plain")
+
+    with serve(app) as base:
+        for _ in range(2):
+            assert get(base, "/missing").status_code == 404  # heuristically cacheable: stored
+            r = httpx.get(base + "/moved", timeout=10, follow_redirects=False)
+            assert r.status_code == 302 and r.headers["location"] == "/elsewhere"  # not stored
+            assert len(get(base, "/big").content) == 5000  # served whole, not stored
+    assert env.calls == {"missing": 1, "moved": 2, "big": 2}
+
+
+def test_evict_from_code(env: Env) -> None:
+    import asyncio
+
+    app = env.app()
+
+    @app.get("/a/{x}")
+    @env.http.cached(max_age=60, tags=("letters", "a:{x}"))
+    async def a(x: str) -> dict[str, int]:
+        return {"runs": env.hit("a")}
+
+    @app.post("/admin/flush/{what}")
+    async def flush(what: str) -> dict[str, bool]:
+        if what == "path":
+            await env.http.evict_paths("/a/1")
+        else:
+            await env.http.evict_tags("a:2")
+        await asyncio.sleep(0)
+        return {"ok": True}
+
+    with serve(app) as base:
+        assert get(base, "/a/1").json() == {"runs": 1}
+        assert get(base, "/a/2").json() == {"runs": 2}
+        httpx.post(base + "/admin/flush/path", timeout=10)
+        env.clock.advance(0.01)  # a tag drops what was created at or before its invalidation
+        assert get(base, "/a/1").json() == {"runs": 3}
+        assert get(base, "/a/2").json() == {"runs": 2}
+        httpx.post(base + "/admin/flush/tag", timeout=10)
+        env.clock.advance(0.01)
+        assert get(base, "/a/2").json() == {"runs": 4}
+        assert get(base, "/a/1").json() == {"runs": 3}

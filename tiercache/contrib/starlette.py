@@ -650,9 +650,8 @@ async def _run_origin(
         elif message["type"] == "http.response.body":
             body = message.get("body", b"")
             size += len(body)
-            too_big = too_big or size > max_body
-            if not too_big:
-                chunks.append(body)
+            too_big = too_big or size > max_body  # still served whole, only never stored
+            chunks.append(body)
 
     if receive is None:  # a background refresh or a put: there is no request body to read
         sent = False
