@@ -644,6 +644,10 @@ def test_bad_rules_are_refused_when_declared(env: Env) -> None:
     with pytest.raises(ConfigurationError):
         env.http.cached(max_age=1, vary="Accept")
     with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=1, statuses=(200, "304"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        env.http.cached(max_age=1, max_body=-1)
+    with pytest.raises(ConfigurationError):
         env.http.evict()
     with pytest.raises(ConfigurationError):
         env.http.evict(paths=("/x/{a.b}",))

@@ -309,6 +309,12 @@ class HttpCache:
             _check_seconds("s_maxage", s_maxage)
         if private and public:
             raise ConfigurationError("a response cannot be both private and public")
+        if type(max_body) is not int or max_body < 0:
+            raise ConfigurationError(f"max_body must be a whole number of bytes >= 0, not {max_body!r}")
+        status_set = frozenset(statuses)
+        if any(type(code) is not int or not 100 <= code <= 599 for code in status_set):
+            bad = sorted(status_set, key=str)
+            raise ConfigurationError(f"statuses must be HTTP status codes (int, 100-599), not {bad!r}")
         rule = CacheRule(
             max_age=max_age,
             s_maxage=s_maxage,
@@ -318,7 +324,7 @@ class HttpCache:
             public=public,
             vary=tuple(_check_header_names(vary)),
             tags=tuple(_check_templates("tags", tags)),
-            statuses=frozenset(statuses),
+            statuses=status_set,
             max_body=max_body,
         )
 
