@@ -924,3 +924,45 @@ def test_evict_from_code(env: Env) -> None:
         env.clock.advance(0.01)
         assert get(base, "/a/2").json() == {"runs": 4}
         assert get(base, "/a/1").json() == {"runs": 3}
+
+
+def test_an_eviction_in_one_process_reaches_another_process_memory(env: Env) -> None:
+    db = {"v": "old"}
+    runs = {"a": 0, "b": 0}
+
+    def make(http: HttpCache, cache: TieredCache, name: str) -> Any:
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            yield
+            await cache.aclose()
+
+        app = fastapi.FastAPI(lifespan=lifespan)
+        http.install(app)
+
+        @app.get("/doc")
+        @http.cached(max_age=300)
+        async def doc() -> dict[str, str]:
+            runs[name] += 1
+            return {"v": db["v"]}
+
+        @app.post("/doc")
+        @http.evict(paths=("/doc",))
+        async def write() -> dict[str, bool]:
+            db["v"] = "new"
+            return {"ok": True}
+
+        return app
+
+    other = TieredCache(  # a second process: its own memory tier, the same Redis and namespace
+        [MemoryTier(), RedisTier(url=env.url, prefix=env.prefix)], namespace=env.namespace, clock=env.clock
+    )
+    with serve(make(env.http, env.cache, "a")) as a, serve(make(HttpCache(other), other, "b")) as b:
+        assert get(a, "/doc").json() == {"v": "old"}
+        assert get(b, "/doc").json() == {"v": "old"}  # from Redis, now in b's memory too
+        assert get(b, "/doc").json() == {"v": "old"}
+        assert httpx.post(a + "/doc", timeout=10).status_code == 200
+        # without a bus, b re-reads the shared tag times after tag_refresh (1 s); with one
+        # (TieredCache(bus=...)) it would drop its copy at once
+        env.clock.advance(1.5)
+        assert get(b, "/doc").json() == {"v": "new"}
+    assert runs == {"a": 1, "b": 1}
