@@ -99,6 +99,8 @@ _NOT_STORED = frozenset(
 )
 # What a 304 repeats of the 200 it stands for (RFC 9110 section 15.4.5).
 _KEPT_ON_304 = frozenset({b"cache-control", b"content-location", b"etag", b"expires", b"vary"})
+# A GET run for ``put`` buffers at most this much before its endpoint's own max_body applies.
+_MAX_PUT_BODY = 64 * 1024 * 1024
 # What a GET run for ``put`` must not inherit from the write request.
 _BODY_HEADERS = frozenset({b"content-length", b"content-type", b"transfer-encoding", b"content-encoding"})
 # Conditional and range headers are answered here, so the handler always produces a full 200.
@@ -481,11 +483,11 @@ class HttpCache:
         scope = _origin_scope(slot.raw)
         scope.update(path=path, raw_path=path.encode("utf-8"), query_string=b"", path_params={})
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
-        status, raw, body, too_big, found = await _run_origin(self, slot.app, scope, None, 8 * 1024 * 1024)
+        status, raw, body, too_big, found = await _run_origin(self, slot.app, scope, _MAX_PUT_BODY)
         if not isinstance(found, _CachedEndpoint):
             log.warning("tiercache: put(%r): no cached GET endpoint answers that path", path)
             return
-        response = found._build(status, raw, body, too_big)
+        response = found._build(status, raw, body, too_big or len(body) > found.rule.max_body)
         if not response.storable:
             return
         base = self._base_key(scope)
@@ -565,13 +567,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class _Slot:
     """What a decorated endpoint needs to know about the request it is serving."""
 
-    __slots__ = ("after_success", "app", "claimed", "found", "origin", "raw", "receive", "scope")
+    __slots__ = ("after_success", "app", "claimed", "found", "origin", "raw", "scope")
 
-    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive | None, *, origin: bool = False) -> None:
+    def __init__(self, app: ASGIApp, scope: Scope, *, origin: bool = False) -> None:
         self.app = app  # everything below the middleware: what a (re)load runs
         self.scope = scope  # the live scope (routing adds path_params to it)
         self.raw = dict(scope)  # as it arrived, for running the request again
-        self.receive = receive
         self.origin = origin  # a run made by the cache itself: endpoints just run
         self.claimed = False
         self.found: _CachedEndpoint | None = None
@@ -589,7 +590,7 @@ class _Middleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        slot = _Slot(self.app, scope, receive)
+        slot = _Slot(self.app, scope)
         relay = _Relay(slot, send)
         token = self.http_cache._slot.set(slot)
         try:
@@ -639,14 +640,24 @@ class _Relay:
 
 
 async def _run_origin(
-    http_cache: HttpCache, app: ASGIApp, scope: Scope, receive: Receive | None, max_body: int
+    http_cache: HttpCache, app: ASGIApp, scope: Scope, max_body: int
 ) -> tuple[int, list[Any], bytes, bool, _CachedEndpoint | None]:
     """Run the app below the middleware for ``scope``; collect (status, raw headers, body,
-    too_big, the cached endpoint that answered)."""
+    too_big, the cached endpoint that answered). The run reads no request body (it is a GET,
+    possibly in the background after the request is gone)."""
     started: dict[str, Any] = {}
     chunks: list[bytes] = []
     size = 0
     too_big = False
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect ever arrives; listeners get cancelled
+        raise AssertionError("unreachable")
 
     async def capture(message: Message) -> None:
         nonlocal size, too_big
@@ -659,19 +670,7 @@ async def _run_origin(
             too_big = too_big or size > max_body  # still served whole, only never stored
             chunks.append(body)
 
-    if receive is None:  # a background refresh or a put: there is no request body to read
-        sent = False
-
-        async def receive_none() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await asyncio.Event().wait()  # no disconnect ever arrives; listeners get cancelled
-            raise AssertionError("unreachable")
-
-        receive = receive_none
-    slot = _Slot(app, scope, receive, origin=True)
+    slot = _Slot(app, scope, origin=True)
     token = http_cache._slot.set(slot)
     try:
         await app(scope, receive, capture)
@@ -902,10 +901,8 @@ class _CachedEndpoint:
     async def _origin(self, slot: _Slot) -> StoredResponse:
         """Run the request again below the middleware (the handler answers; nothing is stored)."""
         scope = _origin_scope(slot.raw)
-        status, raw, body, too_big, _ = await _run_origin(
-            self.http_cache, slot.app, scope, None, self.rule.max_body
-        )
-        return self._build(status, raw, body, too_big)
+        run = await _run_origin(self.http_cache, slot.app, scope, self.rule.max_body)
+        return self._build(run[0], run[1], run[2], run[3])
 
     def _build(self, status: int, raw: list[Any], body: bytes, too_big: bool) -> StoredResponse:
         """The response as it will be sent (rule headers added) and whether a shared cache may keep it."""
