@@ -967,3 +967,42 @@ def test_an_eviction_in_one_process_reaches_another_process_memory(env: Env) -> 
         env.clock.advance(1.5)
         assert get(b, "/doc").json() == {"v": "new"}
     assert runs == {"a": 1, "b": 1}
+
+
+def test_a_cold_url_runs_its_handler_once_across_two_processes(env: Env) -> None:
+    """Two servers, each with its own cache and event loop (as two processes would have), share
+    only Redis: the Redis lease lets one of them run the handler."""
+    import asyncio
+
+    def make(http: HttpCache, cache: TieredCache) -> Any:
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            yield
+            await cache.aclose()
+
+        app = fastapi.FastAPI(lifespan=lifespan)
+        http.install(app)
+
+        @app.get("/report")
+        @http.cached(max_age=60)
+        async def report() -> dict[str, int]:
+            n = env.hit("report")
+            await asyncio.sleep(0.5)
+            return {"n": n}
+
+        return app
+
+    other = TieredCache(
+        [MemoryTier(), RedisTier(url=env.url, prefix=env.prefix)], namespace=env.namespace, clock=env.clock
+    )
+
+    async def both(a: str, b: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20) as client:
+            return list(
+                await asyncio.gather(*(client.get((a if i % 2 else b) + "/report") for i in range(20)))
+            )
+
+    with serve(make(env.http, env.cache)) as a, serve(make(HttpCache(other), other)) as b:
+        responses = asyncio.run(both(a, b))
+    assert {r.json()["n"] for r in responses} == {1}
+    assert env.calls["report"] == 1  # one process loaded under the Redis lease, the other waited
