@@ -1006,3 +1006,29 @@ def test_a_cold_url_runs_its_handler_once_across_two_processes(env: Env) -> None
         responses = asyncio.run(both(a, b))
     assert {r.json()["n"] for r in responses} == {1}
     assert env.calls["report"] == 1  # one process loaded under the Redis lease, the other waited
+
+
+def test_if_modified_since_when_there_is_no_if_none_match(env: Env) -> None:
+    from email.utils import formatdate
+
+    app = env.app()
+
+    @app.get("/dated")
+    @env.http.cached(max_age=60)
+    async def dated() -> dict[str, int]:
+        return {"n": env.hit("dated")}
+
+    with serve(app) as base:
+        first = get(base, "/dated")
+        last_modified = first.headers["last-modified"]
+        assert last_modified == formatdate(int(env.clock()), usegmt=True)
+        assert get(base, "/dated", **{"If-Modified-Since": last_modified}).status_code == 304
+        later = formatdate(env.clock() + 3600, usegmt=True)
+        assert get(base, "/dated", **{"If-Modified-Since": later}).status_code == 304
+        earlier = formatdate(env.clock() - 3600, usegmt=True)
+        assert get(base, "/dated", **{"If-Modified-Since": earlier}).status_code == 200
+        assert get(base, "/dated", **{"If-Modified-Since": "not a date"}).status_code == 200
+        # If-None-Match decides alone when present: a stale validator there means 200
+        both = {"If-Modified-Since": later, "If-None-Match": '"old"'}
+        assert get(base, "/dated", **both).status_code == 200
+    assert env.calls["dated"] == 1

@@ -48,6 +48,7 @@ import string
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from contextvars import ContextVar
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, TypeVar
 
 try:
@@ -97,8 +98,10 @@ _NOT_STORED = frozenset(
         b"content-length",
     }
 )
-# What a 304 repeats of the 200 it stands for (RFC 9110 section 15.4.5).
-_KEPT_ON_304 = frozenset({b"cache-control", b"content-location", b"etag", b"expires", b"vary"})
+# What a 304 repeats of the 200 it stands for (RFC 9110 section 15.4.5), plus Last-Modified.
+_KEPT_ON_304 = frozenset(
+    {b"cache-control", b"content-location", b"etag", b"expires", b"vary", b"last-modified"}
+)
 # A GET run for ``put`` buffers at most this much before its endpoint's own max_body applies.
 _MAX_PUT_BODY = 64 * 1024 * 1024
 # What a GET run for ``put`` must not inherit from the write request.
@@ -948,12 +951,16 @@ class _CachedEndpoint:
             headers.append(["vary", ", ".join(all_vary)])
         if etag is None and 200 <= status < 300:
             etag = strong_etag(body)
+        now = self.cache.clock()
+        if 200 <= status < 300 and not any(name == "last-modified" for name, _ in headers):
+            # when this representation was produced: all a cache in front of the handler knows
+            headers.append(["last-modified", formatdate(now, usegmt=True)])
         response = StoredResponse(
             status=status,
             headers=headers,
             body=body,
             etag=etag or "",
-            stored_at=self.cache.clock(),
+            stored_at=now,
             ttl=float(ttl or 0),
             swr=float(swr),
             sie=float(sie),
@@ -972,11 +979,10 @@ class _CachedEndpoint:
             headers.append((b"age", str(age).encode()))
         inm = _header(scope, b"if-none-match")
         out = Response()
-        if (
-            inm is not None
-            and response.etag
-            and 200 <= response.status < 300
-            and if_none_match_matches(inm, response.etag)
+        if 200 <= response.status < 300 and (
+            if_none_match_matches(inm, response.etag)
+            if inm is not None  # If-None-Match, when present, decides alone (RFC 9110 13.2.2)
+            else _not_modified_since(_header(scope, b"if-modified-since"), response)
         ):
             out.status_code = 304
             out.raw_headers = [(k, v) for k, v in headers if k in _KEPT_ON_304 or k == b"age"]
@@ -986,6 +992,22 @@ class _CachedEndpoint:
         out.body = b"" if scope.get("method") == "HEAD" else response.body
         out.raw_headers = headers
         return out
+
+
+def _not_modified_since(header: str | None, response: StoredResponse) -> bool:
+    """``If-Modified-Since`` against the response's ``Last-Modified``; an invalid date on
+    either side is ignored (RFC 9110 13.1.3), which means: send the full response."""
+    if header is None:
+        return False
+    last = next((v for k, v in response.headers if k == "last-modified"), None)
+    try:
+        since = parsedate_to_datetime(header)
+        modified = parsedate_to_datetime(last) if last is not None else None
+    except (TypeError, ValueError):
+        return False
+    if modified is None or since.tzinfo is None or modified.tzinfo is None:
+        return False
+    return modified <= since
 
 
 def _variant_key(base: str, scope: Scope, names: list[str]) -> str:
