@@ -760,10 +760,10 @@ class _CachedEndpoint:
         response, hit = await self._lookup(slot, params, key, sorted(names))
         if hit and not self._acceptable(response, req_cc, names):  # the request's max-age is stricter
             response, hit = await self._reload(slot, params, key, sorted(names)), False
-        if not hit and learnt is None and response.storable and set(response.vary) <= names:
+        if not hit and learnt is None and set(response.vary) <= names:
             # remember the URL's Vary names (none, usually) so that the index read every request
             # makes is an L1 hit, not a shared-tier miss; without it lookups are still correct
-            index_ttl = max(response.ttl + max(response.swr, response.sie), 1.0)
+            index_ttl = max(self.default_ttl, response.ttl + max(response.swr, response.sie), 1.0)
             await _safe(cache.set(base + ":vary", sorted(names), ttl=index_ttl))
         return response, hit
 
