@@ -537,9 +537,10 @@ def test_fastapi_still_sees_the_parameters_and_dependencies(env: Env) -> None:
         env.hit("search")
         return {"term": term, "page": page, "size": size}
 
-    before = inspect.signature(search)
+    before = inspect.signature(search, eval_str=True)  # the same, with the annotations resolved
     decorated = env.http.cached(max_age=60)(search)
     assert inspect.signature(decorated) == before
+    assert decorated.__wrapped__ is search  # type: ignore[attr-defined]
     assert inspect.iscoroutinefunction(decorated)
     app.get("/search")(decorated)
 

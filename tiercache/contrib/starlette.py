@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -423,7 +424,7 @@ class HttpCache:
                     return await func(*args, **kwargs)
                 return await job()
 
-            return endpoint  # type: ignore[return-value]
+            return _keep_signature(endpoint, func)
 
         @functools.wraps(func)
         def sync_endpoint(*args: Any, **kwargs: Any) -> Any:
@@ -441,7 +442,7 @@ class HttpCache:
                 log.warning("tiercache: %s ran outside the server's worker threads: not cached", func)
                 return func(*args, **kwargs)
 
-        return sync_endpoint  # type: ignore[return-value]
+        return _keep_signature(sync_endpoint, func)
 
     # --- installation ------------------------------------------------------------------------
 
@@ -501,6 +502,17 @@ class HttpCache:
         # written after the path's invalidation, so (clock permitting) it is newer than it; if
         # the clock has not moved, the entry is simply invalid: a miss, never stale data
         await self.cache.set(key, response, **found._lifetimes(response, path, params))
+
+
+def _keep_signature(wrapper: Callable[..., Any], func: F) -> F:
+    """Give ``wrapper`` the signature of ``func`` with string annotations already evaluated:
+    FastAPI versions that resolve annotations in the endpoint's own ``__globals__`` (before
+    0.115 or so) would otherwise look them up in this module (``from __future__ import
+    annotations`` makes every annotation a string). A forward reference that cannot be
+    evaluated yet is left to FastAPI, as for an undecorated endpoint."""
+    with contextlib.suppress(NameError, TypeError, SyntaxError, AttributeError):
+        wrapper.__signature__ = inspect.signature(func, eval_str=True)  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 Job = Callable[[], Coroutine[Any, Any, Any]]
