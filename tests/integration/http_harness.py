@@ -17,22 +17,36 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` under uvicorn (its own event loop, in a thread) and yield its base URL."""
+def _start(app: Any) -> tuple[Any, threading.Thread, int] | None:
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
+        if not thread.is_alive():
+            return None  # e.g. another process took the port between free_port() and bind
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start within 15 s")
         time.sleep(0.01)
+    return server, thread, port
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn (its own event loop, in a thread) and yield its base URL."""
+    for _ in range(3):
+        started = _start(app)
+        if started is not None:
+            break
+    else:
+        raise RuntimeError("uvicorn did not start (3 ports tried)")
+    server, thread, port = started
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(15)
