@@ -334,6 +334,21 @@ def test_request_no_cache_pragma_and_max_age_revalidate_with_the_handler(env: En
         assert r.status_code == 304
 
 
+def test_request_directives_can_be_ignored(env: Env) -> None:
+    app = env.app()
+
+    @app.get("/firm")
+    @env.http.cached(max_age=60, request_directives=False)
+    async def firm() -> dict[str, int]:
+        return {"n": env.hit("firm")}
+
+    with serve(app) as base:
+        assert get(base, "/firm").json() == {"n": 1}
+        for headers in ({"Cache-Control": "no-cache"}, {"Pragma": "no-cache"}, {"Cache-Control": "no-store"}):
+            assert get(base, "/firm", **headers).json() == {"n": 1}
+    assert env.calls["firm"] == 1
+
+
 def test_request_no_store_is_never_stored_and_only_if_cached(env: Env) -> None:
     app = env.app()
 

@@ -202,6 +202,7 @@ class CacheRule:
     tags: tuple[str, ...] = ()
     statuses: frozenset[int] = DEFAULT_STATUSES
     max_body: int = 8 * 1024 * 1024
+    request_directives: bool = True
 
     def cache_control(self) -> str:
         """The ``Cache-Control`` value sent when the handler set none."""
@@ -292,6 +293,7 @@ class HttpCache:
         tags: Iterable[str] = (),
         statuses: Iterable[int] = DEFAULT_STATUSES,
         max_body: int = 8 * 1024 * 1024,
+        request_directives: bool = True,
     ) -> Callable[[F], F]:
         """Cache a GET endpoint's responses.
 
@@ -304,6 +306,8 @@ class HttpCache:
         headers the response depends on (part of the key, and sent as ``Vary``). ``tags``: cache
         tags, formatted with the path parameters (``"item:{item_id}"``). ``statuses``: which
         statuses are stored. Bodies larger than ``max_body`` bytes are served but not stored.
+        ``request_directives=False`` ignores the request's ``Cache-Control`` and ``Pragma`` (as
+        many CDNs do), so a client cannot make the handler run by sending ``no-cache``.
         """
         for name, v in (
             ("max_age", max_age),
@@ -332,6 +336,7 @@ class HttpCache:
             tags=tuple(_check_templates("tags", tags)),
             statuses=status_set,
             max_body=max_body,
+            request_directives=bool(request_directives),
         )
 
         def decorate(func: F) -> F:
@@ -727,9 +732,11 @@ class _CachedEndpoint:
     async def _serve(self, slot: _Slot, params: dict[str, str]) -> tuple[StoredResponse, bool]:
         rule = self.rule
         scope = slot.scope
-        req_cc = parse_cache_control(_header(scope, b"cache-control") or "")
-        if not req_cc and "no-cache" in (_header(scope, b"pragma") or "").lower():
-            req_cc = {"no-cache": None}  # HTTP/1.0 clients (RFC 9111 5.4)
+        req_cc: dict[str, str | None] = {}
+        if rule.request_directives:
+            req_cc = parse_cache_control(_header(scope, b"cache-control") or "")
+            if not req_cc and "no-cache" in (_header(scope, b"pragma") or "").lower():
+                req_cc = {"no-cache": None}  # HTTP/1.0 clients (RFC 9111 5.4)
         authorized = _header(scope, b"authorization") is not None
         # RFC 9111 3.5: a shared cache stores answers to authorized requests only when the response
         # says public or s-maxage (here: the rule does)
