@@ -1058,3 +1058,43 @@ def test_if_modified_since_when_there_is_no_if_none_match(env: Env) -> None:
         both = {"If-Modified-Since": later, "If-None-Match": '"old"'}
         assert get(base, "/dated", **both).status_code == 200
     assert env.calls["dated"] == 1
+
+
+def test_the_handlers_own_stale_if_error_applies_unless_must_revalidate(env: Env) -> None:
+    app = env.app()
+    mode = {"fail": False}
+
+    def make(path: str, cache_control: str) -> None:
+        @app.get(path)
+        @env.http.cached(max_age=10)  # the rule has no stale window; the handler's answer does
+        async def endpoint(response: fastapi.Response) -> Any:
+            if mode["fail"]:
+                return fastapi.responses.JSONResponse({"error": "down"}, status_code=503)
+            response.headers["Cache-Control"] = cache_control
+            return {"n": env.hit(path)}
+
+    make("/lenient", "max-age=10, stale-if-error=600")
+    make("/strict", "max-age=10, stale-if-error=600, must-revalidate")
+
+    with serve(app) as base:
+        assert get(base, "/lenient").json() == {"n": 1}
+        assert get(base, "/strict").json() == {"n": 1}
+        env.clock.advance(20)
+        mode["fail"] = True
+        assert get(base, "/lenient").json() == {"n": 1}  # the stale copy stands in for the 503
+        assert get(base, "/strict").status_code == 503  # no stale copy for a must-revalidate answer
+
+
+def test_without_install_the_decorators_do_nothing(env: Env) -> None:
+    app = fastapi.FastAPI()  # install() not called
+
+    @app.get("/bare")
+    @env.http.cached(max_age=60)
+    async def bare() -> dict[str, int]:
+        return {"n": env.hit("bare")}
+
+    with serve(app) as base:
+        first = get(base, "/bare")
+        assert first.json() == {"n": 1} and "etag" not in first.headers
+        assert get(base, "/bare").json() == {"n": 2}
+    env.cache.sync.close()

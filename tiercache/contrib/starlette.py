@@ -772,11 +772,18 @@ class _CachedEndpoint:
                 return _gateway_timeout(cache.clock()), False
 
         # the common case first: a fresh stored copy (an L1 read: a few microseconds, where the
-        # full lookup builds a per-call policy); anything else goes through get_cached
-        stored = await _safe(cache.get(key, value_type=StoredResponse))
-        if isinstance(stored, StoredResponse) and self._acceptable(stored, req_cc, names):
-            return stored, True
-        response, hit = await self._lookup(slot, params, key, sorted(names))
+        # full lookup builds a per-call policy); anything else goes through get_cached, with the
+        # stale windows of the stored response itself (a handler's own Cache-Control may differ
+        # from the rule's), else of the rule
+        stored = await _safe(cache.get(key, value_type=StoredResponse, allow_stale=True))
+        current = stored if isinstance(stored, StoredResponse) and stored.status != 0 else None
+        if (
+            current is not None
+            and current.age(cache.clock()) < current.ttl
+            and self._acceptable(current, req_cc, names)
+        ):
+            return current, True
+        response, hit = await self._lookup(slot, params, key, sorted(names), current)
         if hit and not self._acceptable(response, req_cc, names):  # the request's max-age is stricter
             response, hit = await self._reload(slot, params, key, sorted(names)), False
         if not hit and learnt is None and set(response.vary) <= names:
@@ -794,7 +801,12 @@ class _CachedEndpoint:
         return limit is None or stored.age(self.cache.clock()) <= limit
 
     async def _lookup(
-        self, slot: _Slot, params: dict[str, str], key: str, names: list[str]
+        self,
+        slot: _Slot,
+        params: dict[str, str],
+        key: str,
+        names: list[str],
+        current: StoredResponse | None,
     ) -> tuple[StoredResponse, bool]:
         """get_cached with the rule's windows; a stale answer outside its own window is refused."""
         rule = self.rule
@@ -813,8 +825,8 @@ class _CachedEndpoint:
             "ttl": self.default_ttl,
             "stale_ttl": max(rule.stale_while_revalidate, rule.stale_if_error),
             "tags": self._tags(slot.scope["path"], params),
-            "swr": rule.stale_while_revalidate > 0,
-            "fail_safe": rule.stale_if_error > 0,
+            "swr": (current.swr if current is not None else rule.stale_while_revalidate) > 0,
+            "fail_safe": (current.sie if current is not None else rule.stale_if_error) > 0,
             "value_type": StoredResponse,
         }
         for attempt in range(2):
