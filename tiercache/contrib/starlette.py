@@ -884,7 +884,8 @@ class _CachedEndpoint:
             await _safe(self.cache.set(key, response, **lifetimes))
             await self._after_load(key, response, names, slot.scope, params, stored=True)
         else:  # what is stored is obsolete: the handler's current answer may not be shared
-            await _safe(self.cache.set(key, _pass_marker(response, self.default_ttl), ttl=self.default_ttl))
+            marker = _pass_marker(response, self.default_ttl)
+            await _safe(self.cache.set(key, marker, ttl=self.default_ttl, value_type=StoredResponse))
         return response
 
     def _tags(self, path: str, params: dict[str, str]) -> list[str]:
@@ -893,7 +894,12 @@ class _CachedEndpoint:
 
     def _lifetimes(self, response: StoredResponse, path: str, params: dict[str, str]) -> dict[str, Any]:
         stale = max(response.swr, response.sie)
-        return {"ttl": response.ttl, "stale_ttl": stale, "tags": self._tags(path, params)}
+        return {
+            "ttl": response.ttl,
+            "stale_ttl": stale,
+            "tags": self._tags(path, params),
+            "value_type": StoredResponse,  # a dataclass: remote tiers need its declared type
+        }
 
     async def _after_load(
         self,
