@@ -60,8 +60,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._cache import TieredCache
+from .._engine import Source
 from .._errors import ConfigurationError
-from .._flow import Source
 
 __all__ = [
     "CacheRule",
