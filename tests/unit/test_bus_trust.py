@@ -197,7 +197,7 @@ def test_refusals_are_logged_once_per_interval_without_tracebacks(caplog: pytest
 def test_memory_stays_bounded_under_100k_foreign_messages() -> None:
     """Unauthenticated, so every message is accepted: each from a new origin, with a new key and
     a new tag. Per-origin, per-tag and per-key state stays within its capacity."""
-    hub, (node,) = world(keys=None)
+    _hub, (node,) = world(keys=None)
     coh = node.coh
     warm(node)
     now_ns, now = time.time_ns(), time.time()
@@ -219,7 +219,7 @@ def test_memory_stays_bounded_under_100k_foreign_messages() -> None:
 
 
 def test_tags_beyond_capacity_fold_into_a_floor_that_never_revalidates() -> None:
-    hub, (node,) = world(keys=None)
+    _hub, (node,) = world(keys=None)
     coh = node.coh
     coh.tag_store = None  # local truth only
     coh.tag_capacity = 3
@@ -282,7 +282,7 @@ def test_a_40000_key_message_is_applied_fast() -> None:
 
 
 def test_a_publish_of_more_keys_than_a_message_takes_is_split() -> None:
-    hub, (a, b) = world(n=2)
+    _hub, (a, b) = world(n=2)
     for i in range(3):
         b.sync.set(f"k{i * 12_000}", i)
     a.coh.publish_sync("delete", [f"ns:k{i}" for i in range(25_000)], (), time.time_ns(), time.time())
