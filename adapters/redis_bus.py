@@ -29,16 +29,29 @@ reader never returns. The thread:
 
 Callbacks run on the subscriber thread; one that raises is logged and does not stop the bus.
 
+Liveness
+========
+
+``liveness`` (seconds, default 1.0; None turns it off) is the bound the core keeps on a silently
+broken bus: it publishes a sequence-numbered heartbeat every ``liveness / 5`` seconds and, when its
+own beats stop coming back, when another process's beats stop, or when a publish fails, clears
+the namespace's L1 and keeps it off until the bus is heard again (``tiercache._bus_live``). The
+``PING`` above only decides when to reconnect.
+
 Cluster
 =======
 
 Classic ``PUBLISH``/``SUBSCRIBE``: Redis Cluster forwards a classic publish to every node over the
-cluster bus, so the subscriber may sit on any node and needs no resubscription when slots move.
-Sharded pub/sub (``SPUBLISH``) would keep the traffic inside one shard but must follow the
-channel's slot through resharding and failover; invalidation traffic is small, so the simpler,
-failover-proof broadcast is the choice. The cost is one copy of each message per node. A process
-publishes every message (sync or async) through one node, the owner of the channel's slot: two
-publishes sent through two nodes can reach a subscriber in either order.
+cluster bus, so a message published on any live node reaches subscribers on every node, and
+neither side depends on the channel's slot being served (sharded ``SPUBLISH`` would lose the
+channel with its shard's primary when it has no replica). Publishers and the subscriber agree on
+a node to meet on, so that no message takes a hop over the cluster bus (that hop cost a 40-45 ms
+latency mode): the owner of the channel's slot, and when it fails, the next primary in a fixed
+order (sorted by address) that every process computes the same way. A process publishes every
+message (sync or async) through one node while it works, since two publishes sent through two
+nodes can reach a subscriber in either order; a publish that fails on its node is retried at once
+on the next, so the loss of the channel's node costs no message. The subscriber, when its node
+dies, reconnects to the next node in the same order and clears L1 (a reconnection always does).
 
 Connections
 ===========
