@@ -24,11 +24,16 @@ per-origin state is bounded (``capacity`` origins, least recently heard dropped 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["Gone", "Origins", "Pulse"]
+__all__ = ["Gone", "Origins", "Pulse", "watch_process"]
 
 
 class Gone(Exception):
@@ -138,3 +143,37 @@ class Pulse:
                 return
             except Exception:  # never let the watchdog die; the callbacks log themselves
                 pass
+
+
+_beating: weakref.WeakSet[Any] = weakref.WeakSet()  # objects with stop() and after_fork()
+_hooks_lock = threading.Lock()
+_hooked = False
+
+
+def watch_process(owner: Any) -> None:
+    """Call ``owner.stop()`` at interpreter exit (so peers get a goodbye, not a silence) and
+    ``owner.after_fork()`` in a forked child (threads do not survive fork). Hooks are installed
+    on first use, never at import."""
+    global _hooked
+    with _hooks_lock:
+        _beating.add(owner)
+        if _hooked:
+            return
+        _hooked = True
+    atexit.register(_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    for owner in list(_beating):
+        with contextlib.suppress(Exception):
+            owner.stop()
+
+
+def _after_fork_in_child() -> None:
+    global _hooks_lock
+    _hooks_lock = threading.Lock()
+    for owner in list(_beating):
+        with contextlib.suppress(Exception):
+            owner.after_fork()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._bus import Bus, BusMessage
-from ._bus_live import Gone, Origins, Pulse
+from ._bus_live import Gone, Origins, Pulse, watch_process
 from ._bus_wire import BusWire, split_keys
 from ._entry import Entry, next_version
 from ._events import EventKind
@@ -209,9 +209,28 @@ class Coherence:
                 return
             self._started = True
             self.bus.start(self.channel, self.on_message, self.on_reset)
-            if self.liveness is not None:
-                self._pulse = Pulse(self.liveness, _weak(self, "beat"), _weak(self, "watch"), "tiercache-bus")
-                self._pulse.start()
+            self._start_pulse()
+
+    def _start_pulse(self) -> None:
+        if self.liveness is not None:
+            self._pulse = Pulse(self.liveness, _weak(self, "beat"), _weak(self, "watch"), "tiercache-bus")
+            self._pulse.start()
+            watch_process(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: a new identity (the parent's messages are not ours), fresh locks,
+        our own heartbeat (the parent's threads do not exist here). The transport re-subscribes
+        and calls on_reset, which clears the L1 inherited from the parent."""
+        self.origin = uuid.uuid4().hex
+        self._seq_lock = threading.Lock()
+        self._last_seq_lock = threading.Lock()
+        self._seq = 0
+        with self._last_seq_lock:
+            self.origins.reset()
+        self._subscribed = False
+        self.deaf = self.l1_off = self._doubt = False
+        if self._pulse is not None:
+            self._start_pulse()
 
     def publish_sync(
         self, op: str, keys: Sequence[str], tags: Sequence[str], version: int, at: float

@@ -321,3 +321,42 @@ def test_c1_on_cluster_p99_within_10ms(redis_cluster: RedisClusterProcesses, red
         for w in workers:
             w.close()
         purge_prefix(redis_cluster.url, redis_prefix)
+
+
+# --- fork ------------------------------------------------------------------------------------------
+
+
+def test_a_forked_child_is_a_new_peer_on_the_bus(shared_redis_url: str, redis_prefix: str) -> None:
+    """The child gets its own origin and heartbeat: the parent hears its writes (with the
+    parent's origin it would ignore them as its own) and does not see it as silent."""
+    import os
+
+    l1, l2 = MemoryTier(), RedisTier(url=shared_redis_url, prefix=redis_prefix)
+    bus = RedisBus.for_tier(l2)
+    cache = TieredCache([l1, l2], ttl=60, namespace="fk", bus=bus).sync
+    try:
+        cache.get("warm-up")  # subscribes (and clears L1 once subscribed)
+        assert bus.wait_ready(5)
+        time.sleep(0.05)
+        cache.set("k", "parent")
+        assert l1.get("fk:k") is not None
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                if bus.wait_ready(5):
+                    time.sleep(LIVENESS / 2)
+                    cache.set("k", "child")
+                    time.sleep(LIVENESS / 2)
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        deadline = time.monotonic() + 1
+        while l1.get("fk:k") is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert cache.get("k") == "child"
+    finally:
+        cache.close()
+        purge_prefix(shared_redis_url, redis_prefix)
