@@ -54,6 +54,7 @@ class Coherence:
         self.tag_times: OrderedDict[str, tuple[float | None, float]] = OrderedDict()
         self.tag_capacity = 100_000
         self._tag_floor: float | None = None
+        self._tags_lock = threading.Lock()
         self.tag_store: int | None = next((i for i in rt.remote if isinstance(rt.tiers[i], TagStore)), None)
         # Every received message is validated (and authenticated with a SignedCodec) here.
         self.wire = BusWire(self.channel, rt.codec, rt.clock)
@@ -109,17 +110,23 @@ class Coherence:
     def _learn(self, tags: Sequence[str], times: Sequence[float | None]) -> None:
         now = self.rt.clock()
         known = self.tag_times
-        for tag, at in zip(tags, times, strict=False):
-            old = known.pop(tag, None)
-            if old is not None and old[0] is not None and (at is None or old[0] > at):
-                # Never move an invalidation time backwards, whatever a store now says (a
-                # deleted or rewritten field in Redis cannot re-validate entries).
-                at = old[0]
-            known[tag] = (at, now)  # at the end: the most recently learnt
-        while len(known) > self.tag_capacity:
-            _, (at, _) = known.popitem(last=False)
-            if at is not None and (self._tag_floor is None or at > self._tag_floor):
-                self._tag_floor = at
+        # One writer at a time, so that a time is never lowered by a racing writer; readers take
+        # no lock and always find the tag (it is replaced in place, never removed and re-added).
+        with self._tags_lock:
+            for tag, at in zip(tags, times, strict=False):
+                old = known.get(tag)
+                if old is not None and old[0] is not None and (at is None or old[0] > at):
+                    # Never move an invalidation time backwards, whatever a store now says (a
+                    # deleted or rewritten field in Redis cannot re-validate entries).
+                    at = old[0]
+                known[tag] = (at, now)
+                known.move_to_end(tag)  # the most recently learnt last
+            while len(known) > self.tag_capacity:
+                # Raise the floor before dropping the tag: a reader never sees neither.
+                tag, (at, _) = next(iter(known.items()))
+                if at is not None and (self._tag_floor is None or at > self._tag_floor):
+                    self._tag_floor = at
+                del known[tag]
 
     def tags_valid_sync(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
@@ -224,6 +231,7 @@ class Coherence:
         self.origin = uuid.uuid4().hex
         self._seq_lock = threading.Lock()
         self._last_seq_lock = threading.Lock()
+        self._tags_lock = threading.Lock()
         self._seq = 0
         with self._last_seq_lock:
             self.origins.reset()
@@ -406,8 +414,9 @@ class Coherence:
             if isinstance(tier, NamespaceClearingTier):
                 tier.clear(self.prefix)
         if self.tag_store is not None:
-            for tag, (at, _) in list(self.tag_times.items()):
-                self.tag_times[tag] = (at, -math.inf)
+            with self._tags_lock:
+                for tag, (at, _) in list(self.tag_times.items()):
+                    self.tag_times[tag] = (at, -math.inf)
 
 
 def bus_channel(rt: Runtime, namespace: str, bus: Bus | None) -> str:
