@@ -394,3 +394,37 @@ def test_a_forked_child_is_a_new_peer_on_the_bus(shared_redis_url: str, redis_pr
     finally:
         cache.close()
         purge_prefix(shared_redis_url, redis_prefix)
+
+
+# --- a foreign publisher on real Redis -------------------------------------------------------------
+
+
+def test_a_foreign_publisher_on_real_redis_cannot_touch_a_signed_cache(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    codec = SignedCodec([b"s" * 32])
+    l1, l2 = MemoryTier(), RedisTier(url=shared_redis_url, prefix=redis_prefix)
+    bus = RedisBus.for_tier(l2)
+    cache = TieredCache([l1, l2], ttl=60, namespace="fp", bus=bus, codec=codec).sync
+    raw = redis.Redis.from_url(shared_redis_url)
+    try:
+        cache.get("warm-up")
+        assert bus.wait_ready(5)
+        time.sleep(0.05)
+        cache.set("k", "v", tags=("t",))
+        channel = cache._cache._rt.coherence.channel
+        base = {"tcbus": 1, "ns": "fp", "k": ["fp:k"], "t": ["t"], "at": time.time(), "o": "f" * 32}
+        for q, op in enumerate(("set", "delete", "expire", "tags", "clear")):
+            raw.publish(channel, json.dumps({**base, "op": op, "n": 2**63 - 1, "q": q + 1}))
+        raw.publish(channel, b'{"tcbus":1,"k":' + b"[" * 5000 + b"]" * 5000 + b"}")
+        raw.publish(channel, b"x" * (9 * 2**20))
+        deadline = time.monotonic() + 2
+        wire = cache._cache._rt.coherence.wire
+        while wire.rejected_total < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wire.rejected_total == 7
+        assert l1.get("fp:k") is not None and cache.get("k") == "v"
+    finally:
+        cache.close()
+        raw.close()
+        purge_prefix(shared_redis_url, redis_prefix)

@@ -288,3 +288,23 @@ def test_a_publish_of_more_keys_than_a_message_takes_is_split() -> None:
     a.coh.publish_sync("delete", [f"ns:k{i}" for i in range(25_000)], (), time.time_ns(), time.time())
     assert all(b.in_l1(f"k{i * 12_000}") is None for i in range(3))
     assert b.coh.wire.rejected_total == 0
+
+
+def test_with_a_key_100k_foreign_messages_leave_no_state_at_all() -> None:
+    _hub, (node,) = world()
+    coh = node.coh
+    warm(node)
+    floors = len(coh._floors)  # our own writes' floors
+    now_ns, now = time.time_ns(), time.time()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            doc = message("clear", k=[f"ns:x{i}"], t=[f"tag{i}"], o=f"{i:032x}", q=7, n=now_ns, at=now)
+            coh.on_message(orjson.dumps(doc))
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(coh.origins) == 0 and len(coh._floors) == floors and set(coh.tag_times) <= {"t"}
+    assert node.in_l1("a") == "A" and coh.wire.rejected_total == 100_000
+    assert grown < 2**20, f"{grown / 2**20:.2f} MiB kept"
