@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import time
 from typing import Any
 
 from ._bus_wire import MAX_SKEW, bus_keys
@@ -72,6 +73,6 @@ def unseal(codec: Any, hash_name: str, tag: str, raw: Any, now: float) -> tuple[
         at = float(parts[0])
     except ValueError:
         return now, "tag time is not a number"
-    if not math.isfinite(at) or not 0.0 <= at <= now + MAX_SKEW:
+    if not math.isfinite(at) or not 0.0 <= at <= max(now, time.time()) + MAX_SKEW:
         return now, "tag time is not a finite time in range"
     return at, None
