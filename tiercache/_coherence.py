@@ -43,6 +43,9 @@ class Coherence:
 
     def __init__(self, rt: Runtime, namespace: str, bus: Bus | None, tag_refresh: float) -> None:
         self.rt = rt
+        self._clock = rt.clock
+        self._flights = rt.flights
+        self._emit = rt.emit
         self.namespace = namespace
         self.prefix = namespace + ":"
         self.bus = bus
@@ -84,7 +87,7 @@ class Coherence:
 
     def tags_valid_locally(self, entry: Entry) -> bool | None:
         """True: valid; False: invalidated by a tag; None: a tag time is unknown or too old."""
-        now = self.rt.clock()
+        now = self._clock()
         remote = self.tag_store is not None
         for tag in entry.tags:
             item = self.tag_times.get(tag)
@@ -108,7 +111,7 @@ class Coherence:
         return all(tag in self.tag_times for tag in entry.tags)
 
     def _learn(self, tags: Sequence[str], times: Sequence[float | None]) -> None:
-        now = self.rt.clock()
+        now = self._clock()
         known = self.tag_times
         # One writer at a time, so that a time is never lowered by a racing writer; readers take
         # no lock and always find the tag (it is replaced in place, never removed and re-added).
@@ -184,9 +187,9 @@ class Coherence:
     def cleared(self, version: int) -> None:
         """The namespace was cleared at ``version``: refuse older entries in L1 from now on, and
         mark running flights overtaken. The caller empties the tiers after this."""
-        with self.rt.flights.lock:
+        with self._flights.lock:
             self._floors.raise_all(version)
-        self.rt.flights.supersede_prefix(self.prefix)
+        self._flights.supersede_prefix(self.prefix)
 
     def invalidate_locally(self, key: str, version: int, op: str, at: float = 0.0) -> None:
         """Raise the key's floor to ``version``, mark a running load superseded, then bring the
@@ -262,7 +265,7 @@ class Coherence:
                 at,
                 self.origin,
                 self._seq,
-                self.rt.clock(),
+                self._clock(),
             )
             try:
                 self.bus.publish(self.channel, self.wire.encode(msg))
@@ -290,7 +293,7 @@ class Coherence:
         if msg.op != "beat" or not self.deaf:
             logger.warning("tiercache: publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
         if msg.op not in ("beat", "bye"):
-            self.rt.emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
+            self._emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
         if self.liveness is not None:
             self._go_deaf("a publish failed")
         else:
@@ -299,7 +302,7 @@ class Coherence:
     def beat(self) -> None:
         """One heartbeat (the pulse thread calls it every liveness/5 seconds)."""
         if self.bus is not None and self._subscribed:
-            self._send("beat", (), (), 0, self.rt.clock())
+            self._send("beat", (), (), 0, self._clock())
 
     def stop(self) -> None:
         """Stop the heartbeat and say goodbye, so the others do not wait for our beats."""
@@ -307,7 +310,7 @@ class Coherence:
         if pulse is not None:
             pulse.stop()
             if self._subscribed and not self.deaf:
-                self._send("bye", (), (), 0, self.rt.clock())
+                self._send("bye", (), (), 0, self._clock())
 
     # --- the bus: liveness -------------------------------------------------------------------
 
@@ -336,26 +339,26 @@ class Coherence:
             logger.warning("tiercache: invalidation bus of %s looks broken (%s); L1 off", self.namespace, why)
             self.deaf = True
             self.l1_off = True
-            self.rt.emit(EventKind.BUS_GAP, "")
-        self.rt.flights.supersede_prefix(self.prefix)
+            self._emit(EventKind.BUS_GAP, "")
+        self._flights.supersede_prefix(self.prefix)
         self.clear_local()
 
     def _heard_again(self) -> None:
         # Reads that started while deaf may carry values we were not told were replaced: refuse
         # what they bring for one liveness period, and start L1 empty.
         live = self.liveness or 1.0
-        with self.rt.flights.lock:
+        with self._flights.lock:
             self._floors.raise_all(next_version(), live)
-        self.rt.flights.supersede_prefix(self.prefix)
+        self._flights.supersede_prefix(self.prefix)
         self.clear_local()
         self.deaf = False
         self.l1_off = self._doubt
         logger.warning("tiercache: invalidation bus of %s works again; L1 on", self.namespace)
 
     def _gap(self) -> None:
-        self.rt.flights.supersede_prefix(self.prefix)
+        self.cleared(next_version())  # what is on its way back may predate a lost message
         self.clear_local()
-        self.rt.emit(EventKind.BUS_GAP, "")
+        self._emit(EventKind.BUS_GAP, "")
 
     # --- the bus: receiving -------------------------------------------------------------------
 
@@ -380,7 +383,7 @@ class Coherence:
             self._gap()
         if msg.op in ("beat", "bye"):
             return
-        self.rt.emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
+        self._emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
         self.apply(msg)
 
     def apply(self, msg: BusMessage) -> None:
@@ -401,7 +404,7 @@ class Coherence:
             self.origins.reset()
         if self._resets > 1:
             logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
-            self.rt.emit(EventKind.BUS_GAP, "")
+            self._emit(EventKind.BUS_GAP, "")
         self._heard_self = time.monotonic()  # our beats are due from now on
         self._subscribed = True
         self.clear_local()

@@ -48,6 +48,7 @@ def pair() -> tuple[list[Any], list[MemoryTier], list[LiveBus]]:
         for i in range(2)
     ]
     for c in caches:
+        c._cache._rt.coherence.floor_seconds = LIVENESS  # (a gap's namespace floor lapses sooner)
         c.get("warm-up")  # subscribes; the heartbeat starts
     return caches, l1, buses
 
