@@ -77,6 +77,32 @@ def test_black_holed_bus_old_value_served_at_most_the_liveness_bound(
         purge_prefix(shared_redis_url, redis_prefix)
 
 
+def test_black_holed_bus_on_cluster_old_value_served_at_most_the_liveness_bound(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    """The same on the real local Cluster: B's bus goes to a cluster node through the proxy."""
+    proxy = TcpProxy(redis_cluster.ports[1])
+    writer = reader = None
+    try:
+        writer = Worker(redis_cluster.url, redis_prefix, "bhc")
+        reader = Worker(redis_cluster.url, redis_prefix, "bhc", mode=f"bus@{proxy.url}")
+        writer.call(op="set", key="k", value="old")
+        settle_old(reader, "k", "old")
+        reader.send(op="watch", key="k", old="old", timeout=LIVENESS * 5)
+        assert reader.recv()["watching"]
+        proxy.stall()
+        done = writer.call(op="set", key="k", value="new")["t"]
+        seen = reader.recv(timeout=10)
+        print(f"\nCluster, bus black-holed: old value served for {seen['t'] - done:.3f} s after the write")
+        assert seen["value"] == "new" and seen["t"] - done <= LIVENESS
+    finally:
+        for w in (writer, reader):
+            if w is not None:
+                w.close()
+        proxy.close()
+        purge_prefix(redis_cluster.url, redis_prefix)
+
+
 def test_a_failing_publish_is_a_gap_for_the_publisher_itself(
     shared_redis_url: str, redis_prefix: str
 ) -> None:
