@@ -141,3 +141,8 @@ def test_origins_are_bounded_and_classify_sequences() -> None:
     assert o.silent(12.0, 1.0, 5.0) == ["b"] and o.any_missing(12.0)
     assert o.observe("b", 2, 12.5, True) == "gap"  # back: whatever it sent meanwhile is lost
     assert not o.any_missing(12.5)
+    # A peer that vanished without a goodbye (crashed) keeps L1 off for 5 x liveness after it
+    # was last heard, then is forgotten.
+    o.observe("c", 1, 20.0, True)
+    assert o.silent(21.5, 1.0, 5.0) == ["c"]
+    assert o.any_missing(24.9) and not o.any_missing(25.1)
