@@ -144,5 +144,5 @@ def test_origins_are_bounded_and_classify_sequences() -> None:
     # A peer that vanished without a goodbye (crashed) keeps L1 off for 5 x liveness after it
     # was last heard, then is forgotten.
     o.observe("c", 1, 20.0, True)
-    assert o.silent(21.5, 1.0, 5.0) == ["c"]
+    assert o.silent(21.5, 1.0, 5.0) == ["b", "c"]  # b went quiet too
     assert o.any_missing(24.9) and not o.any_missing(25.1)
