@@ -49,7 +49,7 @@ class Coherence:
         self.namespace = namespace
         self.prefix = namespace + ":"
         self.bus = bus
-        self.channel = bus_channel(rt, namespace, bus)
+        self.channel = bus_channel([rt.tiers[i] for i in rt.remote], namespace, bus)
         self.origin = uuid.uuid4().hex
         self.tag_refresh = tag_refresh
         # tag -> (invalidation time or None, when we learnt it); least recently learnt first,
@@ -422,14 +422,11 @@ class Coherence:
                     self.tag_times[tag] = (at, -math.inf)
 
 
-def bus_channel(rt: Runtime, namespace: str, bus: Bus | None) -> str:
+def bus_channel(shared: Sequence[Any], namespace: str, bus: Bus | None) -> str:
     """``<prefix>:bus:<namespace>``: the prefix of the cache's first shared tier that has one
     (a RedisTier's key prefix), else the bus's own; two deployments that share a Redis and a
     namespace but not a prefix never hear each other."""
-    prefix = next(
-        (p for p in (getattr(rt.tiers[i], "prefix", None) for i in rt.remote) if isinstance(p, str) and p),
-        None,
-    )
+    prefix = next((p for p in (getattr(t, "prefix", None) for t in shared) if isinstance(p, str) and p), None)
     if prefix is None:
         own = getattr(bus, "prefix", None)
         prefix = own if isinstance(own, str) and own else "tiercache"
