@@ -10,8 +10,12 @@ messages (:class:`BusMessage`), the per-origin sequence numbers and what a recei
   read storm), and mark a running load of the key as superseded;
 * ``tags`` moves the tags' invalidation times forward; ``clear`` empties L1 for the namespace;
 * a gap in an origin's sequence, or the transport reconnecting (``on_reset``), means messages may
-  have been lost: L1 is cleared for the namespace. Staleness is therefore bounded by the bus delay
-  while the bus works and by the L1 TTL when it does not.
+  have been lost: L1 is cleared for the namespace; heartbeats (``tiercache._bus_live``) bound the
+  time a silently broken bus goes unnoticed. Staleness is therefore bounded by the bus delay while
+  the bus works and by the bus's ``liveness`` when it does not.
+
+Received bytes are untrusted: ``tiercache._bus_wire`` validates (and, with a ``SignedCodec``,
+authenticates) every message before the core acts on it.
 """
 
 from __future__ import annotations
@@ -79,14 +83,3 @@ class BusMessage:
                 "w": self.sent,
             }
         )
-
-    @classmethod
-    def decode(cls, data: bytes | str) -> BusMessage | None:
-        """The message, or None if ``data`` is not a valid unsigned tiercache bus message (the
-        strict checks of ``tiercache._bus_wire``; receivers use a ``BusWire`` directly)."""
-        import time
-
-        from ._bus_wire import BusWire
-
-        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-        return BusWire("", None, time.time).decode(raw) if raw else None
