@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._bus import Bus, BusMessage
 from ._bus_live import Gone, Origins, Pulse, watch_process
-from ._bus_wire import BusWire, split_keys
+from ._bus_wire import MAX_SKEW, BusWire, split_keys
 from ._entry import Entry, next_version
 from ._events import EventKind
 from ._floors import Floors
@@ -117,6 +117,8 @@ class Coherence:
         # no lock and always find the tag (it is replaced in place, never removed and re-added).
         with self._tags_lock:
             for tag, at in zip(tags, times, strict=False):
+                if at is not None and not _plausible(at, now):
+                    at = now  # from a store we cannot trust: invalidated now (reload, never stale)
                 old = known.get(tag)
                 if old is not None and old[0] is not None and (at is None or old[0] > at):
                     # Never move an invalidation time backwards, whatever a store now says (a
@@ -431,6 +433,11 @@ def bus_channel(shared: Sequence[Any], namespace: str, bus: Bus | None) -> str:
         own = getattr(bus, "prefix", None)
         prefix = own if isinstance(own, str) and own else "tiercache"
     return f"{prefix}:bus:{namespace}"
+
+
+def _plausible(at: Any, now: float) -> bool:
+    """A tag time any store may hand us: a finite, non-negative float not far in the future."""
+    return type(at) is float and 0.0 <= at <= max(now, time.time()) + MAX_SKEW
 
 
 def _weak(coherence: Coherence, name: str) -> Any:

@@ -308,3 +308,17 @@ def test_with_a_key_100k_foreign_messages_leave_no_state_at_all() -> None:
     assert len(coh.origins) == 0 and len(coh._floors) == floors and set(coh.tag_times) <= {"t"}
     assert node.in_l1("a") == "A" and coh.wire.rejected_total == 100_000
     assert grown < 2**20, f"{grown / 2**20:.2f} MiB kept"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300, -5.0, "12"])
+def test_implausible_tag_times_from_any_store_count_as_invalidated_now(bad: Any) -> None:
+    store: dict[str, Any] = {}
+    tags: dict[str, Any] = {}
+    cache = TieredCache([FakeRemoteTier(store, tag_times=tags)], namespace="ns", ttl=60).sync
+    cache.set("k", "v", tags=("t",))
+    time.sleep(0.001)
+    tags["ns/t"] = bad  # what a broken or hostile store hands back
+    assert cache.get("k") is None
+    time.sleep(0.001)
+    cache.set("k2", "v", tags=("t",))  # the time learnt is "now", not the garbage: later is valid
+    assert cache.get("k2") == "v"
