@@ -75,6 +75,7 @@ class Coherence:
         self.liveness: float | None = float(live) if isinstance(live, (int, float)) and live > 0 else None
         self._pulse: Pulse | None = None
         self._heard_self = 0.0  # monotonic time we last heard one of our own messages
+        self._publish_logged_at = -math.inf
         self._subscribed = False  # on_reset ran at least once
         self.deaf = False  # our own messages stopped coming back: we may miss the others' too
         self._doubt = False  # an origin went silent without a goodbye
@@ -292,7 +293,9 @@ class Coherence:
         # Receivers see a sequence gap at our next message that gets through (a beat follows
         # within liveness/5) and clear their L1. We treat it as a gap ourselves: the fault that
         # lost our message may be losing theirs too.
-        if msg.op != "beat" or not self.deaf:
+        now = time.monotonic()
+        if now - self._publish_logged_at >= 10.0:  # one line per outage, then one per 10 s
+            self._publish_logged_at = now
             logger.warning("tiercache: publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
         if msg.op not in ("beat", "bye"):
             self._emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
@@ -355,6 +358,7 @@ class Coherence:
         self.clear_local()
         self.deaf = False
         self.l1_off = self._doubt
+        self._publish_logged_at = -math.inf
         logger.warning("tiercache: invalidation bus of %s works again; L1 on", self.namespace)
 
     def _gap(self) -> None:
