@@ -24,7 +24,7 @@ class Floors:
 
     __slots__ = ("_by_key", "_clock", "capacity", "ns", "seconds")
 
-    def __init__(self, seconds: float, clock: Callable[[], float], capacity: int = 100_000) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float], capacity: int = 50_000) -> None:
         self.seconds = seconds
         self.capacity = capacity
         self._clock = clock

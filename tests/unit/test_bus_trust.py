@@ -201,13 +201,16 @@ def test_memory_stays_bounded_under_100k_foreign_messages() -> None:
     coh = node.coh
     warm(node)
     now_ns, now = time.time_ns(), time.time()
+    ops = ("delete", "tags", "set")
+    data = [
+        orjson.dumps(message(ops[i % 3], k=[f"ns:x{i}"], t=[f"tag{i}"], o=f"{i:032x}", q=7, n=now_ns, at=now))
+        for i in range(100_000)
+    ]
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        for i in range(100_000):
-            op = ("delete", "tags", "set")[i % 3]
-            doc = message(op, k=[f"ns:x{i}"], t=[f"tag{i}"], o=f"{i:032x}", q=7, n=now_ns, at=now)
-            coh.on_message(orjson.dumps(doc))  # what the transport does (LocalBus keeps a log)
+        for raw in data:
+            coh.on_message(raw)  # what the transport does (LocalBus keeps a log)
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
@@ -296,12 +299,15 @@ def test_with_a_key_100k_foreign_messages_leave_no_state_at_all() -> None:
     warm(node)
     floors = len(coh._floors)  # our own writes' floors
     now_ns, now = time.time_ns(), time.time()
+    data = [
+        orjson.dumps(message("clear", k=[f"ns:x{i}"], t=[f"tag{i}"], o=f"{i:032x}", q=7, n=now_ns, at=now))
+        for i in range(100_000)
+    ]
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        for i in range(100_000):
-            doc = message("clear", k=[f"ns:x{i}"], t=[f"tag{i}"], o=f"{i:032x}", q=7, n=now_ns, at=now)
-            coh.on_message(orjson.dumps(doc))
+        for raw in data:
+            coh.on_message(raw)
         grown = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
