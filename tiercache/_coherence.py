@@ -19,19 +19,17 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from ._bus import Bus, BusMessage
 from ._bus_live import Gone, Origins, Pulse, watch_process
 from ._bus_wire import MAX_SKEW, BusWire, split_keys
 from ._entry import Entry, next_version
 from ._events import EventKind
+from ._flight import FlightRegistry
 from ._floors import Floors
-from ._tier import NamespaceClearingTier, TagStore
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+from ._tier import NamespaceClearingTier, Tier
 
 __all__ = ["Coherence"]
 
@@ -41,15 +39,39 @@ logger = logging.getLogger("tiercache")
 class Coherence:
     """Tag times and the invalidation bus of one cache."""
 
-    def __init__(self, rt: Runtime, namespace: str, bus: Bus | None, tag_refresh: float) -> None:
-        self.rt = rt
-        self._clock = rt.clock
-        self._flights = rt.flights
-        self._emit = rt.emit
+    def __init__(
+        self,
+        namespace: str,
+        bus: Bus | None,
+        tag_refresh: float,
+        *,
+        clock: Callable[[], float],
+        flights: FlightRegistry,
+        l1: Sequence[tuple[int, Tier]],
+        tag_store: int | None,
+        fetch_tag_times: Callable[[str, Sequence[str]], list[float | None] | None],
+        afetch_tag_times: Callable[[str, Sequence[str]], Awaitable[list[float | None] | None]],
+        emit: Callable[..., None],
+        tier_failed: Callable[[int, str, BaseException, str], None],
+        expire_in_process: Callable[[int, str, float, int], None],
+        codec: Any = None,
+        shared: Sequence[Tier] = (),
+    ) -> None:
+        """Only its collaborators: the clock, the flight registry (its lock guards the floors),
+        the in-process tiers by chain index, the shared tag store's index and the gateway's reads
+        of it (None: it could not be asked), and the gateway's reporting and in-process expire."""
+        self._clock = clock
+        self._flights = flights
+        self._l1 = tuple(l1)
+        self._fetch_tag_times = fetch_tag_times
+        self._afetch_tag_times = afetch_tag_times
+        self._emit = emit
+        self._tier_failed = tier_failed
+        self._expire_in_process = expire_in_process
         self.namespace = namespace
         self.prefix = namespace + ":"
         self.bus = bus
-        self.channel = bus_channel([rt.tiers[i] for i in rt.remote], namespace, bus)
+        self.channel = bus_channel(shared, namespace, bus)
         self.origin = uuid.uuid4().hex
         self.tag_refresh = tag_refresh
         # tag -> (invalidation time or None, when we learnt it); least recently learnt first,
@@ -58,9 +80,9 @@ class Coherence:
         self.tag_capacity = 100_000
         self._tag_floor: float | None = None
         self._tags_lock = threading.Lock()
-        self.tag_store: int | None = next((i for i in rt.remote if isinstance(rt.tiers[i], TagStore)), None)
+        self.tag_store: int | None = tag_store
         # Every received message is validated (and authenticated with a SignedCodec) here.
-        self.wire = BusWire(self.channel, rt.codec, rt.clock)
+        self.wire = BusWire(self.channel, codec, clock)
         self._seq = 0
         self._seq_lock = threading.Lock()
         self.origins = Origins()
@@ -137,24 +159,20 @@ class Coherence:
     def tags_valid_sync(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store: Any = self.rt.tiers[self.tag_store]
-            try:
-                self._learn(entry.tags, store.get_tag_times(list(entry.tags)))
-            except Exception as exc:  # the store is down: decide on what we know
-                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = self._fetch_tag_times(entry.key, entry.tags)
+            if times is None:  # the store is down: decide on what we know
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
     async def tags_valid_async(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store: Any = self.rt.tiers[self.tag_store]
-            try:
-                self._learn(entry.tags, await store.aget_tag_times(list(entry.tags)))
-            except Exception as exc:
-                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = await self._afetch_tag_times(entry.key, entry.tags)
+            if times is None:
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
@@ -180,11 +198,11 @@ class Coherence:
         self._floors.seconds = seconds
 
     def admits(self, key: str, entry: Entry) -> bool:
-        """May ``entry`` be written to L1? (Caller holds ``rt.flights.lock``.)"""
+        """May ``entry`` be written to L1? (Caller holds the flight registry's lock.)"""
         return not self.l1_off and self._floors.admits(key, entry.version)
 
     def raise_floor_locked(self, key: str, version: int) -> None:
-        """(Caller holds ``rt.flights.lock``.)"""
+        """(Caller holds the flight registry's lock.)"""
         self._floors.raise_key(key, version)
 
     def cleared(self, version: int) -> None:
@@ -199,17 +217,16 @@ class Coherence:
         L1 copies in line: ``set`` drops older copies (the writer's own entry may stay),
         ``delete`` drops every copy up to ``version``, ``expire`` marks them stale at ``at`` (kept
         for fail-safe), ``mark`` only sets the floor (the caller updates the tiers itself)."""
-        rt = self.rt
-        with rt.flights.lock:
+        with self._flights.lock:
             self.raise_floor_locked(key, version)
-            rt.flights.supersede_locked(key, version)
+            self._flights.supersede_locked(key, version)
         if op == "mark":
             return
-        for i in rt.l1:
+        for i, tier in self._l1:
             if op == "expire":
-                rt.expire_in_process(i, key, at, version)
+                self._expire_in_process(i, key, at, version)
             else:
-                rt.tiers[i].delete(key, version - 1 if op == "set" else version)
+                tier.delete(key, version - 1 if op == "set" else version)
 
     # --- the bus: sending ---------------------------------------------------------------------
 
@@ -411,6 +428,8 @@ class Coherence:
         if self._resets > 1:
             logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
             self._emit(EventKind.BUS_GAP, "")
+            # Like clear(): a read or load on its way back must not land after the L1 clear.
+            self.cleared(next_version())
         self._heard_self = time.monotonic()  # our beats are due from now on
         self._subscribed = True
         self.clear_local()
@@ -418,8 +437,7 @@ class Coherence:
     def clear_local(self) -> None:
         """Empty the in-process tiers for this namespace; cached tag times must be re-read (but
         are kept as lower bounds: see _learn)."""
-        for i in self.rt.l1:
-            tier = self.rt.tiers[i]
+        for _, tier in self._l1:
             if isinstance(tier, NamespaceClearingTier):
                 tier.clear(self.prefix)
         if self.tag_store is not None:
