@@ -71,7 +71,8 @@ Tags
 ====
 
 ``TagStore``: one hash per namespace, ``<prefix>:tags:{<namespace>}``, field = tag, value =
-``repr()`` of the invalidation time. ``get_tag_times`` is one ``HMGET``; ``set_tag_times`` is one
+``repr()`` of the invalidation time (signed with a ``SignedCodec``, and validated on read: see
+``tiercache._tag_seal``). ``get_tag_times`` is one ``HMGET``; ``set_tag_times`` is one
 script that moves each field to ``max(old, at)``, so any number of tags costs one round trip and
 times never go back. The hash has no TTL (one small hash per namespace).
 
@@ -118,6 +119,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tiercache.tier import MAX_CLOCK_SKEW as MAX_SKEW
 from tiercache.tier import (
     Codec,
     ConfigurationError,
@@ -128,6 +130,8 @@ from tiercache.tier import (
     TierBinding,
     emit_safely,
     hashed_key,
+    seal_tag_time,
+    unseal_tag_time,
 )
 
 __all__ = ["RedisBus", "RedisTier"]
@@ -209,12 +213,20 @@ return 1
 """
 )
 
-# KEYS: tag hash. ARGV: time, then the tags. Each tag's time becomes max(its time, ARGV[1]).
+# KEYS: tag hash. ARGV: time, latest plausible time, then (tag, stored time) pairs. Each tag's
+# time becomes max(its time, ARGV[1]); a stored time that is unreadable, NaN or later than
+# ARGV[2] counts as missing (NaN compares false both ways: it would block every later time).
+# A stored time is a number, optionally followed by "|kid|mac" (tiercache._tag_seal).
 _LUA_TAGS = """
 local at = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
-  if old == nil or old < at then redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
+local latest = tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  local old = nil
+  if raw then old = tonumber(string.match(raw, '^[^|]*')) end
+  if old == nil or old ~= old or old > latest or old < at then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
 end
 return 1
 """
@@ -1140,7 +1152,7 @@ class RedisTier:
 
     def set_tag_times(self, tags: Sequence[str], at: float) -> None:
         if tags:
-            self._eval(self._sync_client(), "tags", 1, self._tags_key, _time_arg(at), *tags)
+            self._eval(self._sync_client(), "tags", 1, self._tags_key, *self._tag_args(tags, at))
 
     def _primaries(self, client: Any) -> list[Any]:
         """The nodes a SCAN must visit: every primary on Cluster, else [None] (the one server)."""
@@ -1206,15 +1218,20 @@ class RedisTier:
         return out
 
     def _tag_time(self, tag: str, raw: Any) -> float | None:
-        if raw is None:
-            return None
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            self._corrupt(f"tag:{tag}", "tag time is not a number")
-            return None
+        # Validated and, with a SignedCodec, authenticated: an untrusted time counts as "now".
+        at, problem = unseal_tag_time(self._codec, self._tags_key, tag, raw, self._clock())
+        if problem is not None:
+            self._corrupt(f"tag:{tag}", problem)
+        return at
 
-    def _subscriber_client(self, index: int) -> Any:
+    def _tag_args(self, tags: Sequence[str], at: float) -> list[Any]:
+        """The tag script's arguments: the time, the latest plausible time, (tag, stored) pairs."""
+        args: list[Any] = [_time_arg(at), _time_arg(max(at, self._clock()) + MAX_SKEW)]
+        for tag in tags:
+            args += (tag, seal_tag_time(self._codec, self._tags_key, tag, at))
+        return args
+
+    def _subscriber_client(self, index: int, node: Any = None) -> Any:
         """A new sync client for one pub/sub connection (``RedisBus``): RESP2, this tier's settings.
 
         On Cluster it connects to node ``index`` (modulo the node count) of the current topology;
@@ -1232,10 +1249,11 @@ class RedisTier:
             sentinel = sentinel_cls(self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **kwargs)
             return sentinel.master_for(self._service_name, max_connections=2, **kwargs)
         if self._cluster:
-            nodes = list(self._sync_client().get_nodes())
-            if not nodes:
-                raise redis.ConnectionError("no Redis Cluster node known")
-            node = nodes[index % len(nodes)]
+            if node is None:  # (RedisBus passes the node that carries its channel)
+                nodes = list(self._sync_client().get_nodes())
+                if not nodes:
+                    raise redis.ConnectionError("no Redis Cluster node known")
+                node = nodes[index % len(nodes)]
             accepted = inspect.signature(redis.Redis.__init__).parameters
             pool_kwargs = node.redis_connection.connection_pool.connection_kwargs
             ckw = {k: v for k, v in pool_kwargs.items() if k in accepted}  # credentials, TLS, ...
@@ -1454,7 +1472,7 @@ class RedisTier:
 
     async def aset_tag_times(self, tags: Sequence[str], at: float) -> None:
         if tags:
-            await self._aeval(self._aclient(), "tags", 1, self._tags_key, _time_arg(at), *tags)
+            await self._aeval(self._aclient(), "tags", 1, self._tags_key, *self._tag_args(tags, at))
 
     async def aclose(self) -> None:
         try:

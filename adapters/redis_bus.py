@@ -29,16 +29,29 @@ reader never returns. The thread:
 
 Callbacks run on the subscriber thread; one that raises is logged and does not stop the bus.
 
+Liveness
+========
+
+``liveness`` (seconds, default 1.0; None turns it off) is the bound the core keeps on a silently
+broken bus: it publishes a sequence-numbered heartbeat every ``liveness / 5`` seconds and, when its
+own beats stop coming back, when another process's beats stop, or when a publish fails, clears
+the namespace's L1 and keeps it off until the bus is heard again (``tiercache._bus_live``). The
+``PING`` above only decides when to reconnect.
+
 Cluster
 =======
 
 Classic ``PUBLISH``/``SUBSCRIBE``: Redis Cluster forwards a classic publish to every node over the
-cluster bus, so the subscriber may sit on any node and needs no resubscription when slots move.
-Sharded pub/sub (``SPUBLISH``) would keep the traffic inside one shard but must follow the
-channel's slot through resharding and failover; invalidation traffic is small, so the simpler,
-failover-proof broadcast is the choice. The cost is one copy of each message per node. A process
-publishes every message (sync or async) through one node, the owner of the channel's slot: two
-publishes sent through two nodes can reach a subscriber in either order.
+cluster bus, so a message published on any live node reaches subscribers on every node, and
+neither side depends on the channel's slot being served (sharded ``SPUBLISH`` would lose the
+channel with its shard's primary when it has no replica). Publishers and the subscriber agree on
+a node to meet on, so that no message takes a hop over the cluster bus (that hop cost a 40-45 ms
+latency mode): the owner of the channel's slot, and when it fails, the next primary in a fixed
+order (sorted by address) that every process computes the same way. A process publishes every
+message (sync or async) through one node while it works, since two publishes sent through two
+nodes can reach a subscriber in either order; a publish that fails on its node is retried at once
+on the next, so the loss of the channel's node costs no message. The subscriber, when its node
+dies, reconnects to the next node in the same order and clears L1 (a reconnection always does).
 
 Connections
 ===========
@@ -98,12 +111,15 @@ class RedisBus:
         tier: RedisTier | None = None,
         ping_interval: float = 1.0,
         ping_timeout: float = 1.0,
+        liveness: float | None = 1.0,
         **tier_options: Any,
     ) -> None:
         if tier is not None and (url is not None or tier_options):
             raise ValueError("RedisBus takes either tier= or url=/RedisTier options, not both")
         if ping_interval <= 0 or ping_timeout <= 0:
             raise ValueError("RedisBus ping_interval and ping_timeout must be positive")
+        if liveness is not None and not 0.05 <= liveness <= 3600:
+            raise ValueError("RedisBus liveness must be None or between 0.05 and 3600 seconds")
         if tier is None:
             from tiercache.adapters.redis import RedisTier
 
@@ -114,6 +130,11 @@ class RedisBus:
         self._tier: RedisTier = tier
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        #: The staleness bound the core keeps with heartbeats (``tiercache._bus_live``); None: off.
+        self.liveness = liveness
+        #: The prefix channels are named with when the cache has no prefixed shared tier.
+        self.prefix = tier.prefix
+        self._pub_node: str | None = None  # Cluster: the node publishes currently go through
         self._lock = threading.Lock()
         self._subs: dict[str, list[_Callbacks]] = {}
         self._fresh: list[_Callbacks] = []  # started since the last subscription: owed an on_reset
@@ -152,13 +173,19 @@ class RedisBus:
 
     def publish(self, channel: str, data: bytes) -> None:
         client = self._tier._sync_client()
-        if self._tier._cluster:
-            # Every publish of this process, sync or async, leaves from one node (the channel
-            # slot's owner): two nodes would forward them over the cluster bus in either order.
-            node = client.get_node_from_key(channel)
-            client.execute_command("PUBLISH", channel, data, target_nodes=node)
-        else:
+        if not self._tier._cluster:
             client.publish(channel, data)
+            return
+        error: Exception | None = None
+        for node in self._publish_nodes(client, channel):
+            try:
+                client.execute_command("PUBLISH", channel, data, target_nodes=node)
+            except _node_errors() as exc:  # that node is gone: the next one in the fixed order
+                error = exc
+                continue
+            self._pub_node = node.name
+            return
+        raise error if error is not None else ConnectionError("no Redis Cluster node to publish on")
 
     async def apublish(self, channel: str, data: bytes) -> None:
         # One lock per loop, taken before the first await: asyncio.Lock is FIFO, so messages leave
@@ -169,12 +196,33 @@ class RedisBus:
             lock = self._locks[loop] = asyncio.Lock()
         async with lock:
             client = self._tier._aclient()
-            if self._tier._cluster:  # one node for every publish: see publish()
-                await client.initialize()  # the slot map (a no-op once loaded)
-                node = client.get_node_from_key(channel)
-                await client.execute_command("PUBLISH", channel, data, target_nodes=node)
-            else:
+            if not self._tier._cluster:
                 await client.publish(channel, data)
+                return
+            await client.initialize()  # the slot map (a no-op once loaded)
+            error: Exception | None = None
+            for node in self._publish_nodes(client, channel):
+                try:
+                    await client.execute_command("PUBLISH", channel, data, target_nodes=node)
+                except _node_errors() as exc:
+                    error = exc
+                    continue
+                self._pub_node = node.name
+                return
+            raise error if error is not None else ConnectionError("no Redis Cluster node to publish on")
+
+    def _publish_nodes(self, client: Any, channel: str) -> list[Any]:
+        """Cluster: the nodes to try, in order. Every publish of this process leaves from one
+        node while it works (two nodes would forward messages over the cluster bus in either
+        order): the last one that worked, else the owner of the channel's slot (where the
+        subscribers sit, see _channel_nodes); when it fails, the next in a fixed order."""
+        nodes = _channel_nodes(client, channel)
+        current = self._pub_node
+        if current is not None:
+            for i, node in enumerate(nodes):
+                if node.name == current:
+                    return nodes[i:] + nodes[:i]
+        return nodes
 
     def close(self) -> None:
         thread = self._stop_thread()
@@ -233,7 +281,7 @@ class RedisBus:
             client: Any = None
             pubsub: Any = None
             try:
-                client = self._tier._subscriber_client(node)
+                client = self._subscriber(node)
                 pubsub = client.pubsub()
                 subscribed: set[str] = set()
                 self._subscribe_new(pubsub, subscribed)
@@ -256,6 +304,21 @@ class RedisBus:
                             thing.close()
             self._stop.wait(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, 2.0)
+
+    def _subscriber(self, attempt: int) -> Any:
+        """A pub/sub client. On Cluster, on the node that carries the first channel (the owner of
+        its slot, through which publishers send: no hop over the cluster bus), and when that
+        fails, on the next node in the same fixed order as the publishers'."""
+        if not self._tier._cluster:
+            return self._tier._subscriber_client(attempt)
+        with self._lock:
+            channel = next(iter(self._subs), "")
+        client = self._tier._sync_client()
+        if attempt and attempt % 4 == 0:
+            with contextlib.suppress(Exception):  # the topology may have changed (a node died)
+                client.nodes_manager.initialize()
+        nodes = _channel_nodes(client, channel)
+        return self._tier._subscriber_client(attempt, node=nodes[attempt % len(nodes)])
 
     def _subscribe_new(self, pubsub: Any, subscribed: set[str]) -> None:
         """Subscribe the channels not yet subscribed, wait for the confirmations, then call the
@@ -335,6 +398,29 @@ class RedisBus:
             fn(*args)
         except Exception:
             logger.exception("tiercache: an invalidation bus callback failed")
+
+
+def _node_errors() -> tuple[type[Exception], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+def _channel_nodes(client: Any, channel: str) -> list[Any]:
+    """Cluster primaries in the order every process tries them for ``channel``: the owner of the
+    channel's slot first, then the others sorted by name (so all processes agree)."""
+    primaries = sorted(client.get_primaries(), key=lambda n: n.name)
+    if not primaries:
+        raise ConnectionError("no Redis Cluster node known")
+    try:
+        owner = client.get_node_from_key(channel)
+    except Exception:
+        owner = None
+    if owner is None or all(n.name != owner.name for n in primaries):
+        return primaries
+    i = next(i for i, n in enumerate(primaries) if n.name == owner.name)
+    return primaries[i:] + primaries[:i]
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,15 +10,19 @@ messages (:class:`BusMessage`), the per-origin sequence numbers and what a recei
   read storm), and mark a running load of the key as superseded;
 * ``tags`` moves the tags' invalidation times forward; ``clear`` empties L1 for the namespace;
 * a gap in an origin's sequence, or the transport reconnecting (``on_reset``), means messages may
-  have been lost: L1 is cleared for the namespace. Staleness is therefore bounded by the bus delay
-  while the bus works and by the L1 TTL when it does not.
+  have been lost: L1 is cleared for the namespace; heartbeats (``tiercache._bus_live``) bound the
+  time a silently broken bus goes unnoticed. Staleness is therefore bounded by the bus delay while
+  the bus works and by the bus's ``liveness`` when it does not.
+
+Received bytes are untrusted: ``tiercache._bus_wire`` validates (and, with a ``SignedCodec``,
+authenticates) every message before the core acts on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import orjson
 
@@ -62,6 +66,7 @@ class BusMessage:
     at: float
     origin: str
     seq: int
+    sent: float = 0.0  # the sender's clock when it sent the message (bounds replays)
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -75,25 +80,6 @@ class BusMessage:
                 "at": self.at,
                 "o": self.origin,
                 "q": self.seq,
+                "w": self.sent,
             }
         )
-
-    @classmethod
-    def decode(cls, data: bytes | str) -> BusMessage | None:
-        """The message, or None if ``data`` is not a tiercache bus message of a known format."""
-        try:
-            doc: Any = orjson.loads(data)
-            if type(doc) is not dict or doc.get("tcbus") != BUS_FORMAT:
-                return None
-            return cls(
-                namespace=str(doc["ns"]),
-                op=str(doc["op"]),
-                keys=tuple(str(k) for k in doc["k"]),
-                tags=tuple(str(t) for t in doc["t"]),
-                version=int(doc["n"]),
-                at=float(doc["at"]),
-                origin=str(doc["o"]),
-                seq=int(doc["q"]),
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None

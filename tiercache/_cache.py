@@ -401,6 +401,8 @@ class TieredCache:
                     await asyncio.wait(pending, timeout=grace)
                 finally:
                     self._rt.closing = False
+        if self._rt.coherence._started:
+            await asyncio.to_thread(self._rt.coherence.stop)  # heartbeat off, goodbye sent
         for tier in self._rt.tiers:
             await tier.aclose()
         bus = self._rt.coherence.bus
@@ -568,6 +570,8 @@ class SyncTieredCache:
         for thread in list(self._rt.threads):
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        if self._rt.coherence._started:
+            self._rt.coherence.stop()  # heartbeat off, goodbye sent
         for tier in self._rt.tiers:
             tier.close()
         bus = self._rt.coherence.bus

@@ -89,6 +89,8 @@ class Runtime:
             emit=gw.emit,
             tier_failed=gw.tier_failed,
             expire_in_process=gw.expire_in_process,
+            codec=codec,
+            shared=[self.tiers[i] for i in self.remote],
         )
         gw.attach(self.coherence, self.flights.lock)
 

@@ -8,11 +8,14 @@ do everything they do -- an in-process one included (:class:`InlineL1`: the inli
 
 from __future__ import annotations
 
+from ._bus_wire import MAX_SKEW as MAX_CLOCK_SKEW
 from ._entry import Entry
 from ._errors import ConfigurationError, SerializationError, TierError, ValueTooLargeError
 from ._events import Event, EventHook, EventKind, emit_safely
 from ._keys import hashed_key
 from ._serde import Codec, JsonCodec
+from ._tag_seal import seal as seal_tag_time
+from ._tag_seal import unseal as unseal_tag_time
 from ._tier import (
     CountsOwnHits,
     ExpiringTier,
@@ -39,6 +42,7 @@ __all__ = [
     "ExtendableLease",
     "InlineL1",
     "InlineSlot",
+    "MAX_CLOCK_SKEW",
     "JsonCodec",
     "LeaseTier",
     "NamespaceClearingTier",
@@ -51,4 +55,6 @@ __all__ = [
     "ValueTooLargeError",
     "emit_safely",
     "hashed_key",
+    "seal_tag_time",
+    "unseal_tag_time",
 ]

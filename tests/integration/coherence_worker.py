@@ -1,7 +1,8 @@
 """One process of the multi-process coherence tests: a memory → Redis cache with a RedisBus.
 
-Usage: python -m tests.integration.coherence_worker URL PREFIX NAMESPACE [nobus]
-(``nobus``: no invalidation bus, to show that the history checker catches stale L1 reads.)
+Usage: python -m tests.integration.coherence_worker URL PREFIX NAMESPACE [nobus | bus@BUS_URL]
+(``nobus``: no invalidation bus, to show that the history checker catches stale L1 reads;
+``bus@BUS_URL``: the bus on its own connection to BUS_URL, e.g. through a fault proxy.)
 Prints ``ready`` once its bus is subscribed, then answers one JSON command per stdin line with one
 JSON line on stdout. Times are ``time.monotonic()`` (one clock for every process on the machine).
 
@@ -34,7 +35,10 @@ from tiercache.adapters.redis import RedisBus, RedisTier
 def main(url: str, prefix: str, namespace: str, mode: str = "bus") -> None:
     l1 = MemoryTier()
     l2 = RedisTier(url=url, prefix=prefix, socket_timeout=0.25)
-    bus = RedisBus.for_tier(l2) if mode == "bus" else None
+    if mode.startswith("bus@"):
+        bus: RedisBus | None = RedisBus(url=mode[4:], socket_timeout=0.25, connect_timeout=0.25)
+    else:
+        bus = RedisBus.for_tier(l2) if mode == "bus" else None
     cache = TieredCache([l1, l2], ttl=60, namespace=namespace, bus=bus).sync
     cache.get("warm-up")  # connects, and starts the bus (the core subscribes on first use)
     if bus is not None and not bus.wait_ready(5):

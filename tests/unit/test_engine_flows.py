@@ -210,7 +210,7 @@ def test_set_invalidates_first_writes_bottom_up_then_publishes(clock: FakeClock)
     entry = make_entry("tc:k", "v", NOW)
     gen = ops.set_flow(rt.coherence, rt.plan, "tc:k", entry)
     assert next(gen) == Write(rt.plan.write_order, "tc:k", entry, backfill=False)
-    assert rt.coherence._floors["tc:k"][0] == entry.version  # raised before any tier was touched
+    assert rt.coherence._floors.get("tc:k")[0] == entry.version  # raised before any tier was touched
     assert gen.send(1) == Publish("set", ("tc:k",), (), entry.version, NOW)
     finish(gen, None)
     too_big = ops.set_flow(rt.coherence, rt.plan, "tc:k", make_entry("tc:k", "v", NOW))
