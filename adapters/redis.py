@@ -102,16 +102,18 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import logging
 import math
 import os
 import random
+import re
 import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tiercache._entry import Entry
 from tiercache._errors import ConfigurationError
@@ -122,6 +124,8 @@ from tiercache._tier import TierBinding
 
 __all__ = ["RedisBus", "RedisTier"]
 
+logger = logging.getLogger("tiercache.redis")
+
 _MAGIC = b"tc1"
 _VALUE = b"v"
 _TOMBSTONE = b"d"
@@ -129,6 +133,9 @@ _EXPIRED = b"e"
 _HEADER_LEN = 24
 _EXPIRED_HEADER_LEN = 48  # kind "e": the 24-byte header, then the expiry time in 24 bytes
 _MAX_VERSION = 2**64 - 1  # the envelope (orjson) holds unsigned 64-bit ints; 20 digits fit it
+_FOREIGN = 0  # what a script returns, in place of a record, for a key holding a hash, list, set...
+_PREFETCH_LIFE = 0.5  # seconds a value read with the lease waits for the leader's re-read
+_LEASE_MEMORY = 4096  # leases (taken, or released by a write) remembered per tier, at most
 
 # Lua: is the 24-byte header ``h`` ours, and is version string ``a`` newer than ``b``? Versions are
 # 20-digit strings; they are compared as two 10-digit halves, each exact in a double (a whole
@@ -144,28 +151,40 @@ local function newer(a, b)
 end
 """
 
-# KEYS: value, lease. ARGV: record, ttl ms, wake channel, value key. 1 = written, 0 = refused.
+# KEYS: value, lease. ARGV: record, ttl ms, wake channel, value key, lease token ('' if none).
+# 1 = written, 0 = refused (a newer record is stored), 2 = written over a foreign Redis type.
+# With a token, the lease is released in the same call if it is still ours (write + release: one
+# round trip); waiters are woken once, when the value is written or the lease released.
 _LUA_SET = (
     _LUA_NEWER
     + """
-local h = redis.call('GETRANGE', KEYS[1], 0, 23)
-if ours(h) then
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+local wrote = 1
+if type(h) == 'table' then
+  wrote = 2
+elseif ours(h) then
   local old, new = string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)
-  if newer(old, new) then return 0 end
-  if string.sub(h, 4, 4) == 'd' and old == new then return 0 end
+  if newer(old, new) or (string.sub(h, 4, 4) == 'd' and old == new) then wrote = 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
-return 1
+if wrote > 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+local released = ARGV[5] ~= '' and redis.call('GET', KEYS[2]) == ARGV[5]
+if released then redis.call('DEL', KEYS[2]) end
+if released or (wrote > 0 and redis.call('EXISTS', KEYS[2]) == 1) then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+return wrote
 """
 )
 
 # KEYS: value. ARGV: tombstone record, tombstone ttl ms (0: plain delete). 1 = deleted, 0 = kept.
+# A foreign Redis type under the key (a hash, a list...) is replaced too (pcall: no WRONGTYPE).
 _LUA_DELETE = (
     _LUA_NEWER
     + """
-local h = redis.call('GETRANGE', KEYS[1], 0, 23)
-if ours(h) and newer(string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)) then return 0 end
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+if type(h) == 'string' and ours(h) and newer(string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)) then
+  return 0
+end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 else
@@ -180,8 +199,8 @@ return 1
 _LUA_EXPIRE = (
     _LUA_NEWER
     + """
-local r = redis.call('GET', KEYS[1])
-if not r then return 0 end
+local r = redis.pcall('GET', KEYS[1])
+if type(r) ~= 'string' then return 0 end
 local h = string.sub(r, 1, 24)
 if not ours(h) then return 0 end
 local kind = string.sub(h, 4, 4)
@@ -225,10 +244,32 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: value, lease. Returns {record or nil, lease PTTL in ms (-2: no lease)}.
+# KEYS: value, lease. Returns {record or nil (0: a foreign Redis type), lease PTTL in ms (-2: none)}.
 _LUA_PEEK = """
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[2])}
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then v = 0 end
+return {v, redis.call('PTTL', KEYS[2])}
 """
+
+# KEYS: value, lease. ARGV: token, lease ttl ms. Takes the lease and, if taken, reads the value in
+# the same call (the leader's re-read): {1, record or nil (0: a foreign Redis type)} or {0}.
+_LUA_LEASE = """
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then v = 0 end
+return {1, v}
+"""
+
+
+_NOT_READ: Any = object()  # no prefetched value for this key
+
+
+def _remember(table: dict[str, str], vkey: str, token: str) -> None:
+    """``table[vkey] = token``, forgetting the oldest entries beyond ``_LEASE_MEMORY``."""
+    table.pop(vkey, None)
+    table[vkey] = token
+    while len(table) > _LEASE_MEMORY:
+        del table[next(iter(table))]
 
 
 def _sha(script: str) -> str:
@@ -243,10 +284,18 @@ _SCRIPTS = {
         ("release", _LUA_RELEASE),
         ("extend", _LUA_EXTEND),
         ("peek", _LUA_PEEK),
+        ("lease", _LUA_LEASE),
         ("expire", _LUA_EXPIRE),
         ("tags", _LUA_TAGS),
     )
 }
+
+# How long an operation waits in the pool's queue for a connection when none is given
+# (``pool_timeout=None``). Long enough that a burst (say 1,000 misses at once on 32 connections,
+# a few thousand commands) queues and is served in order instead of failing; short enough that a
+# wedged pool is reported. A caller's own deadline (``asyncio.timeout``, a cancelled request)
+# ends the wait sooner: a cancelled waiter leaves the queue at once.
+DEFAULT_POOL_TIMEOUT = 2.0
 
 _SCAN_COUNT = 1000  # keys per SCAN page in clear(); each page's matches go in one UNLINK (or pipeline)
 
@@ -262,16 +311,34 @@ def _import_redis() -> Any:
     return redis
 
 
+# Query parameters whose value is a secret (``?password=``, ``ssl_password=``, a token...).
+_SECRET_PARAM = re.compile(r"(?i)(pass|secret|token|credential|auth)")
+
+
 def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with every secret replaced by ``***``: the userinfo password and the value of any
+    query parameter named like a secret (``password``, ``ssl_password``, ``...token``)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = f"{userinfo}@{hostport}"
+        query = "&".join(
+            f"{name}=***" if sep and _SECRET_PARAM.search(unquote(name)) else f"{name}{sep}{value}"
+            for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:  # not parseable as a URL: show nothing of it
+        return "<unparseable URL>"
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line or a health check: its type and message (no secret: redis-py
+    names host and port only)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _version_bytes(version: int) -> bytes:
@@ -427,8 +494,8 @@ class RedisTier:
         service_name: str | None = None,
         sentinel_kwargs: dict[str, Any] | None = None,
         protocol: int = 2,
-        socket_timeout: float = 0.05,
-        connect_timeout: float = 0.1,
+        socket_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
         max_connections: int = 32,
         pool_timeout: float | None = None,
         prefix: str = "tc",
@@ -469,7 +536,9 @@ class RedisTier:
         self.connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_connections = max_connections
-        self._pool_timeout = pool_timeout if pool_timeout is not None else connect_timeout
+        if pool_timeout is not None and pool_timeout <= 0:
+            raise ConfigurationError("RedisTier.pool_timeout must be positive")
+        self._pool_timeout = pool_timeout if pool_timeout is not None else DEFAULT_POOL_TIMEOUT
         self._extra = dict(client_kwargs or {})
         self._sentinels = [(str(h), int(p)) for h, p in sentinels] if sentinels is not None else None
         self._service_name = service_name
@@ -515,17 +584,57 @@ class RedisTier:
         )
         self._last: _LoopState | None = None
         self._sent: set[str] = set()  # scripts this tier has sent in full (EVAL) at least once
+        # The miss in three round trips (see "The lease"): what the lease script read, waiting for
+        # the leader's re-read (value key -> (monotonic deadline, data)); the leases this process
+        # holds (value key -> token), and those a write already released (value key -> token).
+        self._prefetched: dict[str, tuple[float, Any]] = {}
+        self._held: dict[str, str] = {}
+        self._released: dict[str, str] = {}
+        self._plock = threading.Lock()
+        self._down = False  # a connect failure was logged and nothing connected since
 
     # --- configuration ----------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        if self._url is not None:
-            target = f"url={_redact(self._url)!r}"
-        elif self._sentinels is not None:
-            target = f"sentinels={self._sentinels!r}, service_name={self._service_name!r}"
-        else:
-            target = "client=<given>"
+        target = self._target()
         return f"RedisTier(name={self.name!r}, {target}, cluster={self._cluster}, prefix={self.prefix!r})"
+
+    def _target(self) -> str:
+        """Where the tier connects, for repr, logs and health checks: never a secret."""
+        if self._url is not None:
+            return f"url={_redact(self._url)!r}"
+        if self._sentinels is not None:
+            return f"sentinels={self._sentinels!r}, service_name={self._service_name!r}"
+        return "client=<given>"
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """A connection could not be made: one WARNING per outage, naming the address and cause."""
+        if not self._down:
+            self._down = True
+            logger.warning(
+                "tiercache: Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc)
+            )
+
+    def _connected(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("tiercache: Redis tier %r connects again (%s)", self.name, self._target())
+
+    def check(self) -> str | None:
+        """Health check (sync face): None when the server answers a PING, else why not."""
+        try:
+            self._sync_client().ping()
+        except Exception as exc:
+            return f"{self._target()}: {_describe(exc)}"
+        return None
+
+    async def acheck(self) -> str | None:
+        """Health check (async face): None when the server answers a PING, else why not."""
+        try:
+            await self._aclient().ping()
+        except Exception as exc:
+            return f"{self._target()}: {_describe(exc)}"
+        return None
 
     def bind(self, binding: TierBinding) -> None:
         self._clock = binding.clock
@@ -568,6 +677,11 @@ class RedisTier:
         }
         if "driver_info" in inspect.signature(self._redis.connection.AbstractConnection.__init__).parameters:
             kwargs["driver_info"] = None  # no CLIENT SETINFO round trips on every new connection
+        if self._url is not None and urlsplit(self._url).scheme.lower() == "rediss":
+            # Verify the certificate and its host name whatever redis-py's default (5.x: off).
+            # ``?ssl_check_hostname=false`` in the URL, or client_kwargs, can still turn it off.
+            kwargs["ssl_cert_reqs"] = "required"
+            kwargs["ssl_check_hostname"] = True
         kwargs.update(self._extra)
         return kwargs
 
@@ -601,9 +715,10 @@ class RedisTier:
             from redis.cluster import RedisCluster
 
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = _sync_pool_class().from_url(
             self._url, max_connections=self._max_connections, timeout=self._pool_timeout, **kwargs
         )
+        pool.tier_ref = weakref.ref(self)
         return redis.Redis.from_pool(pool)
 
     def _make_async(self) -> Any:
@@ -625,6 +740,7 @@ class RedisTier:
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
         pool = _async_pool_class().from_url(self._url, max_connections=self._max_connections, **kwargs)
         pool.wait_timeout = self._pool_timeout
+        pool.tier_ref = weakref.ref(self)
         return redis.asyncio.Redis.from_pool(pool)
 
     def _state(self) -> _LoopState:
@@ -707,19 +823,25 @@ class RedisTier:
             entry.payload = payload
         return header + payload, math.ceil(remaining * 1000)
 
-    def _decode(self, key: str, data: Any, now: float | None = None) -> Entry | None:
-        """The live entry in ``data`` (a record) for ``key``, or None. Never raises for bad bytes."""
+    def _decode(self, key: str, data: Any, now: float | None = None, report: bool = True) -> Entry | None:
+        """The live entry in ``data`` (a record) for ``key``, or None. Never raises for bad bytes.
+
+        ``data`` is what GET returned, or ``_FOREIGN`` for a key holding another Redis type. Bad
+        data is a miss reported as a CORRUPT event, unless ``report`` is False (a re-read of what
+        the same flight's first read already reported)."""
         if data is None:
             return None
+        if type(data) is int:  # _FOREIGN
+            return self._corrupt(key, "the key holds another Redis type (not a string)", report)
         if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
-            return self._corrupt(key, "not a tiercache record")
+            return self._corrupt(key, "not a tiercache record", report)
         kind = data[3:4]
         if kind == _TOMBSTONE:
             return None
         try:
             version = int(data[4:_HEADER_LEN])
         except ValueError:
-            return self._corrupt(key, "bad record header")
+            return self._corrupt(key, "bad record header", report)
         expired_at: float | None = None
         if kind == _VALUE:
             payload = data[_HEADER_LEN:]
@@ -727,16 +849,16 @@ class RedisTier:
             try:
                 expired_at = float(data[_HEADER_LEN:_EXPIRED_HEADER_LEN])
             except ValueError:
-                return self._corrupt(key, "bad expiry field")
+                return self._corrupt(key, "bad expiry field", report)
             payload = data[_EXPIRED_HEADER_LEN:]
         else:
-            return self._corrupt(key, "unknown record kind")
+            return self._corrupt(key, "unknown record kind", report)
         try:
             entry = self._codec.loads(payload)
         except Exception as exc:  # any codec failure means the bytes are unusable
-            return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})")
+            return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})", report)
         if entry.key != key or entry.version > version or (expired_at is None and entry.version != version):
-            return self._corrupt(key, "record belongs to another key or version")
+            return self._corrupt(key, "record belongs to another key or version", report)
         if entry.stale_until <= (self._clock() if now is None else now):
             return None
         if expired_at is not None:
@@ -746,8 +868,9 @@ class RedisTier:
         entry.payload = payload
         return entry
 
-    def _corrupt(self, key: str, why: str) -> Entry | None:
-        self._on_event(Event(EventKind.CORRUPT, key, tier=self.name, error=ValueError(why)))
+    def _corrupt(self, key: str, why: str, report: bool = True) -> Entry | None:
+        if report:
+            self._on_event(Event(EventKind.CORRUPT, key, tier=self.name, error=ValueError(why)))
         return None
 
     def _set_args(self, key: str, entry: Entry, now: float) -> tuple[Any, ...] | None:
@@ -756,7 +879,7 @@ class RedisTier:
             return None
         record, ttl_ms = encoded
         vkey = self._vkey(key)
-        return (vkey, vkey + ":lease", record, ttl_ms, self._channel, vkey)
+        return (vkey, vkey + ":lease", record, ttl_ms, self._channel, vkey, "")
 
     def _delete_args(self, key: str, version: int) -> tuple[Any, ...]:
         record = _MAGIC + _TOMBSTONE + _version_bytes(version)
@@ -798,24 +921,133 @@ class RedisTier:
                 raise res
         return retry
 
+    # --- the miss in three round trips: lease + re-read, write + release -----------------------
+
+    def _took_lease(self, vkey: str, token: str, data: Any) -> None:
+        """The lease script took the lease and read ``data``: keep both for the flight's next calls."""
+        now = time.monotonic()
+        with self._plock:
+            prefetched = self._prefetched
+            while prefetched:  # oldest first: deadlines are in insertion order
+                oldest = next(iter(prefetched))
+                if prefetched[oldest][0] > now:
+                    break
+                del prefetched[oldest]  # never re-read (the flight took another path): forget it
+            prefetched[vkey] = (now + _PREFETCH_LIFE, data)
+            _remember(self._held, vkey, token)
+
+    def _prefetch(self, vkey: str) -> Any:
+        """What the lease script read for ``vkey`` just before (consumed), or ``_NOT_READ``."""
+        with self._plock:
+            item = self._prefetched.pop(vkey, None)
+        if item is None or item[0] < time.monotonic():
+            return _NOT_READ
+        return item[1]
+
+    def _write_token(self, vkey: str) -> str:
+        """The token of a lease this process holds on ``vkey`` ('' if none): the write releases it."""
+        if not self._held:
+            return ""
+        with self._plock:
+            return self._held.pop(vkey, "")
+
+    def _wrote(self, vkey: str, token: str, ok: bool) -> None:
+        with self._plock:
+            _remember(self._released if ok else self._held, vkey, token)
+
+    def _release_needed(self, vkey: str, token: str) -> bool:
+        """False when a write already released this lease (no round trip needed)."""
+        with self._plock:
+            if self._held.get(vkey) == token:
+                del self._held[vkey]
+            if self._released.get(vkey) == token:
+                del self._released[vkey]
+                return False
+        return True
+
+    def _lease_answer(self, vkey: str, token: str, reply: Any) -> str | None:
+        if not int(reply[0]):
+            return None
+        self._took_lease(vkey, token, reply[1] if len(reply) > 1 else None)
+        return token
+
+    def _prefetched_many(self, names: Sequence[str]) -> tuple[list[Any], set[int]]:
+        """For each name, what the lease script read (or ``_NOT_READ``), and the indexes found."""
+        raw: list[Any] = [_NOT_READ] * len(names)
+        found: set[int] = set()
+        if self._prefetched:
+            for i, name in enumerate(names):
+                data = self._prefetch(name)
+                if data is not _NOT_READ:
+                    raw[i] = data
+                    found.add(i)
+        return raw, found
+
+    def _type_error(self, key: str, exc: Exception) -> Entry | None:
+        """A GET's error reply: WRONGTYPE is foreign data under our key (a counted corrupt miss)."""
+        if str(exc).startswith("WRONGTYPE"):
+            return self._decode(key, _FOREIGN)
+        raise exc
+
     # --- the sync face ----------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        return self._decode(key, self._sync_client().get(self._vkey(key)))
+        vkey = self._vkey(key)
+        if self._prefetched:
+            data = self._prefetch(vkey)
+            if data is not _NOT_READ:
+                return self._decode(key, data, report=False)
+        try:
+            data = self._sync_client().get(vkey)
+        except self._redis.exceptions.ResponseError as exc:
+            return self._type_error(key, exc)
+        return self._decode(key, data)
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         if not keys:
             return []
         client = self._sync_client()
         names = [self._vkey(k) for k in keys]
-        raw = client.mget_nonatomic(names) if self._cluster else client.mget(names)
+        raw, reread = self._prefetched_many(names)
+        ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
+        if ask:
+            got = iter(self._mget_sync(client, ask))
+            raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
-        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+        return [
+            self._decode(k, d, now, i not in reread) for i, (k, d) in enumerate(zip(keys, raw, strict=True))
+        ]
+
+    def _mget_sync(self, client: Any, names: list[str]) -> list[Any]:
+        raw: list[Any] = list(client.mget_nonatomic(names) if self._cluster else client.mget(names))
+        missing = [n for n, d in zip(names, raw, strict=True) if d is None]
+        # MGET answers nil for a key of another type; one EXISTS (only when something was
+        # missing) tells a foreign key from an absent one, so GET and MGET agree.
+        if missing and int(client.exists(*missing)):
+            pipe = client.pipeline(transaction=False)
+            for name in missing:
+                pipe.type(name)
+            kinds = dict(zip(missing, pipe.execute(), strict=True))
+            raw = [
+                _FOREIGN if d is None and kinds.get(n) not in (None, b"none", "none") else d
+                for n, d in zip(names, raw, strict=True)
+            ]
+        return raw
 
     def set(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
-        if args is not None:
+        if args is None:
+            return
+        token = self._write_token(args[0])
+        if not token:
             self._eval(self._sync_client(), "set", 2, *args)
+            return
+        try:
+            self._eval(self._sync_client(), "set", 2, *args[:-1], token)
+        except BaseException:
+            self._wrote(args[0], token, False)
+            raise
+        self._wrote(args[0], token, True)
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -835,11 +1067,14 @@ class RedisTier:
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
-        return token if ok else None
+        vkey = self._vkey(key)
+        reply = self._eval(self._sync_client(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        return self._lease_answer(vkey, token, reply)
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
+        if not self._release_needed(vkey, token):
+            return
         self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
 
     def extend_lease(self, key: str, token: str, ttl: float) -> bool:
@@ -883,7 +1118,7 @@ class RedisTier:
     @property
     def _ready_wait(self) -> float:
         """How long a first waiter lets the subscriber connect before falling back to polling."""
-        return self.connect_timeout + 2 * self.socket_timeout
+        return min(0.2, self.connect_timeout + 2 * self.socket_timeout)  # then poll, with backoff
 
     def _next_pause(
         self, entry: Entry | None, lease_ms: int, subscribed: bool, waits: _Backoff
@@ -1083,18 +1318,29 @@ class RedisTier:
     # --- the async face ---------------------------------------------------------------------
 
     async def aget(self, key: str) -> Entry | None:
+        vkey = self._vkey(key)
+        if self._prefetched:
+            data = self._prefetch(vkey)
+            if data is not _NOT_READ:
+                return self._decode(key, data, report=False)
         pool = self._state().pool if self._user_async is None else None
         if pool is None:
-            return self._decode(key, await self._aclient().get(self._vkey(key)))
+            try:
+                data = await self._aclient().get(vkey)
+            except self._redis.exceptions.ResponseError as exc:
+                return self._type_error(key, exc)
+            return self._decode(key, data)
         # GET through a connection of the tier's own pool, without redis-py's per-command layers
         # (the retry wrapper, redis-py's own operation metrics): a few dozen Python calls fewer
         # per L2 hit. The read path never retries anyway (see Failure policy), and a failed or
         # cancelled read drops its connection, whose reply may still be on the wire (redis-py
-        # does too). Needs redis-py >= 5.3 (``get_connection()`` without a command name).
+        # does too). Needs redis-py >= 5.3 (``get_connection()`` without a command name; the floor is 6.2).
         conn = await pool.get_connection()
         try:
-            await conn.send_command("GET", self._vkey(key))
+            await conn.send_command("GET", vkey)
             data = await conn.read_response()
+        except self._redis.exceptions.ResponseError as exc:  # an error reply: the connection is fine
+            return self._type_error(key, exc)
         except BaseException:
             await conn.disconnect()
             raise
@@ -1105,16 +1351,45 @@ class RedisTier:
     async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
         if not keys:
             return []
-        client = self._aclient()
         names = [self._vkey(k) for k in keys]
-        raw = await (client.mget_nonatomic(names) if self._cluster else client.mget(names))
+        raw, reread = self._prefetched_many(names)
+        ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
+        if ask:
+            got = iter(await self._amget(self._aclient(), ask))
+            raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
-        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+        return [
+            self._decode(k, d, now, i not in reread) for i, (k, d) in enumerate(zip(keys, raw, strict=True))
+        ]
+
+    async def _amget(self, client: Any, names: list[str]) -> list[Any]:
+        raw: list[Any] = list(await (client.mget_nonatomic(names) if self._cluster else client.mget(names)))
+        missing = [n for n, d in zip(names, raw, strict=True) if d is None]
+        if missing and int(await client.exists(*missing)):  # see _mget_sync
+            pipe = client.pipeline(transaction=False)
+            for name in missing:
+                pipe.type(name)
+            kinds = dict(zip(missing, await pipe.execute(), strict=True))
+            raw = [
+                _FOREIGN if d is None and kinds.get(n) not in (None, b"none", "none") else d
+                for n, d in zip(names, raw, strict=True)
+            ]
+        return raw
 
     async def aset(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
-        if args is not None:
+        if args is None:
+            return
+        token = self._write_token(args[0])
+        if not token:
             await self._aeval(self._aclient(), "set", 2, *args)
+            return
+        try:
+            await self._aeval(self._aclient(), "set", 2, *args[:-1], token)
+        except BaseException:
+            self._wrote(args[0], token, False)
+            raise
+        self._wrote(args[0], token, True)
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1134,11 +1409,14 @@ class RedisTier:
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
-        return token if ok else None
+        vkey = self._vkey(key)
+        reply = await self._aeval(self._aclient(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        return self._lease_answer(vkey, token, reply)
 
     async def arelease_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
+        if not self._release_needed(vkey, token):
+            return
         await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
 
     async def aextend_lease(self, key: str, token: str, ttl: float) -> bool:
@@ -1290,56 +1568,95 @@ _POOL_CLASS: Any = None
 
 
 def _async_pool_class() -> Any:
-    """The tier's asyncio pool: bounded, waiting (up to ``wait_timeout``) only when exhausted, and
-    with a lean checkout. Built on first use (redis is imported lazily).
+    """The tier's asyncio pool: bounded, with a FIFO of waiters when exhausted, and a lean
+    checkout. Built on first use (redis is imported lazily).
 
-    Measured on loopback, where a GET takes about 100 µs: redis-py 8's pool spends about 8 µs per
-    checkout and release, mostly on connection-count metrics, plus a lock and an event for
+    Waiters: each waiter is one future in a queue; a released connection is handed to the oldest
+    waiter directly (one wake per release, in order), and a newcomer queues behind waiters
+    instead of taking a connection from under them. The wait's timeout is a timer on the loop
+    (no task per wait). A waiter cancelled just after being handed a connection passes it on.
+
+    Checkout: measured on loopback, where a GET takes about 100 µs, redis-py 8's pool spends about
+    8 µs per checkout and release, mostly on connection-count metrics, plus a lock and an event for
     credential providers; its BlockingConnectionPool adds a Condition and a timer. This pool keeps
     what the tier needs: take a free connection and check it as redis-py does (connect it if new,
     reconnect it if the server closed it), give it back (dropping it if the server asked to
-    reconnect), and wake waiters. It does not dispatch redis-py's release event, so credential
-    providers that re-authenticate on release, and RESP3 maintenance notifications, need your own
-    client (``RedisTier(client=..., async_client=...)``).
+    reconnect). It does not dispatch redis-py's release event, so credential providers that
+    re-authenticate on release, and RESP3 maintenance notifications, need your own client
+    (``RedisTier(client=..., async_client=...)``).
     """
     global _POOL_CLASS
     if _POOL_CLASS is not None:
         return _POOL_CLASS
+    from collections import deque
+
     from redis.asyncio import ConnectionPool
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    def expire(future: asyncio.Future[Any], timeout: float) -> None:
+        if not future.done():
+            future.set_exception(
+                RedisConnectionError(f"no Redis connection free within the pool timeout ({timeout:g} s)")
+            )
+
     class BoundedPool(ConnectionPool):
-        wait_timeout: float = 0.1
-        _freed: asyncio.Event | None = None
+        wait_timeout: float = DEFAULT_POOL_TIMEOUT
+        tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
+        tier_down = False
+        # Invariant: a future in the queue is either pending (its waiter waits) or done and about
+        # to be dropped by its waiter; a connection is never both available and handed out.
+        _waiters: deque[asyncio.Future[Any]] | None = None
 
         async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-            if not self.can_get_connection():
-                await self._wait_for_a_release()
-            # No await between the check and the take: nobody else on this loop can take it.
-            connection = self.get_available_connection()  # type: ignore[no-untyped-call]
+            if self._waiters or not self.can_get_connection():
+                connection = await self._wait_in_line()
+            else:
+                # No await between the check and the take: nobody else on this loop can take it.
+                connection = self.get_available_connection()  # type: ignore[no-untyped-call]
             try:
                 # redis-py's own check: connect if needed, and reconnect a connection the server
                 # closed while it sat idle (restart, CLIENT KILL, idle timeout) or one with bytes
                 # waiting, instead of failing the next command on it.
                 await self.ensure_connection(connection)
-            except BaseException:
+            except BaseException as exc:
                 await self.release(connection)
+                _report_connect(self, exc)
                 raise
+            if self.tier_down:
+                _report_connect(self, None)
             return connection
 
-        async def _wait_for_a_release(self) -> None:
+        async def _wait_in_line(self) -> Any:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.wait_timeout
-            while not self.can_get_connection():
-                if self._freed is None:
-                    self._freed = asyncio.Event()
-                freed = self._freed
-                freed.clear()
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise RedisConnectionError("no Redis connection free within the pool timeout")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(freed.wait(), remaining)
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = deque()
+            future: asyncio.Future[Any] = loop.create_future()
+            waiters.append(future)
+            timer = loop.call_later(self.wait_timeout, expire, future, self.wait_timeout)
+            try:
+                return await future
+            except BaseException:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    # Handed a connection, then cancelled before resuming: pass it on.
+                    self._in_use_connections.discard(future.result())
+                    self._hand_on(future.result())
+                with contextlib.suppress(ValueError):
+                    waiters.remove(future)  # timed out or cancelled while still queued
+                raise
+            finally:
+                timer.cancel()
+
+        def _hand_on(self, connection: Any) -> None:
+            """Give ``connection`` to the oldest waiter still waiting, or back to the free list."""
+            waiters = self._waiters
+            while waiters:
+                future = waiters.popleft()
+                if not future.done():
+                    self._in_use_connections.add(connection)
+                    future.set_result(connection)
+                    return
+            self._available_connections.append(connection)
 
         async def release(self, connection: Any) -> None:
             try:
@@ -1348,13 +1665,53 @@ def _async_pool_class() -> Any:
                 return
             reconnect = getattr(connection, "should_reconnect", None)
             if reconnect is not None and reconnect():
-                await connection.disconnect()
-            self._available_connections.append(connection)
-            if self._freed is not None:
-                self._freed.set()
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            self._hand_on(connection)
 
     _POOL_CLASS = BoundedPool
     return BoundedPool
+
+
+def _report_connect(pool: Any, exc: BaseException | None) -> None:
+    """Tell the pool's tier that connecting failed (``exc``) or works again (None)."""
+    if exc is not None and not isinstance(exc, Exception):
+        return  # cancelled: not the server's fault
+    tier = pool.tier_ref()
+    pool.tier_down = exc is not None
+    if tier is not None:
+        if exc is None:
+            tier._connected()
+        else:
+            tier._connect_failed(exc)
+
+
+_SYNC_POOL_CLASS: Any = None
+
+
+def _sync_pool_class() -> Any:
+    """The sync face's pool: redis-py's BlockingConnectionPool, reporting connect failures to the tier."""
+    global _SYNC_POOL_CLASS
+    if _SYNC_POOL_CLASS is not None:
+        return _SYNC_POOL_CLASS
+    from redis import BlockingConnectionPool
+
+    class ReportingPool(BlockingConnectionPool):
+        tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
+        tier_down = False
+
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                connection = super().get_connection(*args, **kwargs)
+            except Exception as exc:
+                _report_connect(self, exc)
+                raise
+            if self.tier_down:
+                _report_connect(self, None)
+            return connection
+
+    _SYNC_POOL_CLASS = ReportingPool
+    return ReportingPool
 
 
 class _Backoff:

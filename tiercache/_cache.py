@@ -21,7 +21,7 @@ from ._serde import Codec, JsonCodec, converter_for
 from ._stats import CacheStats
 from ._tier import Tier, TierBinding
 
-__all__ = ["Lookup", "SyncTieredCache", "TieredCache"]
+__all__ = ["Lookup", "SyncTieredCache", "TierCheck", "TieredCache"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,28 @@ class Lookup(NamedTuple):
 
 
 _UNSET: Any = object()
+
+
+class TierCheck(NamedTuple):
+    """One tier's answer to ``cache.check()``: whether it answers, and if not, why not."""
+
+    tier: str
+    ok: bool
+    reason: str | None = None  # why it does not answer (the address, redacted, and the error)
+    breaker_open: bool = False  # the core is skipping it after repeated failures
+
+
+def _check_result(rt: Runtime, index: int, reason: str | None) -> TierCheck:
+    breaker = rt.breakers[index]
+    is_open = bool(breaker is not None and breaker.open_until and not breaker.allows(rt.clock()))
+    return TierCheck(rt.names[index], reason is None, reason, is_open)
+
+
+_PROBE_KEY = "tiercache-health-check"  # read by check() on tiers that have no check method
+
+
+def _check_failed(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class TieredCache:
@@ -360,6 +382,23 @@ class TieredCache:
         tell other processes to clear their L1 for it."""
         await _async.clear(self._rt)
 
+    async def check(self) -> list[TierCheck]:
+        """Ask every tier whether it answers now (a PING on Redis), in chain order. A tier without
+        a ``check``/``acheck`` method answers if a read of a probe key does not fail."""
+        out = []
+        for i, tier in enumerate(self._rt.tiers):
+            probe = getattr(tier, "acheck", None)
+            reason: str | None = None
+            try:
+                if probe is not None:
+                    reason = await probe()
+                else:
+                    await tier.aget(self.full_key(_PROBE_KEY))
+            except Exception as exc:
+                reason = _check_failed(exc)
+            out.append(_check_result(self._rt, i, reason))
+        return out
+
     async def aclose(self, grace: float = 1.0) -> None:
         """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
         the tiers."""
@@ -494,6 +533,23 @@ class SyncTieredCache:
 
     def clear(self) -> None:
         _sync.clear(self._rt)
+
+    def check(self) -> list[TierCheck]:
+        """``TieredCache.check`` for sync callers."""
+        rt = self._cache._rt
+        out = []
+        for i, tier in enumerate(rt.tiers):
+            probe = getattr(tier, "check", None)
+            reason: str | None = None
+            try:
+                if probe is not None:
+                    reason = probe()
+                else:
+                    tier.get(self._cache.full_key(_PROBE_KEY))
+            except Exception as exc:
+                reason = _check_failed(exc)
+            out.append(_check_result(rt, i, reason))
+        return out
 
     def close(self, grace: float = 1.0) -> None:
         """Wait up to ``grace`` seconds for background refresh threads, then close the tiers."""
