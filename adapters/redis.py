@@ -738,9 +738,15 @@ class RedisTier:
             from redis.asyncio.cluster import RedisCluster
 
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
+        # Connects and lean-path reads are bounded by the tier's timeouts, lag-tolerantly (see
+        # _within); redis-py's own bound on a connect is the hard limit.
+        kwargs["socket_connect_timeout"] = _HARD_LIMIT * self.connect_timeout
         pool = _async_pool_class().from_url(self._url, max_connections=self._max_connections, **kwargs)
+        pool.read_limit = self.socket_timeout
+        pool.connect_limit = self.connect_timeout
         pool.wait_timeout = self._pool_timeout
         pool.tier_ref = weakref.ref(self)
+        pool.connection_class = _lean_connection_class(pool.connection_class)
         return redis.asyncio.Redis.from_pool(pool)
 
     def _state(self) -> _LoopState:
@@ -903,6 +909,15 @@ class RedisTier:
 
     async def _aeval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
+        pool = self._state().pool if self._user_async is None else None
+        if pool is not None:  # the tier's own pool: the lean path, as aget
+            if script not in self._sent:
+                self._sent.add(script)
+                return await _lean_call(pool, "EVAL", body, numkeys, *args)
+            try:
+                return await _lean_call(pool, "EVALSHA", sha, numkeys, *args)
+            except self._redis.exceptions.NoScriptError:
+                return await _lean_call(pool, "EVAL", body, numkeys, *args)
         if script not in self._sent:
             self._sent.add(script)
             return await client.eval(body, numkeys, *args)
@@ -1335,17 +1350,10 @@ class RedisTier:
         # per L2 hit. The read path never retries anyway (see Failure policy), and a failed or
         # cancelled read drops its connection, whose reply may still be on the wire (redis-py
         # does too). Needs redis-py >= 5.3 (``get_connection()`` without a command name; the floor is 6.2).
-        conn = await pool.get_connection()
         try:
-            await conn.send_command("GET", vkey)
-            data = await conn.read_response()
-        except self._redis.exceptions.ResponseError as exc:  # an error reply: the connection is fine
+            data = await _lean_call(pool, "GET", vkey)
+        except self._redis.exceptions.ResponseError as exc:
             return self._type_error(key, exc)
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
         return self._decode(key, data)
 
     async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
@@ -1363,9 +1371,16 @@ class RedisTier:
         ]
 
     async def _amget(self, client: Any, names: list[str]) -> list[Any]:
-        raw: list[Any] = list(await (client.mget_nonatomic(names) if self._cluster else client.mget(names)))
+        pool = self._state().pool if self._user_async is None else None
+        if pool is not None:
+            raw: list[Any] = list(await _lean_call(pool, "MGET", *names))
+        else:
+            raw = list(await (client.mget_nonatomic(names) if self._cluster else client.mget(names)))
         missing = [n for n, d in zip(names, raw, strict=True) if d is None]
-        if missing and int(await client.exists(*missing)):  # see _mget_sync
+        if not missing:
+            return raw
+        exists = await (_lean_call(pool, "EXISTS", *missing) if pool is not None else client.exists(*missing))
+        if int(exists):  # see _mget_sync
             pipe = client.pipeline(transaction=False)
             for name in missing:
                 pipe.type(name)
@@ -1601,6 +1616,8 @@ def _async_pool_class() -> Any:
 
     class BoundedPool(ConnectionPool):
         wait_timeout: float = DEFAULT_POOL_TIMEOUT
+        read_limit: float = 0.25  # the tier's socket_timeout, for replies read on the lean path
+        connect_limit: float = 0.25  # the tier's connect_timeout
         tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
         tier_down = False
         # Invariant: a future in the queue is either pending (its waiter waits) or done and about
@@ -1616,8 +1633,12 @@ def _async_pool_class() -> Any:
             try:
                 # redis-py's own check: connect if needed, and reconnect a connection the server
                 # closed while it sat idle (restart, CLIENT KILL, idle timeout) or one with bytes
-                # waiting, instead of failing the next command on it.
-                await self.ensure_connection(connection)
+                # waiting, instead of failing the next command on it. A new connection's connect
+                # is bounded lag-tolerantly (see _within; redis-py's own bound is the hard limit).
+                if connection.is_connected:
+                    await self.ensure_connection(connection)
+                else:
+                    await _within(self.ensure_connection(connection), self.connect_limit)
             except BaseException as exc:
                 await self.release(connection)
                 _report_connect(self, exc)
@@ -1671,6 +1692,117 @@ def _async_pool_class() -> Any:
 
     _POOL_CLASS = BoundedPool
     return BoundedPool
+
+
+async def _lean_call(pool: Any, *args: Any) -> Any:
+    """One command on a connection of the tier's own pool, without redis-py's per-command layers
+    (the retry wrapper, its operation metrics, response callbacks: the tier parses raw replies).
+    An error reply raises ResponseError and keeps the connection; any other failure, or a
+    cancellation, drops the connection, whose reply may still be on the wire (redis-py does too)."""
+    from redis.exceptions import ResponseError
+
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        return await _within(conn.read_response(timeout=math.inf), pool.read_limit, conn)
+    except ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+_HARD_LIMIT = 20  # a lag-tolerant wait ends after this many times its limit, whatever the loop does
+
+
+async def _within(awaitable: Any, limit: float, conn: Any = None) -> Any:
+    """``awaitable``, failing with redis-py's TimeoutError after ``limit`` seconds -- of the
+    *server's* time, not of our event loop's congestion.
+
+    A burst of a thousand tasks can hold the loop for hundreds of milliseconds in one iteration
+    (measured: up to 560 ms on a loaded 2-core machine); a plain timer then fires on replies that
+    arrived long ago but were not read yet. So the wait ends only when its timer fires *on time*
+    (within a quarter of the limit) with nothing received: a timer that ran late says the loop was
+    too busy to tell, and bytes already buffered on ``conn`` say the server did answer (allowed
+    twice, so a reply cut short still ends); either way the timer is set again, ``limit / 2``
+    later. Whatever the loop does, the wait ends after ``_HARD_LIMIT * limit``. No task is
+    created: one timer on the loop.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    started = loop.time()
+    cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
+    expired = False
+    arrivals = 0
+
+    def check(due: float) -> None:
+        nonlocal handle, expired, arrivals
+        now = loop.time()
+        if now - started < _HARD_LIMIT * limit:
+            late = now - due > limit / 4
+            arrived = (
+                not late and arrivals < 2 and bool(getattr(getattr(conn, "_reader", None), "_buffer", None))
+            )
+            if late or arrived:
+                arrivals += arrived
+                handle = loop.call_at(now + limit / 2, check, now + limit / 2)
+                return
+        expired = True
+        task.cancel()
+
+    handle = loop.call_at(started + limit, check, started + limit)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expired and (not hasattr(task, "uncancel") or task.uncancel() <= cancelling):
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            where = (
+                f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}" if conn is not None else "server"
+            )
+            raise RedisTimeoutError(f"Timeout reading from {where}") from None
+        raise
+    finally:
+        handle.cancel()
+
+
+_LEAN_CONNECTIONS: dict[type, type] = {}
+
+
+def _lean_connection_class(base: type) -> type:
+    """``base`` (redis-py's Connection, SSLConnection...) sending without a task per command.
+
+    redis-py bounds each send with ``asyncio.wait_for``, which on Python < 3.12 starts a Task per
+    command. A send into an empty transport buffer never waits (the kernel takes it, or asyncio
+    buffers it), so this class writes it directly; the reply's read, bounded by socket_timeout,
+    still bounds the operation. Anything else (a fuller buffer, a health check due, a connection
+    to open) takes redis-py's own path.
+    """
+    cls = _LEAN_CONNECTIONS.get(base)
+    if cls is not None:
+        return cls
+
+    class LeanConnection(base):  # type: ignore[valid-type,misc]
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            writer = getattr(self, "_writer", None)
+            if (
+                writer is not None
+                and not self.health_check_interval
+                and not writer.transport.is_closing()
+                and not writer.transport.get_write_buffer_size()
+            ):
+                if isinstance(command, str):
+                    command = command.encode()
+                writer.writelines([command] if isinstance(command, bytes) else command)
+                return
+            await super().send_packed_command(command, check_health)
+
+    LeanConnection.__name__ = LeanConnection.__qualname__ = f"Lean{base.__name__}"
+    _LEAN_CONNECTIONS[base] = LeanConnection
+    return LeanConnection
 
 
 def _report_connect(pool: Any, exc: BaseException | None) -> None:

@@ -262,3 +262,28 @@ def test_a_miss_through_l1_and_l2_costs_three_round_trips(redis_server: RedisSer
         assert redis.Redis.from_url(redis_server.url).exists(tier._vkey("rt:two") + ":lease") == 0
     finally:
         cache.sync.close()
+
+
+def test_a_congested_event_loop_does_not_turn_answers_into_timeouts(
+    shared_redis_url: str, redis_prefix: str
+) -> None:
+    """The loop is blocked 4x longer than socket_timeout while the reply sits in the socket: the
+    read still succeeds (the timer sees the reply's bytes buffered, or that it ran late)."""
+    tier = RedisTier(url=shared_redis_url, prefix=redis_prefix, socket_timeout=0.05, connect_timeout=0.05)
+    cache = TieredCache([tier], namespace="lag")
+
+    async def main() -> None:
+        await cache.set("k", 1)
+        for _ in range(3):
+            reader = asyncio.create_task(cache.get("k"))
+            await asyncio.sleep(0)  # the GET is sent
+            time.sleep(0.2)  # the loop is stuck (a thousand tasks' work, a GC pause...)
+            assert await reader == 1
+        await cache.aclose()
+
+    try:
+        asyncio.run(main())
+        assert cache.stats.tiers[0].errors == 0
+    finally:
+        cache.sync.close()
+        purge_prefix(shared_redis_url, redis_prefix)
