@@ -122,7 +122,7 @@ from tiercache._keys import hashed_key
 from tiercache._serde import Codec, JsonCodec
 from tiercache._tier import TierBinding
 
-__all__ = ["RedisBus", "RedisTier"]
+__all__ = ["NodeUnavailableError", "RedisBus", "RedisTier"]
 
 logger = logging.getLogger("tiercache.redis")
 
@@ -262,6 +262,64 @@ return {1, v}
 
 
 _NOT_READ: Any = object()  # no prefetched value for this key
+_NODE_DOWN_TOKEN = "<cluster node unavailable>"  # acquire_lease's answer then: load without a lease
+_NODE_THRESHOLD = 3  # failures in a row that make the tier skip a Cluster node...
+_NODE_COOLDOWN = 1.0  # ...for this many seconds (then one call probes it)
+
+
+class NodeUnavailableError(Exception):
+    """A Redis Cluster node failed (or is skipped after failing) while other nodes answer.
+
+    The tier never lets it reach the core: the call becomes a miss (or a skipped write, or a load
+    without a lease) and the tier reports a TIER_ERROR (or TIER_SKIPPED) event naming the node.
+    """
+
+    def __init__(self, node: str, cause: BaseException | None) -> None:
+        self.node = node
+        self.cause = cause
+        what = f"failed: {_describe(cause)}" if cause is not None else "is skipped after repeated failures"
+        super().__init__(f"Redis Cluster node {node} {what}")
+
+
+class _NodeHealth:
+    """Per-node circuit breakers of a Cluster tier (so one dead master costs only its own slots)."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+        self.open_until: dict[str, float] = {}
+
+    def allows(self, node: str) -> bool:
+        until = self.open_until.get(node)
+        if until is None:
+            return True
+        now = time.monotonic()
+        if now < until:
+            return False
+        self.open_until[node] = now + _NODE_COOLDOWN  # this caller probes; the others keep skipping
+        return True
+
+    def healthy(self, node: str) -> bool:
+        return self.failures.get(node, 0) < _NODE_THRESHOLD
+
+    def failed(self, node: str) -> None:
+        failures = self.failures.get(node, 0) + 1
+        self.failures[node] = failures
+        if failures >= _NODE_THRESHOLD:
+            self.open_until[node] = time.monotonic() + _NODE_COOLDOWN
+
+    def ok(self, node: str) -> None:
+        if node in self.failures:
+            self.failures.pop(node, None)
+            self.open_until.pop(node, None)
+
+
+def _node_level(exc: BaseException) -> bool:
+    """Is ``exc`` a failure of one node (not of the request, not of the whole cluster)?"""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import SlotNotCoveredError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, SlotNotCoveredError, OSError))
 
 
 def _remember(table: dict[str, str], vkey: str, token: str) -> None:
@@ -592,6 +650,7 @@ class RedisTier:
         self._released: dict[str, str] = {}
         self._plock = threading.Lock()
         self._down = False  # a connect failure was logged and nothing connected since
+        self._nodes = _NodeHealth()  # Cluster only
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -898,6 +957,11 @@ class RedisTier:
     # restarted, SCRIPT FLUSH, another Cluster node) falls back to EVAL for that call.
 
     def _eval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        if self._cluster and numkeys:  # the script's keys share the slot of its first key
+            return self._guard(client, args[0], lambda: self._eval_plain(client, script, numkeys, *args))
+        return self._eval_plain(client, script, numkeys, *args)
+
+    def _eval_plain(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
         if script not in self._sent:
             self._sent.add(script)
@@ -908,6 +972,13 @@ class RedisTier:
             return client.eval(body, numkeys, *args)
 
     async def _aeval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        if self._cluster and numkeys:  # the script's keys share the slot of its first key
+            return await self._aguard(
+                client, args[0], lambda: self._aeval_plain(client, script, numkeys, *args)
+            )
+        return await self._aeval_plain(client, script, numkeys, *args)
+
+    async def _aeval_plain(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
         pool = self._state().pool if self._user_async is None else None
         if pool is not None:  # the tier's own pool: the lean path, as aget
@@ -1004,6 +1075,209 @@ class RedisTier:
             return self._decode(key, _FOREIGN)
         raise exc
 
+    # --- Cluster: one node's failure is a partial failure ---------------------------------------
+    #
+    # Every single-key call goes to the node owning the key's slot. When that node fails (or is
+    # skipped after failing _NODE_THRESHOLD times in a row, for _NODE_COOLDOWN seconds) while
+    # another primary is healthy, the call raises NodeUnavailableError inside the tier; the public
+    # method turns it into a miss / skipped write / lease-less load and reports an event. So the
+    # core's tier-wide breaker never sees it, and the live slots keep their answers. When every
+    # primary is failing, the error propagates and the core's breaker handles the outage.
+
+    @staticmethod
+    def _node_of(client: Any, name: str) -> str | None:
+        try:
+            node = client.get_node_from_key(name)
+        except Exception:  # topology not known yet, slot not covered...
+            return None
+        return getattr(node, "name", None)
+
+    def _partial(self, client: Any, node: str) -> bool:
+        """Does another primary still answer (so ``node``'s failure costs only its own slots)?"""
+        try:
+            names = [n.name for n in client.get_primaries()]
+        except Exception:
+            return False
+        return any(n != node and self._nodes.healthy(n) for n in names)
+
+    def _node_error(self, client: Any, node: str | None, exc: Exception) -> NodeUnavailableError | None:
+        """Count a failure of ``node``; the error to raise instead of ``exc`` if it is partial."""
+        if not _node_level(exc):
+            return None
+        if node is None:
+            node = getattr(getattr(exc, "connection", None), "name", None)
+            if node is None:
+                return None
+        self._nodes.failed(node)
+        return NodeUnavailableError(node, exc) if self._partial(client, node) else None
+
+    def _node_skipped(self, client: Any, node: str | None) -> NodeUnavailableError | None:
+        if node is not None and not self._nodes.allows(node) and self._partial(client, node):
+            return NodeUnavailableError(node, None)
+        return None
+
+    def _guard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
+        node = node or self._node_of(client, name)
+        skipped = self._node_skipped(client, node)
+        if skipped is not None:
+            raise skipped
+        try:
+            result = call()
+        except Exception as exc:
+            down = self._node_error(client, node, exc)
+            if down is None:
+                raise
+            raise down from exc
+        if node is not None:
+            self._nodes.ok(node)
+        return result
+
+    async def _aguard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
+        node = node or self._node_of(client, name)
+        skipped = self._node_skipped(client, node)
+        if skipped is not None:
+            raise skipped
+        try:
+            result = await call()
+        except Exception as exc:
+            down = self._node_error(client, node, exc)
+            if down is None:
+                raise
+            raise down from exc
+        if node is not None:
+            self._nodes.ok(node)
+        return result
+
+    def _node_down(self, key: str, down: NodeUnavailableError) -> None:
+        kind = EventKind.TIER_SKIPPED if down.cause is None else EventKind.TIER_ERROR
+        self._on_event(Event(kind, key, tier=self.name, error=down))
+
+    def _by_node(self, client: Any, names: Sequence[str]) -> dict[str, dict[int, list[int]]]:
+        """Indexes of ``names`` grouped by the node owning them, then by slot."""
+        groups: dict[str, dict[int, list[int]]] = {}
+        for i, name in enumerate(names):
+            slot = client.keyslot(name)
+            node = client.nodes_manager.get_node_from_slot(slot).name
+            groups.setdefault(node, {}).setdefault(slot, []).append(i)
+        return groups
+
+    def _node_batch_down(self, keys: Sequence[str], ids: Sequence[int], down: NodeUnavailableError) -> None:
+        for i in ids:
+            self._node_down(keys[i], down)
+
+    # Batches on Cluster: one pipeline per node (an MGET per slot; EXISTS per missing key to
+    # tell foreign types from absent keys), nodes in parallel on the async face. A failing node
+    # costs only its keys: misses (reads) or skipped writes, reported as events.
+
+    def _cluster_mget_sync(self, client: Any, names: list[str], keys: Sequence[str]) -> list[Any]:
+        raw: list[Any] = [None] * len(names)
+        for node, slots in self._by_node(client, names).items():
+
+            def read(slots: dict[int, list[int]] = slots) -> list[list[Any]]:
+                pipe = client.pipeline()
+                for ids in slots.values():
+                    pipe.execute_command("MGET", *(names[i] for i in ids))
+                return list(pipe.execute())
+
+            try:
+                replies = self._guard(client, "", read, node)
+                self._fill(raw, slots, replies)
+                missing = [i for ids in slots.values() for i in ids if raw[i] is None]
+                if missing:
+
+                    def exists(missing: list[int] = missing) -> list[Any]:
+                        pipe = client.pipeline()
+                        for i in missing:
+                            pipe.exists(names[i])
+                        return list(pipe.execute())
+
+                    self._mark_foreign(raw, missing, self._guard(client, "", exists, node))
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, [i for ids in slots.values() for i in ids], down)
+        return raw
+
+    async def _cluster_mget(self, client: Any, names: list[str], keys: Sequence[str]) -> list[Any]:
+        await client.initialize()  # the async Cluster client learns its nodes on first use
+        raw: list[Any] = [None] * len(names)
+
+        async def one(node: str, slots: dict[int, list[int]]) -> None:
+            async def read() -> list[Any]:
+                pipe = client.pipeline()
+                for ids in slots.values():
+                    pipe.execute_command("MGET", *(names[i] for i in ids))
+                return list(await pipe.execute())
+
+            try:
+                self._fill(raw, slots, await self._aguard(client, "", read, node))
+                missing = [i for ids in slots.values() for i in ids if raw[i] is None]
+                if missing:
+
+                    async def exists() -> list[Any]:
+                        pipe = client.pipeline()
+                        for i in missing:
+                            pipe.exists(names[i])
+                        return list(await pipe.execute())
+
+                    self._mark_foreign(raw, missing, await self._aguard(client, "", exists, node))
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, [i for ids in slots.values() for i in ids], down)
+
+        await asyncio.gather(*(one(node, slots) for node, slots in self._by_node(client, names).items()))
+        return raw
+
+    @staticmethod
+    def _fill(raw: list[Any], slots: dict[int, list[int]], replies: Sequence[Any]) -> None:
+        for ids, reply in zip(slots.values(), replies, strict=True):
+            for i, data in zip(ids, reply, strict=True):
+                raw[i] = data
+
+    @staticmethod
+    def _mark_foreign(raw: list[Any], missing: Sequence[int], exists: Sequence[Any]) -> None:
+        for i, there in zip(missing, exists, strict=True):
+            if int(there):  # MGET said nil, but the key exists: another Redis type
+                raw[i] = _FOREIGN
+
+    def _cluster_set_many(self, client: Any, calls: list[tuple[Any, ...]], keys: Sequence[str]) -> None:
+        body, sha = _SCRIPTS["set"]
+        for node, slots in self._by_node(client, [c[0] for c in calls]).items():
+            ids = [i for group in slots.values() for i in group]
+
+            def write(ids: list[int] = ids) -> None:
+                pipe = client.pipeline()
+                for i in ids:
+                    pipe.execute_command("EVALSHA", sha, 2, *calls[i])
+                for j in self._check_pipeline(pipe.execute(raise_on_error=False)):
+                    client.eval(body, 2, *calls[ids[j]])  # the script cache was flushed
+
+            try:
+                self._guard(client, "", write, node)
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, ids, down)
+
+    async def _acluster_set_many(
+        self, client: Any, calls: list[tuple[Any, ...]], keys: Sequence[str]
+    ) -> None:
+        await client.initialize()
+        body, sha = _SCRIPTS["set"]
+
+        async def one(node: str, ids: list[int]) -> None:
+            async def write() -> None:
+                pipe = client.pipeline()
+                for i in ids:
+                    pipe.execute_command("EVALSHA", sha, 2, *calls[i])
+                for j in self._check_pipeline(await pipe.execute(raise_on_error=False)):
+                    await client.eval(body, 2, *calls[ids[j]])
+
+            try:
+                await self._aguard(client, "", write, node)
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, ids, down)
+
+        groups = self._by_node(client, [c[0] for c in calls])
+        await asyncio.gather(
+            *(one(node, [i for group in slots.values() for i in group]) for node, slots in groups.items())
+        )
+
     # --- the sync face ----------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
@@ -1012,10 +1286,14 @@ class RedisTier:
             data = self._prefetch(vkey)
             if data is not _NOT_READ:
                 return self._decode(key, data, report=False)
+        client = self._sync_client()
         try:
-            data = self._sync_client().get(vkey)
+            data = self._guard(client, vkey, lambda: client.get(vkey)) if self._cluster else client.get(vkey)
         except self._redis.exceptions.ResponseError as exc:
             return self._type_error(key, exc)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None
         return self._decode(key, data)
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
@@ -1026,7 +1304,11 @@ class RedisTier:
         raw, reread = self._prefetched_many(names)
         ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
         if ask:
-            got = iter(self._mget_sync(client, ask))
+            if self._cluster:
+                ask_keys = [k for k, d in zip(keys, raw, strict=True) if d is _NOT_READ]
+                got = iter(self._cluster_mget_sync(client, ask, ask_keys))
+            else:
+                got = iter(self._mget_sync(client, ask))
             raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
         return [
@@ -1034,7 +1316,7 @@ class RedisTier:
         ]
 
     def _mget_sync(self, client: Any, names: list[str]) -> list[Any]:
-        raw: list[Any] = list(client.mget_nonatomic(names) if self._cluster else client.mget(names))
+        raw: list[Any] = list(client.mget(names))
         missing = [n for n, d in zip(names, raw, strict=True) if d is None]
         # MGET answers nil for a key of another type; one EXISTS (only when something was
         # missing) tells a foreign key from an absent one, so GET and MGET agree.
@@ -1054,22 +1336,30 @@ class RedisTier:
         if args is None:
             return
         token = self._write_token(args[0])
-        if not token:
-            self._eval(self._sync_client(), "set", 2, *args)
-            return
         try:
             self._eval(self._sync_client(), "set", 2, *args[:-1], token)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            if token:
+                self._wrote(args[0], token, False)
+            return
         except BaseException:
-            self._wrote(args[0], token, False)
+            if token:
+                self._wrote(args[0], token, False)
             raise
-        self._wrote(args[0], token, True)
+        if token:
+            self._wrote(args[0], token, True)
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        keyed = [(k, a) for k, e in items if (a := self._set_args(k, e, now)) is not None]
+        calls = [a for _, a in keyed]
         if not calls:
             return
         client = self._sync_client()
+        if self._cluster:
+            self._cluster_set_many(client, calls, [k for k, _ in keyed])
+            return
         body, sha = _SCRIPTS["set"]
         pipe = client.pipeline(transaction=False)
         for args in calls:
@@ -1078,27 +1368,47 @@ class RedisTier:
             client.eval(body, 2, *calls[i])  # the script cache was flushed (e.g. a restart)
 
     def delete(self, key: str, version: int) -> None:
-        self._eval(self._sync_client(), "delete", 1, *self._delete_args(key, version))
+        try:
+            self._eval(self._sync_client(), "delete", 1, *self._delete_args(key, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
         vkey = self._vkey(key)
-        reply = self._eval(self._sync_client(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        try:
+            reply = self._eval(self._sync_client(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return _NODE_DOWN_TOKEN
         return self._lease_answer(vkey, token, reply)
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
-        if not self._release_needed(vkey, token):
+        if token == _NODE_DOWN_TOKEN or not self._release_needed(vkey, token):
             return
-        self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        try:
+            self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def extend_lease(self, key: str, token: str, ttl: float) -> bool:
         """Push the lease's expiry to ``ttl`` seconds from now; False if we no longer hold it."""
+        if token == _NODE_DOWN_TOKEN:
+            return True
         vkey = self._vkey(key)
-        return bool(self._eval(self._sync_client(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        try:
+            return bool(self._eval(self._sync_client(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return True  # keep loading: the lease is not the node's to judge now
 
     def _peek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
-        data, pttl = self._eval(self._sync_client(), "peek", 2, vkey, vkey + ":lease")
+        try:
+            data, pttl = self._eval(self._sync_client(), "peek", 2, vkey, vkey + ":lease")
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None, -2  # nothing to wait for there
         return self._decode(key, data), int(pttl)
 
     def _sync_subscriber(self) -> _SyncSubscriber:
@@ -1177,7 +1487,10 @@ class RedisTier:
     # --- coherence: expire, clear, tag times (sync) ------------------------------------------
 
     def expire(self, key: str, at: float, version: int) -> None:
-        self._eval(self._sync_client(), "expire", 1, *self._expire_args(key, at, version))
+        try:
+            self._eval(self._sync_client(), "expire", 1, *self._expire_args(key, at, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def clear(self, prefix: str) -> int:
         client = self._sync_client()
@@ -1340,10 +1653,18 @@ class RedisTier:
                 return self._decode(key, data, report=False)
         pool = self._state().pool if self._user_async is None else None
         if pool is None:
+            client = self._aclient()
             try:
-                data = await self._aclient().get(vkey)
+                data = await (
+                    self._aguard(client, vkey, lambda: client.get(vkey))
+                    if self._cluster
+                    else client.get(vkey)
+                )
             except self._redis.exceptions.ResponseError as exc:
                 return self._type_error(key, exc)
+            except NodeUnavailableError as down:
+                self._node_down(key, down)
+                return None
             return self._decode(key, data)
         # GET through a connection of the tier's own pool, without redis-py's per-command layers
         # (the retry wrapper, redis-py's own operation metrics): a few dozen Python calls fewer
@@ -1363,7 +1684,11 @@ class RedisTier:
         raw, reread = self._prefetched_many(names)
         ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
         if ask:
-            got = iter(await self._amget(self._aclient(), ask))
+            if self._cluster:
+                ask_keys = [k for k, d in zip(keys, raw, strict=True) if d is _NOT_READ]
+                got = iter(await self._cluster_mget(self._aclient(), ask, ask_keys))
+            else:
+                got = iter(await self._amget(self._aclient(), ask))
             raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
         return [
@@ -1375,7 +1700,7 @@ class RedisTier:
         if pool is not None:
             raw: list[Any] = list(await _lean_call(pool, "MGET", *names))
         else:
-            raw = list(await (client.mget_nonatomic(names) if self._cluster else client.mget(names)))
+            raw = list(await client.mget(names))
         missing = [n for n, d in zip(names, raw, strict=True) if d is None]
         if not missing:
             return raw
@@ -1396,22 +1721,30 @@ class RedisTier:
         if args is None:
             return
         token = self._write_token(args[0])
-        if not token:
-            await self._aeval(self._aclient(), "set", 2, *args)
-            return
         try:
             await self._aeval(self._aclient(), "set", 2, *args[:-1], token)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            if token:
+                self._wrote(args[0], token, False)
+            return
         except BaseException:
-            self._wrote(args[0], token, False)
+            if token:
+                self._wrote(args[0], token, False)
             raise
-        self._wrote(args[0], token, True)
+        if token:
+            self._wrote(args[0], token, True)
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        keyed = [(k, a) for k, e in items if (a := self._set_args(k, e, now)) is not None]
+        calls = [a for _, a in keyed]
         if not calls:
             return
         client = self._aclient()
+        if self._cluster:
+            await self._acluster_set_many(client, calls, [k for k, _ in keyed])
+            return
         body, sha = _SCRIPTS["set"]
         pipe = client.pipeline(transaction=False)
         for args in calls:
@@ -1420,26 +1753,46 @@ class RedisTier:
             await client.eval(body, 2, *calls[i])
 
     async def adelete(self, key: str, version: int) -> None:
-        await self._aeval(self._aclient(), "delete", 1, *self._delete_args(key, version))
+        try:
+            await self._aeval(self._aclient(), "delete", 1, *self._delete_args(key, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
         vkey = self._vkey(key)
-        reply = await self._aeval(self._aclient(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        try:
+            reply = await self._aeval(self._aclient(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return _NODE_DOWN_TOKEN
         return self._lease_answer(vkey, token, reply)
 
     async def arelease_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
-        if not self._release_needed(vkey, token):
+        if token == _NODE_DOWN_TOKEN or not self._release_needed(vkey, token):
             return
-        await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        try:
+            await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aextend_lease(self, key: str, token: str, ttl: float) -> bool:
+        if token == _NODE_DOWN_TOKEN:
+            return True
         vkey = self._vkey(key)
-        return bool(await self._aeval(self._aclient(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        try:
+            return bool(await self._aeval(self._aclient(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return True
 
     async def _apeek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
-        data, pttl = await self._aeval(self._aclient(), "peek", 2, vkey, vkey + ":lease")
+        try:
+            data, pttl = await self._aeval(self._aclient(), "peek", 2, vkey, vkey + ":lease")
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None, -2
         return self._decode(key, data), int(pttl)
 
     def _async_subscriber(self) -> _LoopState:
@@ -1513,7 +1866,10 @@ class RedisTier:
     # --- coherence: expire, clear, tag times (async) -----------------------------------------
 
     async def aexpire(self, key: str, at: float, version: int) -> None:
-        await self._aeval(self._aclient(), "expire", 1, *self._expire_args(key, at, version))
+        try:
+            await self._aeval(self._aclient(), "expire", 1, *self._expire_args(key, at, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aclear(self, prefix: str) -> int:
         client = self._aclient()
@@ -1607,6 +1963,7 @@ def _async_pool_class() -> Any:
 
     from redis.asyncio import ConnectionPool
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     def expire(future: asyncio.Future[Any], timeout: float) -> None:
         if not future.done():
@@ -1638,13 +1995,36 @@ def _async_pool_class() -> Any:
                 if connection.is_connected:
                     await self.ensure_connection(connection)
                 else:
-                    await _within(self.ensure_connection(connection), self.connect_limit)
+                    await _within(
+                        self.ensure_connection(connection), self.connect_limit, what="connecting to"
+                    )
             except BaseException as exc:
+                await _drop(connection)  # a connect cut short must not look connected to the next user
                 await self.release(connection)
+                if isinstance(exc, RedisTimeoutError) and self._in_use_connections:
+                    # A new connection timed out while others are in use and answering: a busy
+                    # process, not a dead server. Queue for one of them instead of failing.
+                    return await self._connected_from_line()
                 _report_connect(self, exc)
                 raise
             if self.tier_down:
                 _report_connect(self, None)
+            return connection
+
+        async def _connected_from_line(self) -> Any:
+            connection = await self._wait_in_line()
+            try:
+                if connection.is_connected:
+                    await self.ensure_connection(connection)
+                else:
+                    await _within(
+                        self.ensure_connection(connection), self.connect_limit, what="connecting to"
+                    )
+            except BaseException as exc:
+                await _drop(connection)
+                await self.release(connection)
+                _report_connect(self, exc)
+                raise
             return connection
 
         async def _wait_in_line(self) -> Any:
@@ -1717,7 +2097,7 @@ async def _lean_call(pool: Any, *args: Any) -> Any:
 _HARD_LIMIT = 20  # a lag-tolerant wait ends after this many times its limit, whatever the loop does
 
 
-async def _within(awaitable: Any, limit: float, conn: Any = None) -> Any:
+async def _within(awaitable: Any, limit: float, conn: Any = None, what: str = "reading from") -> Any:
     """``awaitable``, failing with redis-py's TimeoutError after ``limit`` seconds -- of the
     *server's* time, not of our event loop's congestion.
 
@@ -1760,10 +2140,10 @@ async def _within(awaitable: Any, limit: float, conn: Any = None) -> Any:
         if expired and (not hasattr(task, "uncancel") or task.uncancel() <= cancelling):
             from redis.exceptions import TimeoutError as RedisTimeoutError
 
-            where = (
-                f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}" if conn is not None else "server"
-            )
-            raise RedisTimeoutError(f"Timeout reading from {where}") from None
+            where = "the server"
+            if conn is not None:
+                where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+            raise RedisTimeoutError(f"Timeout {what} {where}") from None
         raise
     finally:
         handle.cancel()
@@ -1803,6 +2183,12 @@ def _lean_connection_class(base: type) -> type:
     LeanConnection.__name__ = LeanConnection.__qualname__ = f"Lean{base.__name__}"
     _LEAN_CONNECTIONS[base] = LeanConnection
     return LeanConnection
+
+
+async def _drop(connection: Any) -> None:
+    """Close ``connection`` (whatever state a failed or cancelled connect left it in)."""
+    with contextlib.suppress(Exception):
+        await connection.disconnect(nowait=True)
 
 
 def _report_connect(pool: Any, exc: BaseException | None) -> None:

@@ -277,7 +277,7 @@ def test_a_congested_event_loop_does_not_turn_answers_into_timeouts(
         for _ in range(3):
             reader = asyncio.create_task(cache.get("k"))
             await asyncio.sleep(0)  # the GET is sent
-            time.sleep(0.2)  # the loop is stuck (a thousand tasks' work, a GC pause...)
+            time.sleep(0.2)  # noqa: ASYNC251 -- the loop is stuck (a thousand tasks' work, a GC pause)
             assert await reader == 1
         await cache.aclose()
 
