@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.redis_servers import CommandMonitor, RedisServer, purge_prefix
+from tests.redis_servers import CommandMonitor, RedisClusterProcesses, RedisServer, purge_prefix
 from tiercache import EventKind, TieredCache
 from tiercache.adapters.memory import MemoryTier
 from tiercache.adapters.redis import RedisTier, _async_pool_class
@@ -287,3 +287,39 @@ def test_a_congested_event_loop_does_not_turn_answers_into_timeouts(
     finally:
         cache.sync.close()
         purge_prefix(shared_redis_url, redis_prefix)
+
+
+def test_a_miss_on_cluster_costs_three_round_trips(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    tier = RedisTier(url=redis_cluster.url, prefix=redis_prefix)
+    cache = TieredCache([MemoryTier(), tier], ttl=60, namespace="rt")
+    try:
+        # Topology known, and each script cached on every node (one EVAL per node and script
+        # the first time: each node has its own script cache).
+        for i in range(30):
+            cache.sync.get_cached(f"warm{i}", lambda: 0)
+
+        def counted(run: Any) -> list[str]:
+            monitors = [CommandMonitor(port) for port in redis_cluster.ports]
+            run()
+            for m in monitors:
+                m.stop()
+            return [c for m in monitors for c in m.client_commands()]
+
+        assert counted(lambda: cache.sync.get_cached("one", lambda: 1)) == ["GET", "EVALSHA", "EVALSHA"]
+
+        async def async_miss() -> list[str]:
+            for i in range(30):  # this loop's client learns the topology
+                await cache.get_cached(f"warm-async{i}", _fresh)
+            monitors = [CommandMonitor(port) for port in redis_cluster.ports]
+            assert await cache.get_cached("two", _fresh) == "fresh"
+            for m in monitors:
+                m.stop()
+            await cache.aclose()
+            return [c for m in monitors for c in m.client_commands()]
+
+        assert asyncio.run(async_miss()) == ["GET", "EVALSHA", "EVALSHA"]
+    finally:
+        cache.sync.close()
+        purge_prefix(redis_cluster.url, redis_prefix)
