@@ -2117,6 +2117,7 @@ async def _within(awaitable: Any, limit: float, conn: Any = None, what: str = "r
     cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
     expired = False
     arrivals = 0
+    handle: asyncio.TimerHandle
 
     def check(due: float) -> None:
         nonlocal handle, expired, arrivals
@@ -2165,7 +2166,7 @@ def _lean_connection_class(base: type) -> type:
     if cls is not None:
         return cls
 
-    class LeanConnection(base):  # type: ignore[valid-type,misc]
+    class LeanConnection(base):  # type: ignore[misc]
         async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
             writer = getattr(self, "_writer", None)
             if (
@@ -2220,7 +2221,7 @@ def _sync_pool_class() -> Any:
 
         def get_connection(self, *args: Any, **kwargs: Any) -> Any:
             try:
-                connection = super().get_connection(*args, **kwargs)
+                connection = super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
             except Exception as exc:
                 _report_connect(self, exc)
                 raise
