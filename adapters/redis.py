@@ -87,9 +87,25 @@ Failure policy
 ==============
 
 Every redis-py error propagates (the core turns it into a miss or a skipped write and runs the
-circuit breaker). Connections use short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no
-blind retries), bounded blocking pools, RESP2 by default (redis-py 8 would speak RESP3), and no
-``CLIENT SETINFO`` round trips on connect. Secrets in the URL never appear in ``repr``.
+circuit breaker), except a Cluster node's failure while other primaries answer: that one the
+tier turns into a miss / skipped write itself and reports as an event (see "Cluster" in the
+RedisTier class), so the core's tier-wide breaker stays closed for the live slots. Connections use
+short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no blind retries), bounded pools, RESP2
+by default (redis-py 8 would speak RESP3), and no ``CLIENT SETINFO`` round trips on connect.
+Secrets in a URL (userinfo, ``?password=``, ``?ssl_password=``...) never appear in ``repr``.
+
+The asyncio pool (``_async_pool_class``) queues waiters FIFO, and on its lean path (reads and
+scripts) bounds a reply by the *server's* time, not by event-loop congestion (``read_reply``): a
+burst of misses must queue, not turn into timeouts and an open breaker.
+
+The miss in three round trips
+=============================
+
+``GET`` (the first read), then ``acquire_lease`` runs one script that takes the lease and reads
+the value (the flight's re-read is then answered from that, with no round trip, if it comes
+within ``_PREFETCH_LIFE``), then the write of the loaded value carries the lease token (the
+tier remembers the leases this process holds) and releases it in the same script, so the
+following ``release_lease`` costs nothing. No change in the core was needed.
 
 Event loops: the async face keeps one client per running loop (weakly keyed by the loop). A loop
 that ``asyncio.run`` shuts down cancels the tier's keeper task, which closes that loop's client, so a
@@ -1965,21 +1981,22 @@ def _async_pool_class() -> Any:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    def expire(future: asyncio.Future[Any], timeout: float) -> None:
-        if not future.done():
-            future.set_exception(
-                RedisConnectionError(f"no Redis connection free within the pool timeout ({timeout:g} s)")
-            )
-
     class BoundedPool(ConnectionPool):
         wait_timeout: float = DEFAULT_POOL_TIMEOUT
         read_limit: float = 0.25  # the tier's socket_timeout, for replies read on the lean path
         connect_limit: float = 0.25  # the tier's connect_timeout
         tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
         tier_down = False
-        # Invariant: a future in the queue is either pending (its waiter waits) or done and about
-        # to be dropped by its waiter; a connection is never both available and handed out.
-        _waiters: deque[asyncio.Future[Any]] | None = None
+        # Invariant: a future in the queue is either pending (its waiter waits) or done (then
+        # skipped); a connection is never both available and handed out.
+        _waiters: deque[tuple[float, asyncio.Future[Any]]] | None = None
+        _wait_timer: asyncio.TimerHandle | None = None
+        _watch: asyncio.TimerHandle | None = None
+        _reads: dict[Any, _Read]
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._reads = {}
 
         async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
             if self._waiters or not self.can_get_connection():
@@ -2033,8 +2050,11 @@ def _async_pool_class() -> Any:
             if waiters is None:
                 waiters = self._waiters = deque()
             future: asyncio.Future[Any] = loop.create_future()
-            waiters.append(future)
-            timer = loop.call_later(self.wait_timeout, expire, future, self.wait_timeout)
+            # Every waiter waits wait_timeout, so deadlines are in queue order: one timer, for the
+            # oldest waiter, expires them all in turn (no timer per wait).
+            waiters.append((loop.time() + self.wait_timeout, future))
+            if self._wait_timer is None:
+                self._arm_wait_timer(loop)
             try:
                 return await future
             except BaseException:
@@ -2042,22 +2062,81 @@ def _async_pool_class() -> Any:
                     # Handed a connection, then cancelled before resuming: pass it on.
                     self._in_use_connections.discard(future.result())
                     self._hand_on(future.result())
-                with contextlib.suppress(ValueError):
-                    waiters.remove(future)  # timed out or cancelled while still queued
-                raise
-            finally:
-                timer.cancel()
+                raise  # a cancelled future left in the queue is skipped (it is done)
+
+        def _arm_wait_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+            waiters = self._waiters
+            while waiters and waiters[0][1].done():
+                waiters.popleft()
+            self._wait_timer = loop.call_at(waiters[0][0], self._expire_waiters, loop) if waiters else None
+
+        def _expire_waiters(self, loop: asyncio.AbstractEventLoop) -> None:
+            waiters = self._waiters
+            now = loop.time()
+            while waiters and (waiters[0][1].done() or waiters[0][0] <= now):
+                _, future = waiters.popleft()
+                if not future.done():
+                    future.set_exception(
+                        RedisConnectionError(
+                            f"no Redis connection free within the pool timeout ({self.wait_timeout:g} s)"
+                        )
+                    )
+            self._arm_wait_timer(loop)
 
         def _hand_on(self, connection: Any) -> None:
             """Give ``connection`` to the oldest waiter still waiting, or back to the free list."""
             waiters = self._waiters
             while waiters:
-                future = waiters.popleft()
+                _, future = waiters.popleft()
                 if not future.done():
                     self._in_use_connections.add(connection)
                     future.set_result(connection)
                     return
             self._available_connections.append(connection)
+
+        async def read_reply(self, conn: Any) -> Any:
+            """The reply to the command just sent on ``conn``, within read_limit of the server's
+            time (lag-tolerant, as ``_within``), watched by one timer per pool, not one per read."""
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            read = _Read(task, loop.time(), conn)
+            self._reads[conn] = read
+            if self._watch is None:
+                due = loop.time() + self.read_limit / 4
+                self._watch = loop.call_at(due, self._sweep, loop, due)
+            try:
+                return await conn.read_response(timeout=math.inf)
+            except asyncio.CancelledError:
+                if read.expired and (not hasattr(task, "uncancel") or task.uncancel() <= read.cancelling):
+                    raise RedisTimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
+                raise
+            finally:
+                self._reads.pop(conn, None)
+
+        def _sweep(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+            """Every read_limit / 4 while reads are in flight: end those past read_limit, unless the
+            loop was too busy to tell (this timer ran late) or their reply has arrived."""
+            now = loop.time()
+            limit = self.read_limit
+            late = now - due > limit / 4
+            for read in list(self._reads.values()):
+                waited = now - read.started
+                if waited < limit or read.expired:
+                    continue
+                if waited < _HARD_LIMIT * limit:
+                    if late:
+                        continue
+                    if read.arrivals < 2 and _bytes_waiting(read.conn):
+                        read.arrivals += 1
+                        continue
+                read.expired = True
+                read.task.cancel()
+            if self._reads:
+                due = now + limit / 4
+                self._watch = loop.call_at(due, self._sweep, loop, due)
+            else:
+                self._watch = None
 
         async def release(self, connection: Any) -> None:
             try:
@@ -2084,7 +2163,7 @@ async def _lean_call(pool: Any, *args: Any) -> Any:
     conn = await pool.get_connection()
     try:
         await conn.send_command(*args)
-        return await _within(conn.read_response(timeout=math.inf), pool.read_limit, conn)
+        return await pool.read_reply(conn)
     except ResponseError:
         raise
     except BaseException:
@@ -2097,9 +2176,29 @@ async def _lean_call(pool: Any, *args: Any) -> Any:
 _HARD_LIMIT = 20  # a lag-tolerant wait ends after this many times its limit, whatever the loop does
 
 
+class _Read:
+    """A read in flight on the lean path (see BoundedPool.read_reply)."""
+
+    __slots__ = ("arrivals", "cancelling", "conn", "expired", "started", "task")
+
+    def __init__(self, task: asyncio.Task[Any], started: float, conn: Any) -> None:
+        self.task = task
+        self.started = started
+        self.conn = conn
+        self.expired = False
+        self.arrivals = 0
+        self.cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
+
+
+def _bytes_waiting(conn: Any) -> bool:
+    """Has the reply (or part of it) reached ``conn``'s stream buffer, unread?"""
+    return bool(getattr(getattr(conn, "_reader", None), "_buffer", None))
+
+
 async def _within(awaitable: Any, limit: float, conn: Any = None, what: str = "reading from") -> Any:
-    """``awaitable``, failing with redis-py's TimeoutError after ``limit`` seconds -- of the
-    *server's* time, not of our event loop's congestion.
+    """``awaitable`` (a connect, on the tier's pool), failing with redis-py's TimeoutError after
+    ``limit`` seconds -- of the *server's* time, not of our event loop's congestion. Reads use the
+    same rule with one timer per pool (``BoundedPool.read_reply``).
 
     A burst of a thousand tasks can hold the loop for hundreds of milliseconds in one iteration
     (measured: up to 560 ms on a loaded 2-core machine); a plain timer then fires on replies that
@@ -2124,9 +2223,7 @@ async def _within(awaitable: Any, limit: float, conn: Any = None, what: str = "r
         now = loop.time()
         if now - started < _HARD_LIMIT * limit:
             late = now - due > limit / 4
-            arrived = (
-                not late and arrivals < 2 and bool(getattr(getattr(conn, "_reader", None), "_buffer", None))
-            )
+            arrived = not late and arrivals < 2 and _bytes_waiting(conn)
             if late or arrived:
                 arrivals += arrived
                 handle = loop.call_at(now + limit / 2, check, now + limit / 2)
