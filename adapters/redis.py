@@ -1125,6 +1125,17 @@ class RedisTier:
             if node is None:
                 return None
         self._nodes.failed(node)
+        if self._nodes.failures.get(node) == _NODE_THRESHOLD:
+            logger.warning(
+                "tiercache: Redis tier %r (%s): Cluster node %s failed %d times in a row (%s); "
+                "its slots are skipped for %.1fs at a time while it fails",
+                self.name,
+                self._target(),
+                node,
+                _NODE_THRESHOLD,
+                _describe(exc),
+                _NODE_COOLDOWN,
+            )
         return NodeUnavailableError(node, exc) if self._partial(client, node) else None
 
     def _node_skipped(self, client: Any, node: str | None) -> NodeUnavailableError | None:

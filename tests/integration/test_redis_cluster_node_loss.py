@@ -55,7 +55,7 @@ def _share_from_redis(lookups: list[tuple[str, str]], live: set[str]) -> tuple[f
 
 @pytest.mark.parametrize("auto_batch", [True, False])
 def test_one_dead_master_costs_only_its_own_slots(
-    doomed_cluster: RedisClusterProcesses, auto_batch: bool
+    doomed_cluster: RedisClusterProcesses, auto_batch: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     tier = RedisTier(url=doomed_cluster.url, prefix="nl")
     cache = TieredCache([tier], ttl=600, namespace="nl", auto_batch=auto_batch)
@@ -103,5 +103,7 @@ def test_one_dead_master_costs_only_its_own_slots(
         assert share_after >= 0.95, (share_after, n, cache.stats.snapshot())
         assert red.errors > 0  # the dead node's keys are counted as tier errors...
         assert red.breaker_opened == 0  # ...but the tier-wide breaker stays closed
+        warned = [r.getMessage() for r in caplog.records if r.name == "tiercache.redis"]
+        assert any(f"node 127.0.0.1:{victim.port} failed" in w for w in warned), warned
     finally:
         cache.sync.close()
