@@ -101,6 +101,12 @@ def test_one_dead_master_costs_only_its_own_slots(
         assert share_before == 1.0
         assert n > 500
         assert share_after >= 0.95, (share_after, n, cache.stats.snapshot())
+        # the sync face, the master still dead: single reads and a batch across all nodes
+        sample = random.Random(8).sample(keys, 100)
+        sync = [(k, cache.sync.lookup(k, lambda: "loaded").source) for k in sample]
+        assert _share_from_redis(sync, live)[0] >= 0.95
+        batch = cache.sync.get_many_cached(sample, lambda missing: dict.fromkeys(missing, "loaded"))
+        assert all(batch[k] == "cached" for k in sample if k in live)
         assert red.errors > 0  # the dead node's keys are counted as tier errors...
         assert red.breaker_opened == 0  # ...but the tier-wide breaker stays closed
         warned = [r.getMessage() for r in caplog.records if r.name == "tiercache.redis"]
