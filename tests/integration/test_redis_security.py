@@ -130,7 +130,11 @@ def pki() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="tc-pki-"))
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tc-test-ca",
              "-keyout", "ca.key", "-out", "ca.pem", cwd=root)  # fmt: skip
-    for name, san in (("good", "DNS:localhost,IP:127.0.0.1"), ("other", "DNS:other.example")):
+    for name, san in (
+        ("good", "DNS:localhost,IP:127.0.0.1"),
+        ("other", "DNS:other.example"),
+        ("client", "DNS:app.example"),
+    ):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
                  "-out", f"{name}.csr", cwd=root)  # fmt: skip
         (root / f"{name}.ext").write_text(f"subjectAltName={san}\n")
@@ -140,7 +144,7 @@ def pki() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _tls_server(pki: Path, cert: str) -> tuple[RedisServer, int]:
+def _tls_server(pki: Path, cert: str, auth_clients: str = "no") -> tuple[RedisServer, int]:
     tls_port = free_port()
     server = RedisServer(
         extra=[
@@ -153,7 +157,7 @@ def _tls_server(pki: Path, cert: str) -> tuple[RedisServer, int]:
             "--tls-ca-cert-file",
             str(pki / "ca.pem"),
             "--tls-auth-clients",
-            "no",
+            auth_clients,
         ]
     ).start()
     return server, tls_port
@@ -197,6 +201,36 @@ def test_tls_with_a_ca_works_and_a_certificate_for_another_host_is_refused(pki: 
             await cache.aclose()
 
         asyncio.run(refused())
+        cache.sync.close()
+    finally:
+        server.cleanup()
+
+
+def test_tls_with_a_client_certificate(pki: Path) -> None:
+    server, port = _tls_server(pki, "good", auth_clients="yes")
+    try:
+        ca = str(pki / "ca.pem")
+        without = TieredCache([RedisTier(f"rediss://localhost:{port}/0?ssl_ca_certs={ca}")], namespace="tls")
+        assert not without.sync.check()[0].ok  # the server wants a client certificate
+        without.sync.close()
+        tier = RedisTier(
+            f"rediss://localhost:{port}/0",
+            client_kwargs={
+                "ssl_ca_certs": ca,
+                "ssl_certfile": str(pki / "client.pem"),
+                "ssl_keyfile": str(pki / "client.key"),
+            },
+        )
+        cache = TieredCache([tier], namespace="tls")
+        assert cache.sync.check()[0].ok
+        assert cache.sync.get_cached("k", lambda: 5) == 5
+
+        async def main() -> None:
+            assert (await cache.check())[0].ok
+            assert await cache.get("k") == 5
+            await cache.aclose()
+
+        asyncio.run(main())
         cache.sync.close()
     finally:
         server.cleanup()
