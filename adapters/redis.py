@@ -2010,7 +2010,10 @@ def _async_pool_class() -> Any:
             self._reads = {}
 
         async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-            if self._waiters or not self.can_get_connection():
+            waiters = self._waiters
+            while waiters and waiters[0][1].done():  # cancelled waiters do not hold the line
+                waiters.popleft()
+            if waiters or not self.can_get_connection():
                 connection = await self._wait_in_line()
             else:
                 # No await between the check and the take: nobody else on this loop can take it.
