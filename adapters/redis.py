@@ -89,7 +89,7 @@ Failure policy
 Every redis-py error propagates (the core turns it into a miss or a skipped write and runs the
 circuit breaker), except a Cluster node's failure while other primaries answer: that one the
 tier turns into a miss / skipped write itself and reports as an event (see the Cluster section of
-RedisTier class), so the core's tier-wide breaker stays closed for the live slots. Connections use
+``RedisTier``), so the core's tier-wide breaker stays closed for the live slots. Connections use
 short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no blind retries), bounded pools, RESP2
 by default (redis-py 8 would speak RESP3), and no ``CLIENT SETINFO`` round trips on connect.
 Secrets in a URL (userinfo, ``?password=``, ``?ssl_password=``...) never appear in ``repr``.
