@@ -323,3 +323,20 @@ def test_a_miss_on_cluster_costs_three_round_trips(
     finally:
         cache.sync.close()
         purge_prefix(redis_cluster.url, redis_prefix)
+
+
+def test_garbage_bytes_are_counted_once_per_miss(
+    shared_redis_url: str, redis_prefix: str, raw: redis.Redis
+) -> None:
+    cache, tier = _cache(shared_redis_url, redis_prefix)
+    try:
+        raw.set(tier._vkey("ft:g"), b"not a record at all")
+        assert cache.sync.get_cached("g", lambda: 1) == 1  # first read + the leader's re-read
+        assert cache.stats.tiers[1].corrupt == 1
+        raw.set(tier._vkey("ft:h"), b"tc1v00000000000000000001{broken")
+        assert asyncio.run(cache.get_cached("h", _fresh)) == "fresh"
+        assert cache.stats.tiers[1].corrupt == 2
+        assert cache.stats.tiers[1].errors == 0
+    finally:
+        cache.sync.close()
+        purge_prefix(shared_redis_url, redis_prefix)
