@@ -331,10 +331,14 @@ class _NodeHealth:
 
 def _node_level(exc: BaseException) -> bool:
     """Is ``exc`` a failure of one node (not of the request, not of the whole cluster)?"""
+    import redis.exceptions
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import SlotNotCoveredError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    exhausted = getattr(redis.exceptions, "MaxConnectionsError", None)
+    if exhausted is not None and isinstance(exc, exhausted):
+        return False  # our side ran out of connections: the node is fine
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, SlotNotCoveredError, OSError))
 
 
@@ -526,7 +530,17 @@ class _SyncSubscriber:
 class _LoopState:
     """What the tier keeps per event loop: its client, its subscriber task, the keeper task."""
 
-    __slots__ = ("__weakref__", "client", "closed", "keeper", "loop_ref", "pool", "ready", "subscriber")
+    __slots__ = (
+        "__weakref__",
+        "client",
+        "closed",
+        "gates",
+        "keeper",
+        "loop_ref",
+        "pool",
+        "ready",
+        "subscriber",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
         self.loop_ref = weakref.ref(loop)
@@ -539,6 +553,9 @@ class _LoopState:
         self.subscriber: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.closed = False
+        # Cluster: commands in flight per node, at most max_connections (redis-py's async Cluster
+        # client raises MaxConnectionsError instead of waiting): node name -> semaphore.
+        self.gates: dict[str | None, asyncio.Semaphore] = {}
 
 
 def _text(data: Any) -> str:
@@ -667,6 +684,7 @@ class RedisTier:
         self._plock = threading.Lock()
         self._down = False  # a connect failure was logged and nothing connected since
         self._nodes = _NodeHealth()  # Cluster only
+        self._sync_gates: dict[str | None, threading.BoundedSemaphore] = {}  # Cluster only
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -1148,6 +1166,11 @@ class RedisTier:
         skipped = self._node_skipped(client, node)
         if skipped is not None:
             raise skipped
+        gate = self._sync_gate(node)
+        if not gate.acquire(timeout=self._pool_timeout):
+            raise self._redis.exceptions.ConnectionError(
+                f"no Redis Cluster connection to {node} free within {self._pool_timeout:g} s"
+            )
         try:
             result = call()
         except Exception as exc:
@@ -1155,17 +1178,33 @@ class RedisTier:
             if down is None:
                 raise
             raise down from exc
+        finally:
+            gate.release()
         if node is not None:
             self._nodes.ok(node)
         return result
+
+    def _sync_gate(self, node: str | None) -> threading.BoundedSemaphore:
+        """Threads in flight per node, at most max_connections: redis-py's sync Cluster client
+        raises "Too many connections" instead of waiting."""
+        gate = self._sync_gates.get(node)
+        if gate is None:
+            with self._lock:
+                gate = self._sync_gates.setdefault(node, threading.BoundedSemaphore(self._max_connections))
+        return gate
 
     async def _aguard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
         node = node or self._node_of(client, name)
         skipped = self._node_skipped(client, node)
         if skipped is not None:
             raise skipped
+        gates = self._state().gates
+        gate = gates.get(node)
+        if gate is None:
+            gate = gates[node] = asyncio.Semaphore(self._max_connections)
         try:
-            result = await call()
+            async with gate:  # queue (FIFO) for the node instead of failing when it is busy
+                result = await call()
         except Exception as exc:
             down = self._node_error(client, node, exc)
             if down is None:

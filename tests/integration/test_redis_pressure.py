@@ -340,3 +340,31 @@ def test_garbage_bytes_are_counted_once_per_miss(
     finally:
         cache.sync.close()
         purge_prefix(shared_redis_url, redis_prefix)
+
+
+def test_a_burst_of_misses_on_cluster_queues_per_node(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    """redis-py's async Cluster client fails a command when a node's pool is exhausted; the tier
+    queues per node instead, so 1,000 concurrent misses are all stored, with no tier error."""
+    tier = RedisTier(url=redis_cluster.url, prefix=redis_prefix)
+    cache = TieredCache([MemoryTier(), tier], ttl=60, namespace="cb")
+
+    async def loader(i: int) -> int:
+        await asyncio.sleep(0.001)
+        return i
+
+    async def main() -> list[Any]:
+        got = await asyncio.gather(*(cache.get_cached(f"k{i}", lambda i=i: loader(i)) for i in range(1000)))
+        await cache.aclose()
+        return got
+
+    try:
+        assert asyncio.run(main()) == list(range(1000))
+        red = cache.stats.tiers[1]
+        assert (red.errors, red.breaker_opened) == (0, 0), cache.stats.snapshot()
+        stored = [tier.get(f"cb:k{i}") for i in range(1000)]
+        assert all(e is not None and e.value == i for i, e in enumerate(stored))
+    finally:
+        cache.sync.close()
+        purge_prefix(redis_cluster.url, redis_prefix)
