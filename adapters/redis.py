@@ -685,6 +685,9 @@ class RedisTier:
         self._down = False  # a connect failure was logged and nothing connected since
         self._nodes = _NodeHealth()  # Cluster only
         self._sync_gates: dict[str | None, threading.BoundedSemaphore] = {}  # Cluster only
+        # Commands in flight per Cluster node; two connections are left for the calls that do not
+        # queue (clear, tags, the subscriber), so they never meet an exhausted node pool.
+        self._node_gate_size = max(1, max_connections - 2)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -1190,7 +1193,7 @@ class RedisTier:
         gate = self._sync_gates.get(node)
         if gate is None:
             with self._lock:
-                gate = self._sync_gates.setdefault(node, threading.BoundedSemaphore(self._max_connections))
+                gate = self._sync_gates.setdefault(node, threading.BoundedSemaphore(self._node_gate_size))
         return gate
 
     async def _aguard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
@@ -1201,7 +1204,7 @@ class RedisTier:
         gates = self._state().gates
         gate = gates.get(node)
         if gate is None:
-            gate = gates[node] = asyncio.Semaphore(self._max_connections)
+            gate = gates[node] = asyncio.Semaphore(self._node_gate_size)
         try:
             async with gate:  # queue (FIFO) for the node instead of failing when it is busy
                 result = await call()
