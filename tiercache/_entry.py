@@ -22,7 +22,9 @@ class Entry:
     ``version`` orders writes of one key (a later ``set``/``delete`` has a larger version), which
     is how a late loader result is kept from overwriting newer data. ``typed`` is False when the
     value came out of the JSON envelope and has not been converted to the caller's type yet.
-    ``payload`` caches the envelope bytes so several remote tiers encode once.
+    ``payload`` caches the envelope bytes so several remote tiers encode once. ``vtype`` is the
+    value's declared type (None: undeclared), which the codec needs for user classes; on an entry
+    not converted yet it is the class name its envelope declared (``y``), or None.
     """
 
     __slots__ = (
@@ -36,6 +38,7 @@ class Entry:
         "typed",
         "value",
         "version",
+        "vtype",
     )
 
     def __init__(
@@ -51,6 +54,7 @@ class Entry:
         delta: float = 0.0,
         typed: bool = True,
         payload: bytes | None = None,
+        vtype: Any = None,
     ) -> None:
         self.key = key
         self.value = value
@@ -62,6 +66,7 @@ class Entry:
         self.delta = delta
         self.typed = typed
         self.payload = payload
+        self.vtype = vtype
 
     def is_fresh(self, now: float) -> bool:
         return now < self.fresh_until
@@ -99,7 +104,9 @@ class Entry:
         if not isinstance(other, Entry):
             return NotImplemented
         return all(
-            getattr(self, n) == getattr(other, n) for n in self.__slots__ if n not in ("payload", "typed")
+            getattr(self, n) == getattr(other, n)
+            for n in self.__slots__
+            if n not in ("payload", "typed", "vtype")
         )
 
     __hash__ = None  # type: ignore[assignment]
