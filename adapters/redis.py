@@ -370,6 +370,10 @@ return 1
 """
 
 
+_HEAL_ATTEMPTS = 3  # fenced sends of one write when forged records keep refusing it
+_NUMKEYS = {"set": 2, "delete": 1}
+
+
 def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by SHA-1
 
@@ -1029,8 +1033,8 @@ class RedisTier:
     # carries an HMAC of its header, and "e" records are never written (expire rewrites a signed
     # "v" record instead). The Lua fences cannot verify a MAC (no secret on the server), so a
     # write or delete a fence refused checks the record in the way: if it is not authentic (a
-    # rewritten header pinning a huge version, a forged tombstone), it is replaced, atomically,
-    # only if still the same bytes.
+    # rewritten header pinning a huge version, a forged tombstone), it is deleted if still the
+    # same bytes and the write goes through its fence again (_fenced, below).
 
     def _signer(self) -> Any:
         codec = self._codec
@@ -1051,21 +1055,38 @@ class RedisTier:
         except Exception:
             return False
 
-    def _replacement(self, key: str, old: Any, record: bytes, ttl: Any) -> tuple[Any, ...] | None:
-        """The "replace" script's arguments when ``old`` (what a fence refused over) is forged."""
-        if self._signer() is None or old is None or self._authentic(key, old):
-            return None
-        return (self._vkey(key), old, record, ttl)
+    # A fence refused a write over a record that is not authentic: delete it (only if still the
+    # same bytes) and send the write again through its fence. Never overwrite it directly: two
+    # writers can find the same forged record, and the one whose overwrite lands last would win
+    # whatever their versions; re-fenced, the newer one wins, and its script publishes as usual.
+    # Bounded: a forger rewriting the record all the time costs a write a few round trips.
 
-    def _heal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
-        args = self._replacement(key, client.get(self._vkey(key)), record, ttl)
-        if args is not None:
-            self._eval(client, "replace", 1, *args)
+    def _forged(self, key: str, old: Any) -> bool:
+        return old is not None and not self._authentic(key, old)
 
-    async def _aheal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
-        args = self._replacement(key, await client.get(self._vkey(key)), record, ttl)
-        if args is not None:
-            await self._aeval(client, "replace", 1, *args)
+    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+        for _ in range(_HEAL_ATTEMPTS):
+            if self._eval(client, script, _NUMKEYS[script], *args) != 0:
+                return
+            if self._signer() is None:
+                return
+            old = client.get(self._vkey(key))
+            if old is not None and not self._forged(key, old):
+                return  # refused by a genuine newer record: the fence was right
+            if old is not None:
+                self._eval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+
+    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+        for _ in range(_HEAL_ATTEMPTS):
+            if await self._aeval(client, script, _NUMKEYS[script], *args) != 0:
+                return
+            if self._signer() is None:
+                return
+            old = await client.get(self._vkey(key))
+            if old is not None and not self._forged(key, old):
+                return
+            if old is not None:
+                await self._aeval(client, "replace", 1, self._vkey(key), old, b"", "keep")
 
     def _signed_expire_args(self, key: str, old: Any, at: float, version: int) -> tuple[Any, ...] | None:
         if not self._authentic(key, old) or old[3:4] != _VALUE:
@@ -1401,20 +1422,20 @@ class RedisTier:
         for node, slots in self._by_node(client, [c[0] for c in calls]).items():
             ids = [i for group in slots.values() for i in group]
 
-            def write(ids: list[int] = ids) -> None:
+            def write(ids: list[int] = ids) -> list[int]:
                 pipe = client.pipeline()
                 for i in ids:
                     pipe.execute_command("EVALSHA", sha, 2, *calls[i])
                 results = pipe.execute(raise_on_error=False)
                 for j in self._check_pipeline(results):
                     results[j] = client.eval(body, 2, *calls[ids[j]])  # the script cache was flushed
-                if self._signer() is not None:  # a refused write may sit behind a forged record
-                    for i, res in zip(ids, results, strict=True):
-                        if res == 0:
-                            self._heal(client, keys[i], calls[i][2], calls[i][3])
+                return [i for i, res in zip(ids, results, strict=True) if res == 0]
 
             try:
-                self._guard(client, "", write, node)
+                refused = self._guard(client, "", write, node)
+                if self._signer() is not None:  # a refused write may sit behind a forged record
+                    for i in refused:
+                        self._fenced(client, "set", keys[i], calls[i])
             except NodeUnavailableError as down:
                 self._node_batch_down(keys, ids, down)
 
@@ -1425,20 +1446,20 @@ class RedisTier:
         body, sha = _SCRIPTS["set"]
 
         async def one(node: str, ids: list[int]) -> None:
-            async def write() -> None:
+            async def write() -> list[int]:
                 pipe = client.pipeline()
                 for i in ids:
                     pipe.execute_command("EVALSHA", sha, 2, *calls[i])
                 results = await pipe.execute(raise_on_error=False)
                 for j in self._check_pipeline(results):
                     results[j] = await client.eval(body, 2, *calls[ids[j]])
-                if self._signer() is not None:
-                    for i, res in zip(ids, results, strict=True):
-                        if res == 0:
-                            await self._aheal(client, keys[i], calls[i][2], calls[i][3])
+                return [i for i, res in zip(ids, results, strict=True) if res == 0]
 
             try:
-                await self._aguard(client, "", write, node)
+                refused = await self._aguard(client, "", write, node)
+                if self._signer() is not None:  # outside the node's gate: _afenced takes it itself
+                    for i in refused:
+                        await self._afenced(client, "set", keys[i], calls[i])
             except NodeUnavailableError as down:
                 self._node_batch_down(keys, ids, down)
 
@@ -1505,9 +1526,8 @@ class RedisTier:
         if args is None:
             return
         token = self._write_token(args[0])
-        client = self._sync_client()
         try:
-            written = self._eval(client, "set", 2, *args[:-1], token)
+            self._fenced(self._sync_client(), "set", key, (*args[:-1], token))
         except NodeUnavailableError as down:
             self._node_down(key, down)
             if token:
@@ -1519,8 +1539,6 @@ class RedisTier:
             raise
         if token:
             self._wrote(args[0], token, True)
-        if written == 0 and self._signer() is not None:
-            self._heal(client, key, args[2], args[3])
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1542,14 +1560,11 @@ class RedisTier:
         if self._signer() is not None:
             for (k, args), res in zip(pairs, results, strict=True):
                 if res == 0:
-                    self._heal(client, k, args[2], args[3])
+                    self._fenced(client, "set", k, args)
 
     def delete(self, key: str, version: int) -> None:
-        client = self._sync_client()
-        args = self._delete_args(key, version)
         try:
-            if self._eval(client, "delete", 1, *args) == 0 and self._signer() is not None:
-                self._heal(client, key, args[1] if args[2] else b"", args[2] or "keep")
+            self._fenced(self._sync_client(), "delete", key, self._delete_args(key, version))
         except NodeUnavailableError as down:
             self._node_down(key, down)
 
@@ -1911,9 +1926,8 @@ class RedisTier:
         if args is None:
             return
         token = self._write_token(args[0])
-        client = self._aclient()
         try:
-            written = await self._aeval(client, "set", 2, *args[:-1], token)
+            await self._afenced(self._aclient(), "set", key, (*args[:-1], token))
         except NodeUnavailableError as down:
             self._node_down(key, down)
             if token:
@@ -1925,8 +1939,6 @@ class RedisTier:
             raise
         if token:
             self._wrote(args[0], token, True)
-        if written == 0 and self._signer() is not None:
-            await self._aheal(client, key, args[2], args[3])
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1948,14 +1960,11 @@ class RedisTier:
         if self._signer() is not None:
             for (k, args), res in zip(pairs, results, strict=True):
                 if res == 0:
-                    await self._aheal(client, k, args[2], args[3])
+                    await self._afenced(client, "set", k, args)
 
     async def adelete(self, key: str, version: int) -> None:
-        client = self._aclient()
-        args = self._delete_args(key, version)
         try:
-            if await self._aeval(client, "delete", 1, *args) == 0 and self._signer() is not None:
-                await self._aheal(client, key, args[1] if args[2] else b"", args[2] or "keep")
+            await self._afenced(self._aclient(), "delete", key, self._delete_args(key, version))
         except NodeUnavailableError as down:
             self._node_down(key, down)
 
