@@ -136,12 +136,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from tiercache._entry import Entry
-from tiercache._errors import ConfigurationError
-from tiercache._events import Event, EventKind, emit_safely
-from tiercache._keys import hashed_key
-from tiercache._serde import Codec, JsonCodec
-from tiercache._tier import TierBinding
+from tiercache.tier import (
+    Codec,
+    ConfigurationError,
+    Entry,
+    Event,
+    EventKind,
+    JsonCodec,
+    TierBinding,
+    emit_safely,
+    hashed_key,
+)
 
 __all__ = ["NodeUnavailableError", "RedisBus", "RedisTier"]
 
@@ -656,6 +661,7 @@ class RedisTier:
         self.max_key_bytes = max_key_bytes
         self.tombstone_ttl = tombstone_ttl
         self.socket_timeout = socket_timeout
+        self._sweeps: set[asyncio.Task[None]] = set()  # see _unsure_lease
         self.connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_connections = max_connections
@@ -1064,29 +1070,32 @@ class RedisTier:
     def _forged(self, key: str, old: Any) -> bool:
         return old is not None and not self._authentic(key, old)
 
-    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> bool:
+        """Run a fenced write; False when a genuine newer record refused it."""
         for _ in range(_HEAL_ATTEMPTS):
             if self._eval(client, script, _NUMKEYS[script], *args) != 0:
-                return
+                return True
             if self._signer() is None:
-                return
+                return False
             old = client.get(self._vkey(key))
             if old is not None and not self._forged(key, old):
-                return  # refused by a genuine newer record: the fence was right
+                return False  # refused by a genuine newer record: the fence was right
             if old is not None:
                 self._eval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+        return False
 
-    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> bool:
         for _ in range(_HEAL_ATTEMPTS):
             if await self._aeval(client, script, _NUMKEYS[script], *args) != 0:
-                return
+                return True
             if self._signer() is None:
-                return
+                return False
             old = await client.get(self._vkey(key))
             if old is not None and not self._forged(key, old):
-                return
+                return False
             if old is not None:
                 await self._aeval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+        return False
 
     def _signed_expire_args(self, key: str, old: Any, at: float, version: int) -> tuple[Any, ...] | None:
         if not self._authentic(key, old) or old[3:4] != _VALUE:
@@ -1521,24 +1530,26 @@ class RedisTier:
             ]
         return raw
 
-    def set(self, key: str, entry: Entry) -> None:
+    def set(self, key: str, entry: Entry) -> bool:
+        """Set-if-newer; False when a newer record (value or tombstone) kept its place."""
         args = self._set_args(key, entry, self._clock())
         if args is None:
-            return
+            return True
         token = self._write_token(args[0])
         try:
-            self._fenced(self._sync_client(), "set", key, (*args[:-1], token))
+            ok = self._fenced(self._sync_client(), "set", key, (*args[:-1], token))
         except NodeUnavailableError as down:
             self._node_down(key, down)
             if token:
                 self._wrote(args[0], token, False)
-            return
+            return True  # a skipped write (reported), not a newer record: L1 may keep the value
         except BaseException:
             if token:
                 self._wrote(args[0], token, False)
             raise
         if token:
-            self._wrote(args[0], token, True)
+            self._wrote(args[0], token, True)  # the script releases the lease even when refused
+        return ok
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1576,7 +1587,45 @@ class RedisTier:
         except NodeUnavailableError as down:
             self._node_down(key, down)
             return _NODE_DOWN_TOKEN
+        except Exception:
+            self._unsure_lease(key, token, ttl)
+            raise
         return self._lease_answer(vkey, token, reply)
+
+    # A SET NX that failed on our side (a timeout) may still run on the server later (a hung
+    # Redis that comes back), leaving a lease nobody holds: other processes' waiters would sit
+    # out their whole lease_wait. Its token is ours, so we delete it (compare-and-delete) when it
+    # shows up: tries spaced out, doubling, until it is deleted or its TTL is over anyway.
+
+    def _unsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+
+        def sweep() -> None:
+            deadline, pause = time.monotonic() + ttl, 0.05
+            while time.monotonic() < deadline:
+                try:
+                    if self._eval(self._sync_client(), "release", 1, *args):
+                        return
+                except Exception:  # still unreachable: try again later
+                    pass
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause *= 2
+
+        threading.Thread(target=sweep, name="tiercache-lease-sweep", daemon=True).start()
+
+    async def _aunsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+        deadline, pause = time.monotonic() + ttl, 0.05
+        while time.monotonic() < deadline:
+            try:
+                if await self._aeval(self._aclient(), "release", 1, *args):
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause *= 2
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
@@ -1921,24 +1970,25 @@ class RedisTier:
             ]
         return raw
 
-    async def aset(self, key: str, entry: Entry) -> None:
+    async def aset(self, key: str, entry: Entry) -> bool:
         args = self._set_args(key, entry, self._clock())
         if args is None:
-            return
+            return True
         token = self._write_token(args[0])
         try:
-            await self._afenced(self._aclient(), "set", key, (*args[:-1], token))
+            ok = await self._afenced(self._aclient(), "set", key, (*args[:-1], token))
         except NodeUnavailableError as down:
             self._node_down(key, down)
             if token:
                 self._wrote(args[0], token, False)
-            return
+            return True  # a skipped write (reported), not a newer record: L1 may keep the value
         except BaseException:
             if token:
                 self._wrote(args[0], token, False)
             raise
         if token:
-            self._wrote(args[0], token, True)
+            self._wrote(args[0], token, True)  # the script releases the lease even when refused
+        return ok
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1976,6 +2026,11 @@ class RedisTier:
         except NodeUnavailableError as down:
             self._node_down(key, down)
             return _NODE_DOWN_TOKEN
+        except Exception:
+            sweep = asyncio.get_running_loop().create_task(self._aunsure_lease(key, token, ttl))
+            self._sweeps.add(sweep)  # referenced until done
+            sweep.add_done_callback(self._sweeps.discard)
+            raise
         return self._lease_answer(vkey, token, reply)
 
     async def arelease_lease(self, key: str, token: str) -> None:
@@ -2549,6 +2604,65 @@ class _Backoff:
         pause = self._next * random.uniform(0.5, 1.0)
         self._next = min(self._next * 2, 0.1)
         return pause
+
+
+# --- compare-and-set: read-modify-write of one key, atomic across processes -----------------
+# Used by tiercache.contrib.django for add/incr/decr/touch. ``read_for_update`` returns the live
+# entry (or None) and a *token*: the record's first 24 bytes (its header: kind and version), or
+# b"" when the key does not exist. ``compare_and_set`` writes a new record only if the stored
+# header is still exactly that token, in one script, so no other write (set, delete, expire,
+# clear, another compare_and_set) can fall between the read and the write.
+
+# KEYS: value, lease. ARGV: token, record, ttl ms, wake channel, value key. 1 = written, 0 = changed.
+# A key of another Redis type reads as absent (token b""), as GET does (a corrupt miss): the write
+# replaces it.
+_LUA_CAS = """
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+if type(h) == 'table' then h = '' end
+if h ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+_SCRIPTS["cas"] = (_LUA_CAS, _sha(_LUA_CAS))
+
+
+def _cas_args(tier: RedisTier, key: str, token: bytes, entry: Entry) -> tuple[Any, ...] | None:
+    encoded = tier._encode(entry, tier._clock())
+    if encoded is None:
+        return None
+    record, ttl_ms = encoded
+    vkey = tier._vkey(key)
+    return (vkey, vkey + ":lease", token, record, ttl_ms, tier._channel, vkey)
+
+
+def read_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    """The live entry for ``key`` (or None) and the token ``compare_and_set`` expects."""
+    try:
+        data = tier._sync_client().get(tier._vkey(key))
+    except tier._redis.exceptions.ResponseError as exc:  # WRONGTYPE: foreign data, a corrupt miss
+        return tier._type_error(key, exc), b""
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+async def aread_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    try:
+        data = await tier._aclient().get(tier._vkey(key))
+    except tier._redis.exceptions.ResponseError as exc:  # see read_for_update
+        return tier._type_error(key, exc), b""
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+def compare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    """Store ``entry`` if the record is unchanged since ``read_for_update`` returned ``token``.
+    False: it changed, or ``entry`` is already dead (nothing is written; read again)."""
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(tier._eval(tier._sync_client(), "cas", 2, *args))
+
+
+async def acompare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(await tier._aeval(tier._aclient(), "cas", 2, *args))
 
 
 # Last, so that redis_bus (which imports this module only lazily) finds RedisTier defined.

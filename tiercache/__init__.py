@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
     from ._bus import Bus, BusMessage
     from ._cache import Lookup, SyncTieredCache, TieredCache
     from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache, tiered_cache_many
+    from ._engine import Source
     from ._entry import Entry
     from ._errors import (
         ConfigurationError,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
         ValueTooLargeError,
     )
     from ._events import Event, EventHook, EventKind
-    from ._flow import Source
     from ._serde import Codec, JsonCodec
     from ._tier import LeaseTier, Tier, TierBinding
 
@@ -83,7 +83,7 @@ _EXPORTS = {
     "LoaderTimeoutError": "._errors",
     "Lookup": "._cache",
     "SerializationError": "._errors",
-    "Source": "._flow",
+    "Source": "._engine",
     "SyncTieredCache": "._cache",
     "Tier": "._tier",
     "TierBinding": "._tier",

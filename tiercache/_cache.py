@@ -21,7 +21,7 @@ from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
-from ._tier import Tier, TierBinding
+from ._tier import InlineL1, Tier, TierBinding
 
 __all__ = ["Lookup", "SyncTieredCache", "TierCheck", "TieredCache"]
 
@@ -48,17 +48,7 @@ class TierCheck(NamedTuple):
     breaker_open: bool = False  # the core is skipping it after repeated failures
 
 
-def _check_result(rt: Runtime, index: int, reason: str | None) -> TierCheck:
-    breaker = rt.breakers[index]
-    is_open = bool(breaker is not None and breaker.open_until and not breaker.allows(rt.clock()))
-    return TierCheck(rt.names[index], reason is None, reason, is_open)
-
-
 _PROBE_KEY = "tiercache-health-check"  # read by check() on tiers that have no check method
-
-
-def _check_failed(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class TieredCache:
@@ -165,8 +155,11 @@ class TieredCache:
         # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
         # Only valid keys are ever stored, so a hit needs no key check. Early refresh needs the
         # driver on every hit, so it turns the inline path off.
+        first = tiers[0]
         self._lookup: Callable[[str], Any] | None = (
-            getattr(tiers[0], "fast_lookup", None) if self._rt.l1 and not self.policy.early_refresh else None
+            first.fast_lookup
+            if isinstance(first, InlineL1) and self._rt.l1 and not self.policy.early_refresh
+            else None
         )
         self.sync = SyncTieredCache(self)
 
@@ -408,18 +401,11 @@ class TieredCache:
     async def check(self) -> list[TierCheck]:
         """Ask every tier whether it answers now (a PING on Redis), in chain order. A tier without
         a ``check``/``acheck`` method answers if a read of a probe key does not fail."""
+        gw, probe_key = self._rt.gw, self.full_key(_PROBE_KEY)
         out = []
-        for i, tier in enumerate(self._rt.tiers):
-            probe = getattr(tier, "acheck", None)
-            reason: str | None = None
-            try:
-                if probe is not None:
-                    reason = await probe()
-                else:
-                    await tier.aget(self.full_key(_PROBE_KEY))
-            except Exception as exc:
-                reason = _check_failed(exc)
-            out.append(_check_result(self._rt, i, reason))
+        for i, name in enumerate(gw.names):
+            reason, breaker_open = await gw.check_async(i, probe_key)
+            out.append(TierCheck(name, reason is None, reason, breaker_open))
         return out
 
     async def aclose(self, grace: float = 1.0) -> None:
@@ -600,19 +586,11 @@ class SyncTieredCache:
 
     def check(self) -> list[TierCheck]:
         """``TieredCache.check`` for sync callers."""
-        rt = self._cache._rt
+        gw, probe_key = self._cache._rt.gw, self._cache.full_key(_PROBE_KEY)
         out = []
-        for i, tier in enumerate(rt.tiers):
-            probe = getattr(tier, "check", None)
-            reason: str | None = None
-            try:
-                if probe is not None:
-                    reason = probe()
-                else:
-                    tier.get(self._cache.full_key(_PROBE_KEY))
-            except Exception as exc:
-                reason = _check_failed(exc)
-            out.append(_check_result(rt, i, reason))
+        for i, name in enumerate(gw.names):
+            reason, breaker_open = gw.check_sync(i, probe_key)
+            out.append(TierCheck(name, reason is None, reason, breaker_open))
         return out
 
     def close(self, grace: float = 1.0) -> None:
