@@ -93,9 +93,25 @@ Failure policy
 ==============
 
 Every redis-py error propagates (the core turns it into a miss or a skipped write and runs the
-circuit breaker). Connections use short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no
-blind retries), bounded blocking pools, RESP2 by default (redis-py 8 would speak RESP3), and no
-``CLIENT SETINFO`` round trips on connect. Secrets in the URL never appear in ``repr``.
+circuit breaker), except a Cluster node's failure while other primaries answer: that one the
+tier turns into a miss / skipped write itself and reports as an event (see the Cluster section of
+``RedisTier``), so the core's tier-wide breaker stays closed for the live slots. Connections use
+short socket/connect timeouts, ``Retry(NoBackoff(), 0)`` (no blind retries), bounded pools, RESP2
+by default (redis-py 8 would speak RESP3), and no ``CLIENT SETINFO`` round trips on connect.
+Secrets in a URL (userinfo, ``?password=``, ``?ssl_password=``...) never appear in ``repr``.
+
+The asyncio pool (``_async_pool_class``) queues waiters FIFO, and on its lean path (reads and
+scripts) bounds a reply by the *server's* time, not by event-loop congestion (``read_reply``): a
+burst of misses must queue, not turn into timeouts and an open breaker.
+
+The miss in three round trips
+=============================
+
+``GET`` (the first read), then ``acquire_lease`` runs one script that takes the lease and reads
+the value (the flight's re-read is then answered from that, with no round trip, if it comes
+within ``_PREFETCH_LIFE``), then the write of the loaded value carries the lease token (the
+tier remembers the leases this process holds) and releases it in the same script, so the
+following ``release_lease`` costs nothing. No change in the core was needed.
 
 Event loops: the async face keeps one client per running loop (weakly keyed by the loop). A loop
 that ``asyncio.run`` shuts down cancels the tier's keeper task, which closes that loop's client, so a
@@ -108,16 +124,18 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import logging
 import math
 import os
 import random
+import re
 import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tiercache.tier import MAX_CLOCK_SKEW as MAX_SKEW
 from tiercache.tier import (
@@ -134,7 +152,9 @@ from tiercache.tier import (
     unseal_tag_time,
 )
 
-__all__ = ["RedisBus", "RedisTier"]
+__all__ = ["NodeUnavailableError", "RedisBus", "RedisTier"]
+
+logger = logging.getLogger("tiercache.redis")
 
 _MAGIC = b"tc1"
 _VALUE = b"v"
@@ -143,6 +163,9 @@ _EXPIRED = b"e"
 _HEADER_LEN = 24
 _EXPIRED_HEADER_LEN = 48  # kind "e": the 24-byte header, then the expiry time in 24 bytes
 _MAX_VERSION = 2**64 - 1  # the envelope (orjson) holds unsigned 64-bit ints; 20 digits fit it
+_FOREIGN = 0  # what a script returns, in place of a record, for a key holding a hash, list, set...
+_PREFETCH_LIFE = 0.5  # seconds a value read with the lease waits for the leader's re-read
+_LEASE_MEMORY = 4096  # leases (taken, or released by a write) remembered per tier, at most
 
 # Lua: is the 24-byte header ``h`` ours, and is version string ``a`` newer than ``b``? Versions are
 # 20-digit strings; they are compared as two 10-digit halves, each exact in a double (a whole
@@ -158,28 +181,40 @@ local function newer(a, b)
 end
 """
 
-# KEYS: value, lease. ARGV: record, ttl ms, wake channel, value key. 1 = written, 0 = refused.
+# KEYS: value, lease. ARGV: record, ttl ms, wake channel, value key, lease token ('' if none).
+# 1 = written, 0 = refused (a newer record is stored), 2 = written over a foreign Redis type.
+# With a token, the lease is released in the same call if it is still ours (write + release: one
+# round trip); waiters are woken once, when the value is written or the lease released.
 _LUA_SET = (
     _LUA_NEWER
     + """
-local h = redis.call('GETRANGE', KEYS[1], 0, 23)
-if ours(h) then
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+local wrote = 1
+if type(h) == 'table' then
+  wrote = 2
+elseif ours(h) then
   local old, new = string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)
-  if newer(old, new) then return 0 end
-  if string.sub(h, 4, 4) == 'd' and old == new then return 0 end
+  if newer(old, new) or (string.sub(h, 4, 4) == 'd' and old == new) then wrote = 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
-return 1
+if wrote > 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+local released = ARGV[5] ~= '' and redis.call('GET', KEYS[2]) == ARGV[5]
+if released then redis.call('DEL', KEYS[2]) end
+if released or (wrote > 0 and redis.call('EXISTS', KEYS[2]) == 1) then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+return wrote
 """
 )
 
 # KEYS: value. ARGV: tombstone record, tombstone ttl ms (0: plain delete). 1 = deleted, 0 = kept.
+# A foreign Redis type under the key (a hash, a list...) is replaced too (pcall: no WRONGTYPE).
 _LUA_DELETE = (
     _LUA_NEWER
     + """
-local h = redis.call('GETRANGE', KEYS[1], 0, 23)
-if ours(h) and newer(string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)) then return 0 end
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+if type(h) == 'string' and ours(h) and newer(string.sub(h, 5, 24), string.sub(ARGV[1], 5, 24)) then
+  return 0
+end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 else
@@ -194,8 +229,8 @@ return 1
 _LUA_EXPIRE = (
     _LUA_NEWER
     + """
-local r = redis.call('GET', KEYS[1])
-if not r then return 0 end
+local r = redis.pcall('GET', KEYS[1])
+if type(r) ~= 'string' then return 0 end
 local h = string.sub(r, 1, 24)
 if not ours(h) then return 0 end
 local kind = string.sub(h, 4, 4)
@@ -247,10 +282,94 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: value, lease. Returns {record or nil, lease PTTL in ms (-2: no lease)}.
+# KEYS: value, lease. Returns {record or nil (0: a foreign Redis type), lease PTTL in ms (-2: none)}.
 _LUA_PEEK = """
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[2])}
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then v = 0 end
+return {v, redis.call('PTTL', KEYS[2])}
 """
+
+# KEYS: value, lease. ARGV: token, lease ttl ms. Takes the lease and, if taken, reads the value in
+# the same call (the leader's re-read): {1, record or nil (0: a foreign Redis type)} or {0}.
+_LUA_LEASE = """
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then v = 0 end
+return {1, v}
+"""
+
+
+_NOT_READ: Any = object()  # no prefetched value for this key
+_NODE_DOWN_TOKEN = "<cluster node unavailable>"  # acquire_lease's answer then: load without a lease
+_NODE_THRESHOLD = 3  # failures in a row that make the tier skip a Cluster node...
+_NODE_COOLDOWN = 1.0  # ...for this many seconds (then one call probes it)
+
+
+class NodeUnavailableError(Exception):
+    """A Redis Cluster node failed (or is skipped after failing) while other nodes answer.
+
+    The tier never lets it reach the core: the call becomes a miss (or a skipped write, or a load
+    without a lease) and the tier reports a TIER_ERROR (or TIER_SKIPPED) event naming the node.
+    """
+
+    def __init__(self, node: str, cause: BaseException | None) -> None:
+        self.node = node
+        self.cause = cause
+        what = f"failed: {_describe(cause)}" if cause is not None else "is skipped after repeated failures"
+        super().__init__(f"Redis Cluster node {node} {what}")
+
+
+class _NodeHealth:
+    """Per-node circuit breakers of a Cluster tier (so one dead master costs only its own slots)."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+        self.open_until: dict[str, float] = {}
+
+    def allows(self, node: str) -> bool:
+        until = self.open_until.get(node)
+        if until is None:
+            return True
+        now = time.monotonic()
+        if now < until:
+            return False
+        self.open_until[node] = now + _NODE_COOLDOWN  # this caller probes; the others keep skipping
+        return True
+
+    def healthy(self, node: str) -> bool:
+        return self.failures.get(node, 0) < _NODE_THRESHOLD
+
+    def failed(self, node: str) -> None:
+        failures = self.failures.get(node, 0) + 1
+        self.failures[node] = failures
+        if failures >= _NODE_THRESHOLD:
+            self.open_until[node] = time.monotonic() + _NODE_COOLDOWN
+
+    def ok(self, node: str) -> None:
+        if node in self.failures:
+            self.failures.pop(node, None)
+            self.open_until.pop(node, None)
+
+
+def _node_level(exc: BaseException) -> bool:
+    """Is ``exc`` a failure of one node (not of the request, not of the whole cluster)?"""
+    import redis.exceptions
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import SlotNotCoveredError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    exhausted = getattr(redis.exceptions, "MaxConnectionsError", None)
+    if exhausted is not None and isinstance(exc, exhausted):
+        return False  # our side ran out of connections: the node is fine
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, SlotNotCoveredError, OSError))
+
+
+def _remember(table: dict[str, str], vkey: str, token: str) -> None:
+    """``table[vkey] = token``, forgetting the oldest entries beyond ``_LEASE_MEMORY``."""
+    table.pop(vkey, None)
+    table[vkey] = token
+    while len(table) > _LEASE_MEMORY:
+        del table[next(iter(table))]
 
 
 # KEYS: value. ARGV: the record expected there now, its replacement ("" deletes), ttl ms or
@@ -284,11 +403,19 @@ _SCRIPTS = {
         ("release", _LUA_RELEASE),
         ("extend", _LUA_EXTEND),
         ("peek", _LUA_PEEK),
+        ("lease", _LUA_LEASE),
         ("expire", _LUA_EXPIRE),
         ("tags", _LUA_TAGS),
         ("replace", _LUA_REPLACE),
     )
 }
+
+# How long an operation waits in the pool's queue for a connection when none is given
+# (``pool_timeout=None``). Long enough that a burst (say 1,000 misses at once on 32 connections,
+# a few thousand commands) queues and is served in order instead of failing; short enough that a
+# wedged pool is reported. A caller's own deadline (``asyncio.timeout``, a cancelled request)
+# ends the wait sooner: a cancelled waiter leaves the queue at once.
+DEFAULT_POOL_TIMEOUT = 2.0
 
 _SCAN_COUNT = 1000  # keys per SCAN page in clear(); each page's matches go in one UNLINK (or pipeline)
 
@@ -304,16 +431,34 @@ def _import_redis() -> Any:
     return redis
 
 
+# Query parameters whose value is a secret (``?password=``, ``ssl_password=``, a token...).
+_SECRET_PARAM = re.compile(r"(?i)(pass|secret|token|credential|auth)")
+
+
 def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with every secret replaced by ``***``: the userinfo password and the value of any
+    query parameter named like a secret (``password``, ``ssl_password``, ``...token``)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = f"{userinfo}@{hostport}"
+        query = "&".join(
+            f"{name}=***" if sep and _SECRET_PARAM.search(unquote(name)) else f"{name}{sep}{value}"
+            for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:  # not parseable as a URL: show nothing of it
+        return "<unparseable URL>"
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line or a health check: its type and message (no secret: redis-py
+    names host and port only)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _version_bytes(version: int) -> bytes:
@@ -427,7 +572,17 @@ class _SyncSubscriber:
 class _LoopState:
     """What the tier keeps per event loop: its client, its subscriber task, the keeper task."""
 
-    __slots__ = ("__weakref__", "client", "closed", "keeper", "loop_ref", "pool", "ready", "subscriber")
+    __slots__ = (
+        "__weakref__",
+        "client",
+        "closed",
+        "gates",
+        "keeper",
+        "loop_ref",
+        "pool",
+        "ready",
+        "subscriber",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
         self.loop_ref = weakref.ref(loop)
@@ -440,6 +595,9 @@ class _LoopState:
         self.subscriber: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.closed = False
+        # Cluster: commands in flight per node, at most max_connections (redis-py's async Cluster
+        # client raises MaxConnectionsError instead of waiting): node name -> semaphore.
+        self.gates: dict[str | None, asyncio.Semaphore] = {}
 
 
 def _text(data: Any) -> str:
@@ -469,8 +627,8 @@ class RedisTier:
         service_name: str | None = None,
         sentinel_kwargs: dict[str, Any] | None = None,
         protocol: int = 2,
-        socket_timeout: float = 0.05,
-        connect_timeout: float = 0.1,
+        socket_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
         max_connections: int = 32,
         pool_timeout: float | None = None,
         prefix: str = "tc",
@@ -519,7 +677,9 @@ class RedisTier:
         self.connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_connections = max_connections
-        self._pool_timeout = pool_timeout if pool_timeout is not None else connect_timeout
+        if pool_timeout is not None and pool_timeout <= 0:
+            raise ConfigurationError("RedisTier.pool_timeout must be positive")
+        self._pool_timeout = pool_timeout if pool_timeout is not None else DEFAULT_POOL_TIMEOUT
         self._extra = dict(client_kwargs or {})
         self._sentinels = [(str(h), int(p)) for h, p in sentinels] if sentinels is not None else None
         self._service_name = service_name
@@ -565,17 +725,62 @@ class RedisTier:
         )
         self._last: _LoopState | None = None
         self._sent: set[str] = set()  # scripts this tier has sent in full (EVAL) at least once
+        # The miss in three round trips (see "The lease"): what the lease script read, waiting for
+        # the leader's re-read (value key -> (monotonic deadline, data)); the leases this process
+        # holds (value key -> token), and those a write already released (value key -> token).
+        self._prefetched: dict[str, tuple[float, Any]] = {}
+        self._held: dict[str, str] = {}
+        self._released: dict[str, str] = {}
+        self._plock = threading.Lock()
+        self._down = False  # a connect failure was logged and nothing connected since
+        self._nodes = _NodeHealth()  # Cluster only
+        self._sync_gates: dict[str | None, threading.BoundedSemaphore] = {}  # Cluster only
+        # Commands in flight per Cluster node; two connections are left for the calls that do not
+        # queue (clear, tags, the subscriber), so they never meet an exhausted node pool.
+        self._node_gate_size = max(1, max_connections - 2)
 
     # --- configuration ----------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        if self._url is not None:
-            target = f"url={_redact(self._url)!r}"
-        elif self._sentinels is not None:
-            target = f"sentinels={self._sentinels!r}, service_name={self._service_name!r}"
-        else:
-            target = "client=<given>"
+        target = self._target()
         return f"RedisTier(name={self.name!r}, {target}, cluster={self._cluster}, prefix={self.prefix!r})"
+
+    def _target(self) -> str:
+        """Where the tier connects, for repr, logs and health checks: never a secret."""
+        if self._url is not None:
+            return f"url={_redact(self._url)!r}"
+        if self._sentinels is not None:
+            return f"sentinels={self._sentinels!r}, service_name={self._service_name!r}"
+        return "client=<given>"
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """A connection could not be made: one WARNING per outage, naming the address and cause."""
+        if not self._down:
+            self._down = True
+            logger.warning(
+                "tiercache: Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc)
+            )
+
+    def _connected(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("tiercache: Redis tier %r connects again (%s)", self.name, self._target())
+
+    def check(self) -> str | None:
+        """Health check (sync face): None when the server answers a PING, else why not."""
+        try:
+            self._sync_client().ping()
+        except Exception as exc:
+            return f"{self._target()}: {_describe(exc)}"
+        return None
+
+    async def acheck(self) -> str | None:
+        """Health check (async face): None when the server answers a PING, else why not."""
+        try:
+            await self._aclient().ping()
+        except Exception as exc:
+            return f"{self._target()}: {_describe(exc)}"
+        return None
 
     def bind(self, binding: TierBinding) -> None:
         self._clock = binding.clock
@@ -618,6 +823,11 @@ class RedisTier:
         }
         if "driver_info" in inspect.signature(self._redis.connection.AbstractConnection.__init__).parameters:
             kwargs["driver_info"] = None  # no CLIENT SETINFO round trips on every new connection
+        if self._url is not None and urlsplit(self._url).scheme.lower() == "rediss":
+            # Verify the certificate and its host name whatever redis-py's default (5.x: off).
+            # ``?ssl_check_hostname=false`` in the URL, or client_kwargs, can still turn it off.
+            kwargs["ssl_cert_reqs"] = "required"
+            kwargs["ssl_check_hostname"] = True
         kwargs.update(self._extra)
         return kwargs
 
@@ -651,9 +861,10 @@ class RedisTier:
             from redis.cluster import RedisCluster
 
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = _sync_pool_class().from_url(
             self._url, max_connections=self._max_connections, timeout=self._pool_timeout, **kwargs
         )
+        pool.tier_ref = weakref.ref(self)
         return redis.Redis.from_pool(pool)
 
     def _make_async(self) -> Any:
@@ -673,8 +884,15 @@ class RedisTier:
             from redis.asyncio.cluster import RedisCluster
 
             return RedisCluster.from_url(self._url, max_connections=self._max_connections, **kwargs)
+        # Connects and lean-path reads are bounded by the tier's timeouts, lag-tolerantly (see
+        # _within); redis-py's own bound on a connect is the hard limit.
+        kwargs["socket_connect_timeout"] = _HARD_LIMIT * self.connect_timeout
         pool = _async_pool_class().from_url(self._url, max_connections=self._max_connections, **kwargs)
+        pool.read_limit = self.socket_timeout
+        pool.connect_limit = self.connect_timeout
         pool.wait_timeout = self._pool_timeout
+        pool.tier_ref = weakref.ref(self)
+        pool.connection_class = _lean_connection_class(pool.connection_class)
         return redis.asyncio.Redis.from_pool(pool)
 
     def _state(self) -> _LoopState:
@@ -757,21 +975,27 @@ class RedisTier:
             entry.payload = payload
         return header + payload, math.ceil(remaining * 1000)
 
-    def _decode(self, key: str, data: Any, now: float | None = None) -> Entry | None:
-        """The live entry in ``data`` (a record) for ``key``, or None. Never raises for bad bytes."""
+    def _decode(self, key: str, data: Any, now: float | None = None, report: bool = True) -> Entry | None:
+        """The live entry in ``data`` (a record) for ``key``, or None. Never raises for bad bytes.
+
+        ``data`` is what GET returned, or ``_FOREIGN`` for a key holding another Redis type. Bad
+        data is a miss reported as a CORRUPT event, unless ``report`` is False (a re-read of what
+        the same flight's first read already reported)."""
         if data is None:
             return None
+        if type(data) is int:  # _FOREIGN
+            return self._corrupt(key, "the key holds another Redis type (not a string)", report)
         if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
-            return self._corrupt(key, "not a tiercache record")
+            return self._corrupt(key, "not a tiercache record", report)
         if len(data) > self.max_read_bytes:
-            return self._corrupt(key, f"record of {len(data)} bytes is over max_read_bytes")
+            return self._corrupt(key, f"record of {len(data)} bytes is over max_read_bytes", report)
         kind = data[3:4]
         if kind == _TOMBSTONE:
             return None
         try:
             version = int(data[4:_HEADER_LEN])
         except ValueError:
-            return self._corrupt(key, "bad record header")
+            return self._corrupt(key, "bad record header", report)
         expired_at: float | None = None
         if kind == _VALUE:
             payload = data[_HEADER_LEN:]
@@ -781,16 +1005,16 @@ class RedisTier:
             try:
                 expired_at = float(data[_HEADER_LEN:_EXPIRED_HEADER_LEN])
             except ValueError:
-                return self._corrupt(key, "bad expiry field")
+                return self._corrupt(key, "bad expiry field", report)
             payload = data[_EXPIRED_HEADER_LEN:]
         else:
-            return self._corrupt(key, "unknown record kind")
+            return self._corrupt(key, "unknown record kind", report)
         try:
             entry = self._codec.loads(payload)
         except Exception as exc:  # any codec failure means the bytes are unusable
-            return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})")
+            return self._corrupt(key, f"undecodable envelope ({type(exc).__name__})", report)
         if entry.key != key or entry.version > version or (expired_at is None and entry.version != version):
-            return self._corrupt(key, "record belongs to another key or version")
+            return self._corrupt(key, "record belongs to another key or version", report)
         if entry.stale_until <= (self._clock() if now is None else now):
             return None
         if expired_at is not None:
@@ -800,8 +1024,9 @@ class RedisTier:
         entry.payload = payload
         return entry
 
-    def _corrupt(self, key: str, why: str) -> Entry | None:
-        self._on_event(Event(EventKind.CORRUPT, key, tier=self.name, error=ValueError(why)))
+    def _corrupt(self, key: str, why: str, report: bool = True) -> Entry | None:
+        if report:
+            self._on_event(Event(EventKind.CORRUPT, key, tier=self.name, error=ValueError(why)))
         return None
 
     def _set_args(self, key: str, entry: Entry, now: float) -> tuple[Any, ...] | None:
@@ -810,7 +1035,7 @@ class RedisTier:
             return None
         record, ttl_ms = encoded
         vkey = self._vkey(key)
-        return (vkey, vkey + ":lease", record, ttl_ms, self._channel, vkey)
+        return (vkey, vkey + ":lease", record, ttl_ms, self._channel, vkey, "")
 
     def _delete_args(self, key: str, version: int) -> tuple[Any, ...]:
         record = _MAGIC + _TOMBSTONE + _version_bytes(version)
@@ -901,6 +1126,11 @@ class RedisTier:
     # restarted, SCRIPT FLUSH, another Cluster node) falls back to EVAL for that call.
 
     def _eval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        if self._cluster and numkeys:  # the script's keys share the slot of its first key
+            return self._guard(client, args[0], lambda: self._eval_plain(client, script, numkeys, *args))
+        return self._eval_plain(client, script, numkeys, *args)
+
+    def _eval_plain(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
         if script not in self._sent:
             self._sent.add(script)
@@ -911,7 +1141,23 @@ class RedisTier:
             return client.eval(body, numkeys, *args)
 
     async def _aeval(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
+        if self._cluster and numkeys:  # the script's keys share the slot of its first key
+            return await self._aguard(
+                client, args[0], lambda: self._aeval_plain(client, script, numkeys, *args)
+            )
+        return await self._aeval_plain(client, script, numkeys, *args)
+
+    async def _aeval_plain(self, client: Any, script: str, numkeys: int, *args: Any) -> Any:
         body, sha = _SCRIPTS[script]
+        pool = self._state().pool if self._user_async is None else None
+        if pool is not None:  # the tier's own pool: the lean path, as aget
+            if script not in self._sent:
+                self._sent.add(script)
+                return await _lean_call(pool, "EVAL", body, numkeys, *args)
+            try:
+                return await _lean_call(pool, "EVALSHA", sha, numkeys, *args)
+            except self._redis.exceptions.NoScriptError:
+                return await _lean_call(pool, "EVAL", body, numkeys, *args)
         if script not in self._sent:
             self._sent.add(script)
             return await client.eval(body, numkeys, *args)
@@ -930,34 +1176,403 @@ class RedisTier:
                 raise res
         return retry
 
+    # --- the miss in three round trips: lease + re-read, write + release -----------------------
+
+    def _took_lease(self, vkey: str, token: str, data: Any) -> None:
+        """The lease script took the lease and read ``data``: keep both for the flight's next calls."""
+        now = time.monotonic()
+        with self._plock:
+            prefetched = self._prefetched
+            while prefetched:  # oldest first: deadlines are in insertion order
+                oldest = next(iter(prefetched))
+                if prefetched[oldest][0] > now:
+                    break
+                del prefetched[oldest]  # never re-read (the flight took another path): forget it
+            prefetched[vkey] = (now + _PREFETCH_LIFE, data)
+            _remember(self._held, vkey, token)
+
+    def _prefetch(self, vkey: str) -> Any:
+        """What the lease script read for ``vkey`` just before (consumed), or ``_NOT_READ``."""
+        with self._plock:
+            item = self._prefetched.pop(vkey, None)
+        if item is None or item[0] < time.monotonic():
+            return _NOT_READ
+        return item[1]
+
+    def _write_token(self, vkey: str) -> str:
+        """The token of a lease this process holds on ``vkey`` ('' if none): the write releases it."""
+        if not self._held:
+            return ""
+        with self._plock:
+            return self._held.pop(vkey, "")
+
+    def _wrote(self, vkey: str, token: str, ok: bool) -> None:
+        with self._plock:
+            _remember(self._released if ok else self._held, vkey, token)
+
+    def _release_needed(self, vkey: str, token: str) -> bool:
+        """False when a write already released this lease (no round trip needed)."""
+        with self._plock:
+            if self._held.get(vkey) == token:
+                del self._held[vkey]
+            if self._released.get(vkey) == token:
+                del self._released[vkey]
+                return False
+        return True
+
+    def _lease_answer(self, vkey: str, token: str, reply: Any) -> str | None:
+        if not int(reply[0]):
+            return None
+        self._took_lease(vkey, token, reply[1] if len(reply) > 1 else None)
+        return token
+
+    def _prefetched_many(self, names: Sequence[str]) -> tuple[list[Any], set[int]]:
+        """For each name, what the lease script read (or ``_NOT_READ``), and the indexes found."""
+        raw: list[Any] = [_NOT_READ] * len(names)
+        found: set[int] = set()
+        if self._prefetched:
+            for i, name in enumerate(names):
+                data = self._prefetch(name)
+                if data is not _NOT_READ:
+                    raw[i] = data
+                    found.add(i)
+        return raw, found
+
+    def _type_error(self, key: str, exc: Exception) -> Entry | None:
+        """A GET's error reply: WRONGTYPE is foreign data under our key (a counted corrupt miss)."""
+        if str(exc).startswith("WRONGTYPE"):
+            return self._decode(key, _FOREIGN)
+        raise exc
+
+    # --- Cluster: one node's failure is a partial failure ---------------------------------------
+    #
+    # Every single-key call goes to the node owning the key's slot. When that node fails (or is
+    # skipped after failing _NODE_THRESHOLD times in a row, for _NODE_COOLDOWN seconds) while
+    # another primary is healthy, the call raises NodeUnavailableError inside the tier; the public
+    # method turns it into a miss / skipped write / lease-less load and reports an event. So the
+    # core's tier-wide breaker never sees it, and the live slots keep their answers. When every
+    # primary is failing, the error propagates and the core's breaker handles the outage.
+
+    @staticmethod
+    def _node_of(client: Any, name: str) -> str | None:
+        try:
+            node = client.get_node_from_key(name)
+        except Exception:  # topology not known yet, slot not covered...
+            return None
+        return getattr(node, "name", None)
+
+    def _partial(self, client: Any, node: str) -> bool:
+        """Does another primary still answer (so ``node``'s failure costs only its own slots)?"""
+        try:
+            names = [n.name for n in client.get_primaries()]
+        except Exception:
+            return False
+        return any(n != node and self._nodes.healthy(n) for n in names)
+
+    def _node_error(self, client: Any, node: str | None, exc: Exception) -> NodeUnavailableError | None:
+        """Count a failure of ``node``; the error to raise instead of ``exc`` if it is partial."""
+        if not _node_level(exc):
+            return None
+        if node is None:
+            node = getattr(getattr(exc, "connection", None), "name", None)
+            if node is None:
+                return None
+        self._nodes.failed(node)
+        if self._nodes.failures.get(node) == _NODE_THRESHOLD:
+            logger.warning(
+                "tiercache: Redis tier %r (%s): Cluster node %s failed %d times in a row (%s); "
+                "its slots are skipped for %.1fs at a time while it fails",
+                self.name,
+                self._target(),
+                node,
+                _NODE_THRESHOLD,
+                _describe(exc),
+                _NODE_COOLDOWN,
+            )
+        return NodeUnavailableError(node, exc) if self._partial(client, node) else None
+
+    def _node_skipped(self, client: Any, node: str | None) -> NodeUnavailableError | None:
+        if node is not None and not self._nodes.allows(node) and self._partial(client, node):
+            return NodeUnavailableError(node, None)
+        return None
+
+    def _guard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
+        node = node or self._node_of(client, name)
+        skipped = self._node_skipped(client, node)
+        if skipped is not None:
+            raise skipped
+        gate = self._sync_gate(node)
+        if not gate.acquire(timeout=self._pool_timeout):
+            raise self._redis.exceptions.ConnectionError(
+                f"no Redis Cluster connection to {node} free within {self._pool_timeout:g} s"
+            )
+        try:
+            result = call()
+        except Exception as exc:
+            down = self._node_error(client, node, exc)
+            if down is None:
+                raise
+            raise down from exc
+        finally:
+            gate.release()
+        if node is not None:
+            self._nodes.ok(node)
+        return result
+
+    def _sync_gate(self, node: str | None) -> threading.BoundedSemaphore:
+        """Threads in flight per node, at most max_connections: redis-py's sync Cluster client
+        raises "Too many connections" instead of waiting."""
+        gate = self._sync_gates.get(node)
+        if gate is None:
+            with self._lock:
+                gate = self._sync_gates.setdefault(node, threading.BoundedSemaphore(self._node_gate_size))
+        return gate
+
+    async def _aguard(self, client: Any, name: str, call: Callable[[], Any], node: str | None = None) -> Any:
+        node = node or self._node_of(client, name)
+        skipped = self._node_skipped(client, node)
+        if skipped is not None:
+            raise skipped
+        gates = self._state().gates
+        gate = gates.get(node)
+        if gate is None:
+            gate = gates[node] = asyncio.Semaphore(self._node_gate_size)
+        try:
+            async with gate:  # queue (FIFO) for the node instead of failing when it is busy
+                result = await call()
+        except Exception as exc:
+            down = self._node_error(client, node, exc)
+            if down is None:
+                raise
+            raise down from exc
+        if node is not None:
+            self._nodes.ok(node)
+        return result
+
+    def _node_down(self, key: str, down: NodeUnavailableError) -> None:
+        kind = EventKind.TIER_SKIPPED if down.cause is None else EventKind.TIER_ERROR
+        self._on_event(Event(kind, key, tier=self.name, error=down))
+
+    def _by_node(self, client: Any, names: Sequence[str]) -> dict[str, dict[int, list[int]]]:
+        """Indexes of ``names`` grouped by the node owning them, then by slot."""
+        groups: dict[str, dict[int, list[int]]] = {}
+        for i, name in enumerate(names):
+            slot = client.keyslot(name)
+            node = client.nodes_manager.get_node_from_slot(slot).name
+            groups.setdefault(node, {}).setdefault(slot, []).append(i)
+        return groups
+
+    def _node_batch_down(self, keys: Sequence[str], ids: Sequence[int], down: NodeUnavailableError) -> None:
+        for i in ids:
+            self._node_down(keys[i], down)
+
+    # Batches on Cluster: one pipeline per node (an MGET per slot; EXISTS per missing key to
+    # tell foreign types from absent keys), nodes in parallel on the async face. A failing node
+    # costs only its keys: misses (reads) or skipped writes, reported as events.
+
+    def _cluster_mget_sync(self, client: Any, names: list[str], keys: Sequence[str]) -> list[Any]:
+        raw: list[Any] = [None] * len(names)
+        for node, slots in self._by_node(client, names).items():
+
+            def read(slots: dict[int, list[int]] = slots) -> list[list[Any]]:
+                pipe = client.pipeline()
+                for ids in slots.values():
+                    pipe.execute_command("MGET", *(names[i] for i in ids))
+                return list(pipe.execute())
+
+            try:
+                replies = self._guard(client, "", read, node)
+                self._fill(raw, slots, replies)
+                missing = [i for ids in slots.values() for i in ids if raw[i] is None]
+                if missing:
+
+                    def exists(missing: list[int] = missing) -> list[Any]:
+                        pipe = client.pipeline()
+                        for i in missing:
+                            pipe.exists(names[i])
+                        return list(pipe.execute())
+
+                    self._mark_foreign(raw, missing, self._guard(client, "", exists, node))
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, [i for ids in slots.values() for i in ids], down)
+        return raw
+
+    async def _cluster_mget(self, client: Any, names: list[str], keys: Sequence[str]) -> list[Any]:
+        await client.initialize()  # the async Cluster client learns its nodes on first use
+        raw: list[Any] = [None] * len(names)
+
+        async def one(node: str, slots: dict[int, list[int]]) -> None:
+            async def read() -> list[Any]:
+                pipe = client.pipeline()
+                for ids in slots.values():
+                    pipe.execute_command("MGET", *(names[i] for i in ids))
+                return list(await pipe.execute())
+
+            try:
+                self._fill(raw, slots, await self._aguard(client, "", read, node))
+                missing = [i for ids in slots.values() for i in ids if raw[i] is None]
+                if missing:
+
+                    async def exists() -> list[Any]:
+                        pipe = client.pipeline()
+                        for i in missing:
+                            pipe.exists(names[i])
+                        return list(await pipe.execute())
+
+                    self._mark_foreign(raw, missing, await self._aguard(client, "", exists, node))
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, [i for ids in slots.values() for i in ids], down)
+
+        await asyncio.gather(*(one(node, slots) for node, slots in self._by_node(client, names).items()))
+        return raw
+
+    @staticmethod
+    def _fill(raw: list[Any], slots: dict[int, list[int]], replies: Sequence[Any]) -> None:
+        for ids, reply in zip(slots.values(), replies, strict=True):
+            for i, data in zip(ids, reply, strict=True):
+                raw[i] = data
+
+    @staticmethod
+    def _mark_foreign(raw: list[Any], missing: Sequence[int], exists: Sequence[Any]) -> None:
+        for i, there in zip(missing, exists, strict=True):
+            if int(there):  # MGET said nil, but the key exists: another Redis type
+                raw[i] = _FOREIGN
+
+    def _cluster_set_many(self, client: Any, calls: list[tuple[Any, ...]], keys: Sequence[str]) -> None:
+        body, sha = _SCRIPTS["set"]
+        for node, slots in self._by_node(client, [c[0] for c in calls]).items():
+            ids = [i for group in slots.values() for i in group]
+
+            def write(ids: list[int] = ids) -> list[int]:
+                pipe = client.pipeline()
+                for i in ids:
+                    pipe.execute_command("EVALSHA", sha, 2, *calls[i])
+                results = pipe.execute(raise_on_error=False)
+                for j in self._check_pipeline(results):
+                    results[j] = client.eval(body, 2, *calls[ids[j]])  # the script cache was flushed
+                return [i for i, res in zip(ids, results, strict=True) if res == 0]
+
+            try:
+                refused = self._guard(client, "", write, node)
+                if self._signer() is not None:  # a refused write may sit behind a forged record
+                    for i in refused:
+                        self._fenced(client, "set", keys[i], calls[i])
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, ids, down)
+
+    async def _acluster_set_many(
+        self, client: Any, calls: list[tuple[Any, ...]], keys: Sequence[str]
+    ) -> None:
+        await client.initialize()
+        body, sha = _SCRIPTS["set"]
+
+        async def one(node: str, ids: list[int]) -> None:
+            async def write() -> list[int]:
+                pipe = client.pipeline()
+                for i in ids:
+                    pipe.execute_command("EVALSHA", sha, 2, *calls[i])
+                results = await pipe.execute(raise_on_error=False)
+                for j in self._check_pipeline(results):
+                    results[j] = await client.eval(body, 2, *calls[ids[j]])
+                return [i for i, res in zip(ids, results, strict=True) if res == 0]
+
+            try:
+                refused = await self._aguard(client, "", write, node)
+                if self._signer() is not None:  # outside the node's gate: _afenced takes it itself
+                    for i in refused:
+                        await self._afenced(client, "set", keys[i], calls[i])
+            except NodeUnavailableError as down:
+                self._node_batch_down(keys, ids, down)
+
+        groups = self._by_node(client, [c[0] for c in calls])
+        await asyncio.gather(
+            *(one(node, [i for group in slots.values() for i in group]) for node, slots in groups.items())
+        )
+
     # --- the sync face ----------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        return self._decode(key, self._sync_client().get(self._vkey(key)))
+        vkey = self._vkey(key)
+        if self._prefetched:
+            data = self._prefetch(vkey)
+            if data is not _NOT_READ:
+                return self._decode(key, data, report=False)
+        client = self._sync_client()
+        try:
+            data = self._guard(client, vkey, lambda: client.get(vkey)) if self._cluster else client.get(vkey)
+        except self._redis.exceptions.ResponseError as exc:
+            return self._type_error(key, exc)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None
+        return self._decode(key, data)
 
     def get_many(self, keys: Sequence[str]) -> list[Entry | None]:
         if not keys:
             return []
         client = self._sync_client()
         names = [self._vkey(k) for k in keys]
-        raw = client.mget_nonatomic(names) if self._cluster else client.mget(names)
+        raw, reread = self._prefetched_many(names)
+        ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
+        if ask:
+            if self._cluster:
+                ask_keys = [k for k, d in zip(keys, raw, strict=True) if d is _NOT_READ]
+                got = iter(self._cluster_mget_sync(client, ask, ask_keys))
+            else:
+                got = iter(self._mget_sync(client, ask))
+            raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
-        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+        return [
+            self._decode(k, d, now, i not in reread) for i, (k, d) in enumerate(zip(keys, raw, strict=True))
+        ]
+
+    def _mget_sync(self, client: Any, names: list[str]) -> list[Any]:
+        raw: list[Any] = list(client.mget(names))
+        missing = [n for n, d in zip(names, raw, strict=True) if d is None]
+        # MGET answers nil for a key of another type; one EXISTS (only when something was
+        # missing) tells a foreign key from an absent one, so GET and MGET agree.
+        if missing and int(client.exists(*missing)):
+            pipe = client.pipeline(transaction=False)
+            for name in missing:
+                pipe.type(name)
+            kinds = dict(zip(missing, pipe.execute(), strict=True))
+            raw = [
+                _FOREIGN if d is None and kinds.get(n) not in (None, b"none", "none") else d
+                for n, d in zip(names, raw, strict=True)
+            ]
+        return raw
 
     def set(self, key: str, entry: Entry) -> bool:
         """Set-if-newer; False when a newer record (value or tombstone) kept its place."""
         args = self._set_args(key, entry, self._clock())
-        if args is not None:
-            return self._fenced(self._sync_client(), "set", key, args)
-        return True
+        if args is None:
+            return True
+        token = self._write_token(args[0])
+        try:
+            ok = self._fenced(self._sync_client(), "set", key, (*args[:-1], token))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            if token:
+                self._wrote(args[0], token, False)
+            return True  # a skipped write (reported), not a newer record: L1 may keep the value
+        except BaseException:
+            if token:
+                self._wrote(args[0], token, False)
+            raise
+        if token:
+            self._wrote(args[0], token, True)  # the script releases the lease even when refused
+        return ok
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        pairs = [(k, a) for k, a in ((k, self._set_args(k, e, now)) for k, e in items) if a is not None]
+        pairs = [(k, a) for k, e in items if (a := self._set_args(k, e, now)) is not None]
         calls = [a for _, a in pairs]
         if not calls:
             return
         client = self._sync_client()
+        if self._cluster:
+            self._cluster_set_many(client, calls, [k for k, _ in pairs])
+            return
         body, sha = _SCRIPTS["set"]
         pipe = client.pipeline(transaction=False)
         for args in calls:
@@ -971,16 +1586,23 @@ class RedisTier:
                     self._fenced(client, "set", k, args)
 
     def delete(self, key: str, version: int) -> None:
-        self._fenced(self._sync_client(), "delete", key, self._delete_args(key, version))
+        try:
+            self._fenced(self._sync_client(), "delete", key, self._delete_args(key, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
+        vkey = self._vkey(key)
         try:
-            ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+            reply = self._eval(self._sync_client(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return _NODE_DOWN_TOKEN
         except Exception:
             self._unsure_lease(key, token, ttl)
             raise
-        return token if ok else None
+        return self._lease_answer(vkey, token, reply)
 
     # A SET NX that failed on our side (a timeout) may still run on the server later (a hung
     # Redis that comes back), leaving a lease nobody holds: other processes' waiters would sit
@@ -1019,15 +1641,30 @@ class RedisTier:
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
-        self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        if token == _NODE_DOWN_TOKEN or not self._release_needed(vkey, token):
+            return
+        try:
+            self._eval(self._sync_client(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def extend_lease(self, key: str, token: str, ttl: float) -> bool:
         """Push the lease's expiry to ``ttl`` seconds from now; False if we no longer hold it."""
+        if token == _NODE_DOWN_TOKEN:
+            return True
         vkey = self._vkey(key)
-        return bool(self._eval(self._sync_client(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        try:
+            return bool(self._eval(self._sync_client(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return True  # keep loading: the lease is not the node's to judge now
 
     def _peek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
-        data, pttl = self._eval(self._sync_client(), "peek", 2, vkey, vkey + ":lease")
+        try:
+            data, pttl = self._eval(self._sync_client(), "peek", 2, vkey, vkey + ":lease")
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None, -2  # nothing to wait for there
         return self._decode(key, data), int(pttl)
 
     def _sync_subscriber(self) -> _SyncSubscriber:
@@ -1062,7 +1699,7 @@ class RedisTier:
     @property
     def _ready_wait(self) -> float:
         """How long a first waiter lets the subscriber connect before falling back to polling."""
-        return self.connect_timeout + 2 * self.socket_timeout
+        return min(0.2, self.connect_timeout + 2 * self.socket_timeout)  # then poll, with backoff
 
     def _next_pause(
         self, entry: Entry | None, lease_ms: int, subscribed: bool, waits: _Backoff
@@ -1107,12 +1744,19 @@ class RedisTier:
 
     def expire(self, key: str, at: float, version: int) -> None:
         client = self._sync_client()
-        if self._signer() is not None:
-            args = self._signed_expire_args(key, client.get(self._vkey(key)), at, version)
-            if args is not None:
-                self._eval(client, "replace", 1, *args)
-            return
-        self._eval(client, "expire", 1, *self._expire_args(key, at, version))
+        try:
+            if self._signer() is not None:
+                try:
+                    old = client.get(self._vkey(key))
+                except self._redis.exceptions.ResponseError:  # another Redis type: nothing to expire
+                    return
+                args = self._signed_expire_args(key, old, at, version)
+                if args is not None:
+                    self._eval(client, "replace", 1, *args)
+                return
+            self._eval(client, "expire", 1, *self._expire_args(key, at, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     def clear(self, prefix: str) -> int:
         client = self._sync_client()
@@ -1274,47 +1918,106 @@ class RedisTier:
     # --- the async face ---------------------------------------------------------------------
 
     async def aget(self, key: str) -> Entry | None:
+        vkey = self._vkey(key)
+        if self._prefetched:
+            data = self._prefetch(vkey)
+            if data is not _NOT_READ:
+                return self._decode(key, data, report=False)
         pool = self._state().pool if self._user_async is None else None
         if pool is None:
-            return self._decode(key, await self._aclient().get(self._vkey(key)))
+            client = self._aclient()
+            try:
+                data = await (
+                    self._aguard(client, vkey, lambda: client.get(vkey))
+                    if self._cluster
+                    else client.get(vkey)
+                )
+            except self._redis.exceptions.ResponseError as exc:
+                return self._type_error(key, exc)
+            except NodeUnavailableError as down:
+                self._node_down(key, down)
+                return None
+            return self._decode(key, data)
         # GET through a connection of the tier's own pool, without redis-py's per-command layers
         # (the retry wrapper, redis-py's own operation metrics): a few dozen Python calls fewer
         # per L2 hit. The read path never retries anyway (see Failure policy), and a failed or
         # cancelled read drops its connection, whose reply may still be on the wire (redis-py
-        # does too). Needs redis-py >= 5.3 (``get_connection()`` without a command name).
-        conn = await pool.get_connection()
+        # does too). Needs redis-py >= 5.3 (``get_connection()`` without a command name; the floor is 6.2).
         try:
-            await conn.send_command("GET", self._vkey(key))
-            data = await conn.read_response()
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+            data = await _lean_call(pool, "GET", vkey)
+        except self._redis.exceptions.ResponseError as exc:
+            return self._type_error(key, exc)
         return self._decode(key, data)
 
     async def aget_many(self, keys: Sequence[str]) -> list[Entry | None]:
         if not keys:
             return []
-        client = self._aclient()
         names = [self._vkey(k) for k in keys]
-        raw = await (client.mget_nonatomic(names) if self._cluster else client.mget(names))
+        raw, reread = self._prefetched_many(names)
+        ask = [n for n, d in zip(names, raw, strict=True) if d is _NOT_READ]
+        if ask:
+            if self._cluster:
+                ask_keys = [k for k, d in zip(keys, raw, strict=True) if d is _NOT_READ]
+                got = iter(await self._cluster_mget(self._aclient(), ask, ask_keys))
+            else:
+                got = iter(await self._amget(self._aclient(), ask))
+            raw = [next(got) if d is _NOT_READ else d for d in raw]
         now = self._clock()
-        return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
+        return [
+            self._decode(k, d, now, i not in reread) for i, (k, d) in enumerate(zip(keys, raw, strict=True))
+        ]
+
+    async def _amget(self, client: Any, names: list[str]) -> list[Any]:
+        pool = self._state().pool if self._user_async is None else None
+        if pool is not None:
+            raw: list[Any] = list(await _lean_call(pool, "MGET", *names))
+        else:
+            raw = list(await client.mget(names))
+        missing = [n for n, d in zip(names, raw, strict=True) if d is None]
+        if not missing:
+            return raw
+        exists = await (_lean_call(pool, "EXISTS", *missing) if pool is not None else client.exists(*missing))
+        if int(exists):  # see _mget_sync
+            pipe = client.pipeline(transaction=False)
+            for name in missing:
+                pipe.type(name)
+            kinds = dict(zip(missing, await pipe.execute(), strict=True))
+            raw = [
+                _FOREIGN if d is None and kinds.get(n) not in (None, b"none", "none") else d
+                for n, d in zip(names, raw, strict=True)
+            ]
+        return raw
 
     async def aset(self, key: str, entry: Entry) -> bool:
         args = self._set_args(key, entry, self._clock())
-        if args is not None:
-            return await self._afenced(self._aclient(), "set", key, args)
-        return True
+        if args is None:
+            return True
+        token = self._write_token(args[0])
+        try:
+            ok = await self._afenced(self._aclient(), "set", key, (*args[:-1], token))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            if token:
+                self._wrote(args[0], token, False)
+            return True  # a skipped write (reported), not a newer record: L1 may keep the value
+        except BaseException:
+            if token:
+                self._wrote(args[0], token, False)
+            raise
+        if token:
+            self._wrote(args[0], token, True)  # the script releases the lease even when refused
+        return ok
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        pairs = [(k, a) for k, a in ((k, self._set_args(k, e, now)) for k, e in items) if a is not None]
+        pairs = [(k, a) for k, e in items if (a := self._set_args(k, e, now)) is not None]
         calls = [a for _, a in pairs]
         if not calls:
             return
         client = self._aclient()
+        if self._cluster:
+            await self._acluster_set_many(client, calls, [k for k, _ in pairs])
+            return
         body, sha = _SCRIPTS["set"]
         pipe = client.pipeline(transaction=False)
         for args in calls:
@@ -1328,29 +2031,51 @@ class RedisTier:
                     await self._afenced(client, "set", k, args)
 
     async def adelete(self, key: str, version: int) -> None:
-        await self._afenced(self._aclient(), "delete", key, self._delete_args(key, version))
+        try:
+            await self._afenced(self._aclient(), "delete", key, self._delete_args(key, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
+        vkey = self._vkey(key)
         try:
-            ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+            reply = await self._aeval(self._aclient(), "lease", 2, vkey, vkey + ":lease", token, _ms(ttl))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return _NODE_DOWN_TOKEN
         except Exception:
             sweep = asyncio.get_running_loop().create_task(self._aunsure_lease(key, token, ttl))
             self._sweeps.add(sweep)  # referenced until done
             sweep.add_done_callback(self._sweeps.discard)
             raise
-        return token if ok else None
+        return self._lease_answer(vkey, token, reply)
 
     async def arelease_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
-        await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        if token == _NODE_DOWN_TOKEN or not self._release_needed(vkey, token):
+            return
+        try:
+            await self._aeval(self._aclient(), "release", 1, vkey + ":lease", token, self._channel, vkey)
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aextend_lease(self, key: str, token: str, ttl: float) -> bool:
+        if token == _NODE_DOWN_TOKEN:
+            return True
         vkey = self._vkey(key)
-        return bool(await self._aeval(self._aclient(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        try:
+            return bool(await self._aeval(self._aclient(), "extend", 1, vkey + ":lease", token, _ms(ttl)))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return True
 
     async def _apeek(self, key: str, vkey: str) -> tuple[Entry | None, int]:
-        data, pttl = await self._aeval(self._aclient(), "peek", 2, vkey, vkey + ":lease")
+        try:
+            data, pttl = await self._aeval(self._aclient(), "peek", 2, vkey, vkey + ":lease")
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
+            return None, -2
         return self._decode(key, data), int(pttl)
 
     def _async_subscriber(self) -> _LoopState:
@@ -1425,12 +2150,19 @@ class RedisTier:
 
     async def aexpire(self, key: str, at: float, version: int) -> None:
         client = self._aclient()
-        if self._signer() is not None:
-            args = self._signed_expire_args(key, await client.get(self._vkey(key)), at, version)
-            if args is not None:
-                await self._aeval(client, "replace", 1, *args)
-            return
-        await self._aeval(client, "expire", 1, *self._expire_args(key, at, version))
+        try:
+            if self._signer() is not None:
+                try:
+                    old = await client.get(self._vkey(key))
+                except self._redis.exceptions.ResponseError:  # another Redis type: nothing to expire
+                    return
+                args = self._signed_expire_args(key, old, at, version)
+                if args is not None:
+                    await self._aeval(client, "replace", 1, *args)
+                return
+            await self._aeval(client, "expire", 1, *self._expire_args(key, at, version))
+        except NodeUnavailableError as down:
+            self._node_down(key, down)
 
     async def aclear(self, prefix: str) -> int:
         client = self._aclient()
@@ -1500,56 +2232,191 @@ _POOL_CLASS: Any = None
 
 
 def _async_pool_class() -> Any:
-    """The tier's asyncio pool: bounded, waiting (up to ``wait_timeout``) only when exhausted, and
-    with a lean checkout. Built on first use (redis is imported lazily).
+    """The tier's asyncio pool: bounded, with a FIFO of waiters when exhausted, and a lean
+    checkout. Built on first use (redis is imported lazily).
 
-    Measured on loopback, where a GET takes about 100 µs: redis-py 8's pool spends about 8 µs per
-    checkout and release, mostly on connection-count metrics, plus a lock and an event for
+    Waiters: each waiter is one future in a queue; a released connection is handed to the oldest
+    waiter directly (one wake per release, in order), and a newcomer queues behind waiters
+    instead of taking a connection from under them. The wait's timeout is a timer on the loop
+    (no task per wait). A waiter cancelled just after being handed a connection passes it on.
+
+    Checkout: measured on loopback, where a GET takes about 100 µs, redis-py 8's pool spends about
+    8 µs per checkout and release, mostly on connection-count metrics, plus a lock and an event for
     credential providers; its BlockingConnectionPool adds a Condition and a timer. This pool keeps
     what the tier needs: take a free connection and check it as redis-py does (connect it if new,
     reconnect it if the server closed it), give it back (dropping it if the server asked to
-    reconnect), and wake waiters. It does not dispatch redis-py's release event, so credential
-    providers that re-authenticate on release, and RESP3 maintenance notifications, need your own
-    client (``RedisTier(client=..., async_client=...)``).
+    reconnect). It does not dispatch redis-py's release event, so credential providers that
+    re-authenticate on release, and RESP3 maintenance notifications, need your own client
+    (``RedisTier(client=..., async_client=...)``).
     """
     global _POOL_CLASS
     if _POOL_CLASS is not None:
         return _POOL_CLASS
+    from collections import deque
+
     from redis.asyncio import ConnectionPool
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class BoundedPool(ConnectionPool):
-        wait_timeout: float = 0.1
-        _freed: asyncio.Event | None = None
+        wait_timeout: float = DEFAULT_POOL_TIMEOUT
+        read_limit: float = 0.25  # the tier's socket_timeout, for replies read on the lean path
+        connect_limit: float = 0.25  # the tier's connect_timeout
+        tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
+        tier_down = False
+        # Invariant: a future in the queue is either pending (its waiter waits) or done (then
+        # skipped); a connection is never both available and handed out.
+        _waiters: deque[tuple[float, asyncio.Future[Any]]] | None = None
+        _wait_timer: asyncio.TimerHandle | None = None
+        _watch: asyncio.TimerHandle | None = None
+        _reads: dict[Any, _Read]
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._reads = {}
 
         async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-            if not self.can_get_connection():
-                await self._wait_for_a_release()
-            # No await between the check and the take: nobody else on this loop can take it.
-            connection = self.get_available_connection()  # type: ignore[no-untyped-call]
+            waiters = self._waiters
+            while waiters and waiters[0][1].done():  # cancelled waiters do not hold the line
+                waiters.popleft()
+            if waiters or not self.can_get_connection():
+                connection = await self._wait_in_line()
+            else:
+                # No await between the check and the take: nobody else on this loop can take it.
+                connection = self.get_available_connection()  # type: ignore[no-untyped-call]
             try:
                 # redis-py's own check: connect if needed, and reconnect a connection the server
                 # closed while it sat idle (restart, CLIENT KILL, idle timeout) or one with bytes
-                # waiting, instead of failing the next command on it.
-                await self.ensure_connection(connection)
-            except BaseException:
+                # waiting, instead of failing the next command on it. A new connection's connect
+                # is bounded lag-tolerantly (see _within; redis-py's own bound is the hard limit).
+                if connection.is_connected:
+                    await self.ensure_connection(connection)
+                else:
+                    await _within(
+                        self.ensure_connection(connection), self.connect_limit, what="connecting to"
+                    )
+            except BaseException as exc:
+                await _drop(connection)  # a connect cut short must not look connected to the next user
                 await self.release(connection)
+                if isinstance(exc, RedisTimeoutError) and self._in_use_connections:
+                    # A new connection timed out while others are in use and answering: a busy
+                    # process, not a dead server. Queue for one of them instead of failing.
+                    return await self._connected_from_line()
+                _report_connect(self, exc)
+                raise
+            if self.tier_down:
+                _report_connect(self, None)
+            return connection
+
+        async def _connected_from_line(self) -> Any:
+            connection = await self._wait_in_line()
+            try:
+                if connection.is_connected:
+                    await self.ensure_connection(connection)
+                else:
+                    await _within(
+                        self.ensure_connection(connection), self.connect_limit, what="connecting to"
+                    )
+            except BaseException as exc:
+                await _drop(connection)
+                await self.release(connection)
+                _report_connect(self, exc)
                 raise
             return connection
 
-        async def _wait_for_a_release(self) -> None:
+        async def _wait_in_line(self) -> Any:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.wait_timeout
-            while not self.can_get_connection():
-                if self._freed is None:
-                    self._freed = asyncio.Event()
-                freed = self._freed
-                freed.clear()
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise RedisConnectionError("no Redis connection free within the pool timeout")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(freed.wait(), remaining)
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = deque()
+            future: asyncio.Future[Any] = loop.create_future()
+            # Every waiter waits wait_timeout, so deadlines are in queue order: one timer, for the
+            # oldest waiter, expires them all in turn (no timer per wait).
+            waiters.append((loop.time() + self.wait_timeout, future))
+            if self._wait_timer is None:
+                self._arm_wait_timer(loop)
+            try:
+                return await future
+            except BaseException:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    # Handed a connection, then cancelled before resuming: pass it on.
+                    self._in_use_connections.discard(future.result())
+                    self._hand_on(future.result())
+                raise  # a cancelled future left in the queue is skipped (it is done)
+
+        def _arm_wait_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+            waiters = self._waiters
+            while waiters and waiters[0][1].done():
+                waiters.popleft()
+            self._wait_timer = loop.call_at(waiters[0][0], self._expire_waiters, loop) if waiters else None
+
+        def _expire_waiters(self, loop: asyncio.AbstractEventLoop) -> None:
+            waiters = self._waiters
+            now = loop.time()
+            while waiters and (waiters[0][1].done() or waiters[0][0] <= now):
+                _, future = waiters.popleft()
+                if not future.done():
+                    future.set_exception(
+                        RedisConnectionError(
+                            f"no Redis connection free within the pool timeout ({self.wait_timeout:g} s)"
+                        )
+                    )
+            self._arm_wait_timer(loop)
+
+        def _hand_on(self, connection: Any) -> None:
+            """Give ``connection`` to the oldest waiter still waiting, or back to the free list."""
+            waiters = self._waiters
+            while waiters:
+                _, future = waiters.popleft()
+                if not future.done():
+                    self._in_use_connections.add(connection)
+                    future.set_result(connection)
+                    return
+            self._available_connections.append(connection)
+
+        async def read_reply(self, conn: Any) -> Any:
+            """The reply to the command just sent on ``conn``, within read_limit of the server's
+            time (lag-tolerant, as ``_within``), watched by one timer per pool, not one per read."""
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            read = _Read(task, loop.time(), conn)
+            self._reads[conn] = read
+            if self._watch is None:
+                due = loop.time() + self.read_limit / 4
+                self._watch = loop.call_at(due, self._sweep, loop, due)
+            try:
+                return await conn.read_response(timeout=math.inf)
+            except asyncio.CancelledError:
+                if read.expired and (not hasattr(task, "uncancel") or task.uncancel() <= read.cancelling):
+                    raise RedisTimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
+                raise
+            finally:
+                self._reads.pop(conn, None)
+
+        def _sweep(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+            """Every read_limit / 4 while reads are in flight: end those past read_limit, unless the
+            loop was too busy to tell (this timer ran late) or their reply has arrived."""
+            now = loop.time()
+            limit = self.read_limit
+            late = now - due > limit / 4
+            for read in list(self._reads.values()):
+                waited = now - read.started
+                if waited < limit or read.expired:
+                    continue
+                if waited < _HARD_LIMIT * limit:
+                    if late:
+                        continue
+                    if read.arrivals < 2 and _bytes_waiting(read.conn):
+                        read.arrivals += 1
+                        continue
+                read.expired = True
+                read.task.cancel()
+            if self._reads:
+                due = now + limit / 4
+                self._watch = loop.call_at(due, self._sweep, loop, due)
+            else:
+                self._watch = None
 
         async def release(self, connection: Any) -> None:
             try:
@@ -1558,13 +2425,189 @@ def _async_pool_class() -> Any:
                 return
             reconnect = getattr(connection, "should_reconnect", None)
             if reconnect is not None and reconnect():
-                await connection.disconnect()
-            self._available_connections.append(connection)
-            if self._freed is not None:
-                self._freed.set()
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            self._hand_on(connection)
 
     _POOL_CLASS = BoundedPool
     return BoundedPool
+
+
+async def _lean_call(pool: Any, *args: Any) -> Any:
+    """One command on a connection of the tier's own pool, without redis-py's per-command layers
+    (the retry wrapper, its operation metrics, response callbacks: the tier parses raw replies).
+    An error reply raises ResponseError and keeps the connection; any other failure, or a
+    cancellation, drops the connection, whose reply may still be on the wire (redis-py does too)."""
+    from redis.exceptions import ResponseError
+
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        return await pool.read_reply(conn)
+    except ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+_HARD_LIMIT = 20  # a lag-tolerant wait ends after this many times its limit, whatever the loop does
+
+
+class _Read:
+    """A read in flight on the lean path (see BoundedPool.read_reply)."""
+
+    __slots__ = ("arrivals", "cancelling", "conn", "expired", "started", "task")
+
+    def __init__(self, task: asyncio.Task[Any], started: float, conn: Any) -> None:
+        self.task = task
+        self.started = started
+        self.conn = conn
+        self.expired = False
+        self.arrivals = 0
+        self.cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
+
+
+def _bytes_waiting(conn: Any) -> bool:
+    """Has the reply (or part of it) reached ``conn``'s stream buffer, unread?"""
+    return bool(getattr(getattr(conn, "_reader", None), "_buffer", None))
+
+
+async def _within(awaitable: Any, limit: float, conn: Any = None, what: str = "reading from") -> Any:
+    """``awaitable`` (a connect, on the tier's pool), failing with redis-py's TimeoutError after
+    ``limit`` seconds -- of the *server's* time, not of our event loop's congestion. Reads use the
+    same rule with one timer per pool (``BoundedPool.read_reply``).
+
+    A burst of a thousand tasks can hold the loop for hundreds of milliseconds in one iteration
+    (measured: up to 560 ms on a loaded 2-core machine); a plain timer then fires on replies that
+    arrived long ago but were not read yet. So the wait ends only when its timer fires *on time*
+    (within a quarter of the limit) with nothing received: a timer that ran late says the loop was
+    too busy to tell, and bytes already buffered on ``conn`` say the server did answer (allowed
+    twice, so a reply cut short still ends); either way the timer is set again, ``limit / 2``
+    later. Whatever the loop does, the wait ends after ``_HARD_LIMIT * limit``. No task is
+    created: one timer on the loop.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    started = loop.time()
+    cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
+    expired = False
+    arrivals = 0
+    handle: asyncio.TimerHandle
+
+    def check(due: float) -> None:
+        nonlocal handle, expired, arrivals
+        now = loop.time()
+        if now - started < _HARD_LIMIT * limit:
+            late = now - due > limit / 4
+            arrived = not late and arrivals < 2 and _bytes_waiting(conn)
+            if late or arrived:
+                arrivals += arrived
+                handle = loop.call_at(now + limit / 2, check, now + limit / 2)
+                return
+        expired = True
+        task.cancel()
+
+    handle = loop.call_at(started + limit, check, started + limit)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expired and (not hasattr(task, "uncancel") or task.uncancel() <= cancelling):
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            where = "the server"
+            if conn is not None:
+                where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+            raise RedisTimeoutError(f"Timeout {what} {where}") from None
+        raise
+    finally:
+        handle.cancel()
+
+
+_LEAN_CONNECTIONS: dict[type, type] = {}
+
+
+def _lean_connection_class(base: type) -> type:
+    """``base`` (redis-py's Connection, SSLConnection...) sending without a task per command.
+
+    redis-py bounds each send with ``asyncio.wait_for``, which on Python < 3.12 starts a Task per
+    command. A send into an empty transport buffer never waits (the kernel takes it, or asyncio
+    buffers it), so this class writes it directly; the reply's read, bounded by socket_timeout,
+    still bounds the operation. Anything else (a fuller buffer, a health check due, a connection
+    to open) takes redis-py's own path.
+    """
+    cls = _LEAN_CONNECTIONS.get(base)
+    if cls is not None:
+        return cls
+
+    class LeanConnection(base):  # type: ignore[misc]
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            writer = getattr(self, "_writer", None)
+            if (
+                writer is not None
+                and not self.health_check_interval
+                and not writer.transport.is_closing()
+                and not writer.transport.get_write_buffer_size()
+            ):
+                if isinstance(command, str):
+                    command = command.encode()
+                writer.writelines([command] if isinstance(command, bytes) else command)
+                return
+            await super().send_packed_command(command, check_health)
+
+    LeanConnection.__name__ = LeanConnection.__qualname__ = f"Lean{base.__name__}"
+    _LEAN_CONNECTIONS[base] = LeanConnection
+    return LeanConnection
+
+
+async def _drop(connection: Any) -> None:
+    """Close ``connection`` (whatever state a failed or cancelled connect left it in)."""
+    with contextlib.suppress(Exception):
+        await connection.disconnect(nowait=True)
+
+
+def _report_connect(pool: Any, exc: BaseException | None) -> None:
+    """Tell the pool's tier that connecting failed (``exc``) or works again (None)."""
+    if exc is not None and not isinstance(exc, Exception):
+        return  # cancelled: not the server's fault
+    tier = pool.tier_ref()
+    pool.tier_down = exc is not None
+    if tier is not None:
+        if exc is None:
+            tier._connected()
+        else:
+            tier._connect_failed(exc)
+
+
+_SYNC_POOL_CLASS: Any = None
+
+
+def _sync_pool_class() -> Any:
+    """The sync face's pool: redis-py's BlockingConnectionPool, reporting connect failures to the tier."""
+    global _SYNC_POOL_CLASS
+    if _SYNC_POOL_CLASS is not None:
+        return _SYNC_POOL_CLASS
+    from redis import BlockingConnectionPool
+
+    class ReportingPool(BlockingConnectionPool):
+        tier_ref: Callable[[], RedisTier | None] = staticmethod(lambda: None)
+        tier_down = False
+
+        def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                connection = super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except Exception as exc:
+                _report_connect(self, exc)
+                raise
+            if self.tier_down:
+                _report_connect(self, None)
+            return connection
+
+    _SYNC_POOL_CLASS = ReportingPool
+    return ReportingPool
 
 
 class _Backoff:
@@ -1589,8 +2632,12 @@ class _Backoff:
 # clear, another compare_and_set) can fall between the read and the write.
 
 # KEYS: value, lease. ARGV: token, record, ttl ms, wake channel, value key. 1 = written, 0 = changed.
+# A key of another Redis type reads as absent (token b""), as GET does (a corrupt miss): the write
+# replaces it.
 _LUA_CAS = """
-if redis.call('GETRANGE', KEYS[1], 0, 23) ~= ARGV[1] then return 0 end
+local h = redis.pcall('GETRANGE', KEYS[1], 0, 23)
+if type(h) == 'table' then h = '' end
+if h ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
@@ -1609,12 +2656,18 @@ def _cas_args(tier: RedisTier, key: str, token: bytes, entry: Entry) -> tuple[An
 
 def read_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
     """The live entry for ``key`` (or None) and the token ``compare_and_set`` expects."""
-    data = tier._sync_client().get(tier._vkey(key))
+    try:
+        data = tier._sync_client().get(tier._vkey(key))
+    except tier._redis.exceptions.ResponseError as exc:  # WRONGTYPE: foreign data, a corrupt miss
+        return tier._type_error(key, exc), b""
     return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
 
 
 async def aread_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
-    data = await tier._aclient().get(tier._vkey(key))
+    try:
+        data = await tier._aclient().get(tier._vkey(key))
+    except tier._redis.exceptions.ResponseError as exc:  # see read_for_update
+        return tier._type_error(key, exc), b""
     return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
 
 

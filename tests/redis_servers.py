@@ -163,8 +163,8 @@ class RedisServer:
 class RedisClusterProcesses:
     """Three cluster-enabled masters joined with ``redis-cli --cluster create`` (no replicas)."""
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisServer(cluster=True) for _ in range(masters)]
+    def __init__(self, masters: int = 3, *, extra: Sequence[str] = ()) -> None:
+        self.nodes = [RedisServer(cluster=True, extra=extra) for _ in range(masters)]
 
     @property
     def ports(self) -> list[int]:

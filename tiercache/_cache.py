@@ -23,7 +23,7 @@ from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
 from ._tier import InlineL1, Tier, TierBinding
 
-__all__ = ["Lookup", "SyncTieredCache", "TieredCache"]
+__all__ = ["Lookup", "SyncTieredCache", "TierCheck", "TieredCache"]
 
 T = TypeVar("T")
 
@@ -37,6 +37,18 @@ class Lookup(NamedTuple):
 
 
 _UNSET: Any = object()
+
+
+class TierCheck(NamedTuple):
+    """One tier's answer to ``cache.check()``: whether it answers, and if not, why not."""
+
+    tier: str
+    ok: bool
+    reason: str | None = None  # why it does not answer (the address, redacted, and the error)
+    breaker_open: bool = False  # the core is skipping it after repeated failures
+
+
+_PROBE_KEY = "tiercache-health-check"  # read by check() on tiers that have no check method
 
 
 class TieredCache:
@@ -386,6 +398,16 @@ class TieredCache:
         tell other processes to clear their L1 for it."""
         await _async.clear(self._rt)
 
+    async def check(self) -> list[TierCheck]:
+        """Ask every tier whether it answers now (a PING on Redis), in chain order. A tier without
+        a ``check``/``acheck`` method answers if a read of a probe key does not fail."""
+        gw, probe_key = self._rt.gw, self.full_key(_PROBE_KEY)
+        out = []
+        for i, name in enumerate(gw.names):
+            reason, breaker_open = await gw.check_async(i, probe_key)
+            out.append(TierCheck(name, reason is None, reason, breaker_open))
+        return out
+
     async def aclose(self, grace: float = 1.0) -> None:
         """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
         the tiers."""
@@ -563,6 +585,15 @@ class SyncTieredCache:
 
     def clear(self) -> None:
         _sync.clear(self._rt)
+
+    def check(self) -> list[TierCheck]:
+        """``TieredCache.check`` for sync callers."""
+        gw, probe_key = self._cache._rt.gw, self._cache.full_key(_PROBE_KEY)
+        out = []
+        for i, name in enumerate(gw.names):
+            reason, breaker_open = gw.check_sync(i, probe_key)
+            out.append(TierCheck(name, reason is None, reason, breaker_open))
+        return out
 
     def close(self, grace: float = 1.0) -> None:
         """Wait up to ``grace`` seconds for background refresh threads, then close the tiers."""

@@ -316,6 +316,42 @@ class TierGateway:
         self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, index)
         return entry
 
+    # --- cache.check(): ask each tier whether it answers now ---------------------------------
+    #
+    # A tier's own ``check``/``acheck`` (a PING on Redis) returns None when it answers, else the
+    # reason; a tier without one answers if a read of ``probe_key`` does not fail. The answer is
+    # (reason, breaker_open); it neither counts against nor resets the tier's breaker.
+
+    def _breaker_open(self, index: int) -> bool:
+        breaker = self.breakers[index]
+        return bool(breaker is not None and breaker.open_until and not breaker.allows(self.clock()))
+
+    def check_sync(self, index: int, probe_key: str) -> tuple[str | None, bool]:
+        tier = self.tiers[index]
+        probe = getattr(tier, "check", None)
+        reason: str | None = None
+        try:
+            if probe is not None:
+                reason = probe()
+            else:
+                tier.get(probe_key)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        return reason, self._breaker_open(index)
+
+    async def check_async(self, index: int, probe_key: str) -> tuple[str | None, bool]:
+        tier = self.tiers[index]
+        probe = getattr(tier, "acheck", None)
+        reason: str | None = None
+        try:
+            if probe is not None:
+                reason = await probe()
+            else:
+                await tier.aget(probe_key)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        return reason, self._breaker_open(index)
+
     def read_sync(self, index: int, key: str, conv: Converter | None) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
