@@ -250,7 +250,7 @@ _SCRIPTS = {
 
 _SCAN_COUNT = 1000  # keys per SCAN page in clear(); each page's matches go in one UNLINK (or pipeline)
 
-_INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache[redis]'"
+_INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache-py[redis]'"
 
 
 def _import_redis() -> Any:

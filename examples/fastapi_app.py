@@ -2,7 +2,7 @@
 
 Run it::
 
-    pip install 'tiercache[redis,prometheus]' fastapi uvicorn
+    pip install 'tiercache-py[redis,prometheus]' fastapi uvicorn
     REDIS_URL=redis://127.0.0.1:6379/0 uvicorn examples.fastapi_app:app
 
 Without ``REDIS_URL`` the cache is memory only. ``GET /metrics`` serves the cache's counters in the

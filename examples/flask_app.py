@@ -2,7 +2,7 @@
 
 Run it::
 
-    pip install 'tiercache[redis]' flask
+    pip install 'tiercache-py[redis]' flask
     REDIS_URL=redis://127.0.0.1:6379/0 flask --app examples.flask_app run
 """
 

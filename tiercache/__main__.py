@@ -40,7 +40,7 @@ def _embedded_redis() -> tuple[str, Callable[[], None]]:
     try:
         import fakeredis
     except ImportError:
-        sys.exit("no Redis answers and fakeredis is not installed: pip install 'tiercache[demo]'")
+        sys.exit("no Redis answers and fakeredis is not installed: pip install 'tiercache-py[demo]'")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
