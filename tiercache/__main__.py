@@ -41,6 +41,10 @@ def _embedded_redis() -> tuple[str, Callable[[], None]]:
         import fakeredis
     except ImportError:
         sys.exit("no Redis answers and fakeredis is not installed: pip install 'tiercache-py[demo]'")
+    try:  # without Lua, fakeredis refuses RedisTier's leases and fenced writes: every read misses
+        import lupa  # noqa: F401
+    except ImportError:
+        sys.exit("no Redis answers and fakeredis has no Lua support: pip install 'tiercache-py[demo]'")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
