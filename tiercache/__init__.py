@@ -14,7 +14,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
     from ._adaptive import LoadContext, current_load
     from ._bus import Bus, BusMessage
     from ._cache import Lookup, SyncTieredCache, TieredCache
-    from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache, tiered_cache_many
+    from ._decorator import (
+        AsyncCachedFunction,
+        AsyncCachedManyFunction,
+        CachedFunction,
+        CachedManyFunction,
+        tiered_cache,
+        tiered_cache_many,
+    )
     from ._entry import Entry
     from ._errors import (
         ConfigurationError,
@@ -34,9 +41,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCachedFunction",
+    "AsyncCachedManyFunction",
     "Bus",
     "BusMessage",
     "CachedFunction",
+    "CachedManyFunction",
     "Codec",
     "ConfigurationError",
     "Entry",
@@ -67,9 +76,11 @@ __all__ = [
 # name -> the private module that defines it
 _EXPORTS = {
     "AsyncCachedFunction": "._decorator",
+    "AsyncCachedManyFunction": "._decorator",
     "Bus": "._bus",
     "BusMessage": "._bus",
     "CachedFunction": "._decorator",
+    "CachedManyFunction": "._decorator",
     "Codec": "._serde",
     "ConfigurationError": "._errors",
     "Entry": "._entry",

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 from . import _async, _sync
 from ._bus import Bus
+from ._checks import check_loader, check_tier_order
 from ._errors import ConfigurationError
 from ._events import EventHook
 from ._keys import check_key
@@ -20,6 +21,7 @@ from ._runtime import Runtime
 from ._serde import Codec, JsonCodec, converter_for
 from ._stats import CacheStats
 from ._tier import Tier, TierBinding
+from ._ttl import Duration
 
 __all__ = ["Lookup", "SyncTieredCache", "TieredCache"]
 
@@ -59,19 +61,19 @@ class TieredCache:
         self,
         tiers: Sequence[Tier],
         *,
-        ttl: float = 60.0,
-        stale_ttl: float = 0.0,
+        ttl: Duration = 60.0,
+        stale_ttl: Duration = 0.0,
         namespace: str = "tc",
         swr: bool = False,
         fail_safe: bool = True,
-        fail_safe_throttle: float = 5.0,
-        soft_timeout: float | None = None,
-        hard_timeout: float | None = None,
+        fail_safe_throttle: Duration = 5.0,
+        soft_timeout: Duration | None = None,
+        hard_timeout: Duration | None = None,
         early_refresh_beta: float = 0.0,
         early_refresh_ratio: float = 0.0,
         jitter: float = 0.0,
-        lease_ttl: float = 10.0,
-        lease_wait: float = 5.0,
+        lease_ttl: Duration = 10.0,
+        lease_wait: Duration = 5.0,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 1.0,
         clock: Callable[[], float] | None = None,
@@ -91,6 +93,7 @@ class TieredCache:
                 raise ConfigurationError(f"{tier!r} does not implement the Tier protocol")
         if len({id(t) for t in tiers}) != len(tiers):
             raise ConfigurationError("the same tier object appears twice in the chain")
+        check_tier_order(tiers)
         if not isinstance(namespace, str) or not namespace or ":" in namespace:
             raise ConfigurationError("namespace must be a non-empty str without ':'")
         if breaker_threshold < 1 or breaker_cooldown < 0:
@@ -98,7 +101,7 @@ class TieredCache:
         self.namespace = namespace
         self._prefix = namespace + ":"
         self.clock: Callable[[], float] = clock if clock is not None else time.time
-        self.policy = Policy(
+        self.policy = Policy.build(
             ttl=ttl,
             stale_ttl=stale_ttl,
             swr=swr,
@@ -166,8 +169,8 @@ class TieredCache:
     def policy_for(
         self,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -195,8 +198,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Awaitable[T]],
         *,
-        ttl: float | None = ...,
-        stale_ttl: float | None = ...,
+        ttl: Duration | None = ...,
+        stale_ttl: Duration | None = ...,
         tags: Iterable[str] | None = ...,
         value_type: Any = ...,
         **options: Any,
@@ -208,8 +211,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], T],
         *,
-        ttl: float | None = ...,
-        stale_ttl: float | None = ...,
+        ttl: Duration | None = ...,
+        stale_ttl: Duration | None = ...,
         tags: Iterable[str] | None = ...,
         value_type: Any = ...,
         **options: Any,
@@ -220,8 +223,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -248,6 +251,7 @@ class TieredCache:
             policy = self.policy_for(
                 ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options
             )
+        check_loader(loader)
         return (await _async.get_cached(self._rt, self._prefix + check_key(key), loader, policy)).value
 
     async def lookup(
@@ -255,8 +259,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -265,6 +269,7 @@ class TieredCache:
         ``Lookup(value, source, tier)`` with source "L1", "L2"... (a tier hit; ``tier`` is its
         name), "LOADED", "JOINED", "STALE_SWR" or "STALE_FAILSAFE"."""
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
 
@@ -273,8 +278,8 @@ class TieredCache:
         keys: Iterable[str],
         load_many: Callable[[list[str]], Mapping[str, T] | Awaitable[Mapping[str, T]]],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -331,8 +336,8 @@ class TieredCache:
         key: str,
         value: Any,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
     ) -> None:
         """Store ``value`` in every tier. Raises SerializationError (a TypeError) before touching
@@ -409,8 +414,8 @@ class SyncTieredCache:
         key: str,
         loader: Callable[[], T],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -429,6 +434,7 @@ class SyncTieredCache:
                 hit: T = slot.entry.value
                 return hit
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy).value
         return value
 
@@ -437,8 +443,8 @@ class SyncTieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -446,6 +452,7 @@ class SyncTieredCache:
         """As ``TieredCache.lookup``, blocking."""
         cache = self._cache
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
         return Lookup(outcome.value, outcome.source, outcome.tier)
 
@@ -454,8 +461,8 @@ class SyncTieredCache:
         keys: Iterable[str],
         load_many: Callable[[list[str]], Mapping[str, T]],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -476,8 +483,8 @@ class SyncTieredCache:
         key: str,
         value: Any,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
     ) -> None:
         policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)

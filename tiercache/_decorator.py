@@ -14,7 +14,7 @@ import inspect
 import re
 import string
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
@@ -25,8 +25,16 @@ from ._cache import _UNSET, Lookup, TieredCache
 from ._errors import ConfigurationError, InvalidKeyError
 from ._keys import check_key
 from ._policy import Policy
+from ._ttl import Duration
 
-__all__ = ["AsyncCachedFunction", "CachedFunction", "tiered_cache", "tiered_cache_many"]
+__all__ = [
+    "AsyncCachedFunction",
+    "AsyncCachedManyFunction",
+    "CachedFunction",
+    "CachedManyFunction",
+    "tiered_cache",
+    "tiered_cache_many",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,10 +110,10 @@ class _Decorator:
 def tiered_cache(
     cache: TieredCache,
     *,
-    ttl: float | None = None,
+    ttl: Duration | None = None,
     key: str | None = None,
     tags: Iterable[str] | None = None,
-    stale_ttl: float | None = None,
+    stale_ttl: Duration | None = None,
     value_type: Any = _UNSET,
     **options: Any,
 ) -> _Decorator:
@@ -347,7 +355,14 @@ class _Signature:
         pieces = [repr(self.env["__tc_prefix"])]
         used: list[str] = []
         as_fstring = True
-        for literal, field, spec, conversion in string.Formatter().parse(template):
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"key template {template!r} is not a valid template ({exc}); write each parameter "
+                'as {name}, e.g. key="user:{user_id}", and a literal brace as {{ or }}'
+            ) from None
+        for literal, field, spec, conversion in parsed:
             if literal:
                 pieces.append("f" + repr(literal.replace("{", "{{").replace("}", "}}")))
             if field is None:
@@ -439,9 +454,15 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     try:
         raw = orjson.dumps(args, default=_key_default, option=_KEY_OPTIONS)
     except TypeError as exc:
+        # orjson words it "Type is not JSON serializable: <type>" (from _key_default) or names
+        # the problem itself ("Integer exceeds 64-bit range")
+        reason = str(exc)
+        if reason.startswith("Type is not JSON serializable: "):
+            reason = f"an argument of type {reason.rsplit(': ', 1)[-1]} is not JSON-like"
         raise InvalidKeyError(
-            f"cannot build a stable cache key from an argument of type {exc}; give the decorator "
-            "a key= template, or pass JSON-like arguments"
+            f"cannot build a stable cache key from the arguments: {reason}; give the decorator a "
+            'key= template naming the parameters that identify a call (key="user:{user_id}"), or '
+            "pass JSON-like arguments (numbers, strings, dates, UUIDs, dataclasses, lists, dicts)"
         ) from None
     if len(raw) <= 48:
         return raw.decode()
@@ -452,12 +473,12 @@ def tiered_cache_many(
     cache: TieredCache,
     *,
     key: str,
-    ttl: float | None = None,
+    ttl: Duration | None = None,
     tags: Iterable[str] | None = None,
-    stale_ttl: float | None = None,
+    stale_ttl: Duration | None = None,
     value_type: Any = _UNSET,
     **options: Any,
-) -> Callable[[Callable[[list[Any]], Any]], Callable[[Iterable[Any]], Any]]:
+) -> _ManyDecorator:
     """Cache a function that loads many items at once: ``fn(ids) -> {id: value}``.
 
     ``key`` is a template with one ``{}`` for an id (``"user:{}"``). The decorated function takes
@@ -471,7 +492,7 @@ def tiered_cache_many(
     policy_options = dict(options, ttl=ttl, stale_ttl=stale_ttl, tags=tags)
     cache.policy_for(**policy_options)  # validate now
 
-    def decorate(fn: Callable[[list[Any]], Any]) -> Callable[[Iterable[Any]], Any]:
+    def decorate(fn: Callable[[list[Any]], Any]) -> Any:
         vt = value_type
         if vt is _UNSET:
             try:
@@ -515,6 +536,44 @@ def tiered_cache_many(
             wrapper = swrapper
         functools.update_wrapper(wrapper, fn)
         wrapper.uncached = fn
-        return wrapper  # type: ignore[no-any-return]
+        return wrapper
 
-    return decorate
+    return _ManyDecorator(decorate)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class CachedManyFunction(Protocol[K, V]):
+    """What ``@tiered_cache_many`` makes of a plain ``fn(ids) -> {id: value}`` (for type checkers)."""
+
+    uncached: Callable[[list[K]], Mapping[K, V]]
+
+    def __call__(self, ids: Iterable[K], /) -> dict[K, V]: ...
+
+
+class AsyncCachedManyFunction(Protocol[K, V]):
+    """What ``@tiered_cache_many`` makes of an ``async def fn(ids) -> {id: value}``."""
+
+    uncached: Callable[[list[K]], Awaitable[Mapping[K, V]]]
+
+    def __call__(self, ids: Iterable[K], /) -> Coroutine[Any, Any, dict[K, V]]: ...
+
+
+class _ManyDecorator:
+    """The decorator returned by ``tiered_cache_many(...)``: keeps the id and value types."""
+
+    def __init__(self, decorate: Callable[[Callable[[list[Any]], Any]], Any]) -> None:
+        self._decorate = decorate
+
+    @overload
+    def __call__(
+        self, fn: Callable[[list[K]], Coroutine[Any, Any, Mapping[K, V]]]
+    ) -> AsyncCachedManyFunction[K, V]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[list[K]], Mapping[K, V]]) -> CachedManyFunction[K, V]: ...
+
+    def __call__(self, fn: Callable[[list[Any]], Any]) -> Any:
+        return self._decorate(fn)

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_all_is_pinned() -> None:
     assert tiercache.__all__ == [
         "AsyncCachedFunction",
+        "AsyncCachedManyFunction",
         "Bus",
         "BusMessage",
         "CachedFunction",
+        "CachedManyFunction",
         "Codec",
         "ConfigurationError",
         "Entry",
