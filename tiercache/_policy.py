@@ -132,7 +132,15 @@ class Policy:
 
 
 # The options given in seconds, which also take a timedelta or a string ("90s", "5m", "1h", "1d").
-_DURATIONS = ("ttl", "stale_ttl", "fail_safe_throttle", "soft_timeout", "hard_timeout", "lease_ttl", "lease_wait")
+_DURATIONS = (
+    "ttl",
+    "stale_ttl",
+    "fail_safe_throttle",
+    "soft_timeout",
+    "hard_timeout",
+    "lease_ttl",
+    "lease_wait",
+)
 _NAMES = frozenset(f.name for f in fields(Policy))
 # What callers spell: value_type= becomes the converter.
 _OPTIONS = sorted((_NAMES - {"converter"}) | {"value_type"})
