@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
     )
     from ._entry import Entry
     from ._errors import (
+        CacheClosedError,
         ConfigurationError,
         InvalidKeyError,
         LoaderTimeoutError,
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncCachedManyFunction",
     "Bus",
     "BusMessage",
+    "CacheClosedError",
     "CachedFunction",
     "CachedManyFunction",
     "Codec",
@@ -79,6 +81,7 @@ _EXPORTS = {
     "AsyncCachedManyFunction": "._decorator",
     "Bus": "._bus",
     "BusMessage": "._bus",
+    "CacheClosedError": "._errors",
     "CachedFunction": "._decorator",
     "CachedManyFunction": "._decorator",
     "Codec": "._serde",

@@ -109,7 +109,7 @@ class FlowRun:
             try:
                 if type(op) is Read and not self.rt.tiers[op.index].in_process:
                     # The common case, without the dispatch coroutine in between.
-                    send = await self.rt.read_async(op.index, op.key, op.converter)
+                    send = await self.rt.read_async(op.index, op.key, op.converter, op.count_miss)
                 else:
                     send = await self._execute(op)
             except asyncio.CancelledError:
@@ -133,8 +133,8 @@ class FlowRun:
         if kind is Read:
             assert isinstance(op, Read)
             if rt.tiers[op.index].in_process:
-                return rt.read_sync(op.index, op.key, op.converter)
-            return await rt.read_async(op.index, op.key, op.converter)
+                return rt.read_sync(op.index, op.key, op.converter, op.count_miss)
+            return await rt.read_async(op.index, op.key, op.converter, op.count_miss)
         if kind is Write:
             assert isinstance(op, Write)
             return await rt.write_async(op)
@@ -257,9 +257,7 @@ class FlowRun:
         try:
             value = await asyncio.wait_for(task, remaining)
         except Exception as exc:  # the caller already got stale; a late failure is only logged
-            logger.debug(
-                "tiercache: late loader for %s failed: %r", rt.log_key(fence.key if fence else ""), exc
-            )
+            logger.debug("late loader for %s failed: %r", rt.log_key(fence.key if fence else ""), exc)
             return
         if fence is None:
             return
@@ -420,7 +418,7 @@ async def _refresh(
     try:
         await lead(rt, flight, key, loader, policy, current, refresh=True)
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
-        logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
+        logger.debug("background refresh of %s failed: %r", rt.log_key(key), exc)
 
 
 async def get_many_cached(

@@ -15,6 +15,7 @@ from ._bus import Bus
 from ._checks import check_loader, check_tier_order
 from ._errors import ConfigurationError
 from ._events import EventHook
+from ._flow import Outcome, Source
 from ._keys import check_key
 from ._policy import Policy
 from ._runtime import Runtime
@@ -34,6 +35,15 @@ class Lookup(NamedTuple):
     value: Any
     source: str
     tier: str | None
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> Lookup:
+        """The lookup of a flow's outcome. A tier hit on a copy that fail-safe holds (a stale
+        value kept fresh for the retry throttle) is reported as the fail-safe value it is."""
+        entry = outcome.entry
+        if entry is not None and entry.held and outcome.source[:1] == "L":
+            return cls(outcome.value, Source.STALE_FAILSAFE, outcome.tier)
+        return cls(outcome.value, outcome.source, outcome.tier)
 
 
 _UNSET: Any = object()
@@ -271,7 +281,7 @@ class TieredCache:
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         check_loader(loader)
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
-        return Lookup(outcome.value, outcome.source, outcome.tier)
+        return Lookup.of(outcome)
 
     async def get_many_cached(
         self,
@@ -367,7 +377,8 @@ class TieredCache:
 
     async def aclose(self, grace: float = 1.0) -> None:
         """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
-        the tiers."""
+        the tiers. Using the cache afterwards raises CacheClosedError (a shared tier would otherwise
+        quietly reconnect)."""
         loop = asyncio.get_running_loop()
         mine = [t for t in self._rt.tasks if t.get_loop() is loop and not t.done()]
         if mine:
@@ -380,6 +391,7 @@ class TieredCache:
                     await asyncio.wait(pending, timeout=grace)
                 finally:
                     self._rt.closing = False
+        self._rt.closed = True
         for tier in self._rt.tiers:
             await tier.aclose()
         bus = self._rt.coherence.bus
@@ -454,7 +466,7 @@ class SyncTieredCache:
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         check_loader(loader)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
-        return Lookup(outcome.value, outcome.source, outcome.tier)
+        return Lookup.of(outcome)
 
     def get_many_cached(
         self,
@@ -508,6 +520,7 @@ class SyncTieredCache:
         for thread in list(self._rt.threads):
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        self._rt.closed = True
         for tier in self._rt.tiers:
             tier.close()
         bus = self._rt.coherence.bus

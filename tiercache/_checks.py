@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import ConfigurationError
+from ._errors import CacheClosedError, ConfigurationError
 
-__all__ = ["check_loader", "check_tier_order"]
+__all__ = ["check_loader", "check_tier_order", "closed_error"]
 
 
 def check_loader(loader: Any) -> None:
@@ -57,3 +57,11 @@ def check_tier_order(tiers: Sequence[Any]) -> None:
                 f"tiers are listed fastest first, but the in-process tier {tier!r} comes after "
                 f"{shared!r}; put it first, e.g. TieredCache([MemoryTier(...), RedisTier(...)])"
             )
+
+
+def closed_error() -> CacheClosedError:
+    """What using a closed cache raises (its shared tiers are closed and stay closed)."""
+    return CacheClosedError(
+        "this TieredCache was closed (aclose() or sync.close()) and is used again; close a cache "
+        "once, when the program (or the app's lifespan) ends, or build a new one"
+    )

@@ -217,7 +217,7 @@ class Coherence:
 
     def _publish_failed(self, msg: BusMessage, exc: Exception) -> None:
         # Receivers will see a sequence gap at our next message and clear their L1.
-        logger.warning("tiercache: publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
+        logger.warning("publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
         self.rt.emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
 
     # --- the bus: receiving -------------------------------------------------------------------
@@ -231,7 +231,7 @@ class Coherence:
             self._last_seq[msg.origin] = msg.seq
         if last is not None and msg.seq != last + 1:
             logger.info(
-                "tiercache: bus gap from %s (%s -> %s); clearing L1 of %s",
+                "bus gap from %s (%s -> %s); clearing L1 of %s",
                 msg.origin[:8],
                 last,
                 msg.seq,
@@ -259,7 +259,7 @@ class Coherence:
         with self._last_seq_lock:
             self._last_seq.clear()
         if self._resets > 1:
-            logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
+            logger.info("bus reconnected; clearing L1 of %s", self.namespace)
             self.rt.emit(EventKind.BUS_GAP, "")
         self.clear_local()
 

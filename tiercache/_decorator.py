@@ -268,7 +268,7 @@ def build_cached_function(
         async def alookup(*args: Any, **kwargs: Any) -> Lookup:
             key = check_key(make_key(*args, **kwargs))
             outcome = await _async.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
-            return Lookup(outcome.value, outcome.source, outcome.tier)
+            return Lookup.of(outcome)
 
         lookup_fn: Callable[..., Any] = alookup
     else:
@@ -276,7 +276,7 @@ def build_cached_function(
         def lookup_fn(*args: Any, **kwargs: Any) -> Lookup:
             key = check_key(make_key(*args, **kwargs))
             outcome = _sync.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
-            return Lookup(outcome.value, outcome.source, outcome.tier)
+            return Lookup.of(outcome)
 
     functools.update_wrapper(wrapper, fn)
     wrapper.uncached = fn

@@ -29,6 +29,7 @@ class Entry:
         "created_at",
         "delta",
         "fresh_until",
+        "held",
         "key",
         "payload",
         "stale_until",
@@ -51,6 +52,7 @@ class Entry:
         delta: float = 0.0,
         typed: bool = True,
         payload: bytes | None = None,
+        held: bool = False,
     ) -> None:
         self.key = key
         self.value = value
@@ -62,6 +64,9 @@ class Entry:
         self.delta = delta
         self.typed = typed
         self.payload = payload
+        # fail-safe's throttle copy: a stale value kept fresh for a while (in-process only; not in
+        # the envelope, so another process reading it from a shared tier sees a plain entry)
+        self.held = held
 
     def is_fresh(self, now: float) -> bool:
         return now < self.fresh_until
@@ -98,12 +103,12 @@ class Entry:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):
             return NotImplemented
-        return all(
-            getattr(self, n) == getattr(other, n) for n in self.__slots__ if n not in ("payload", "typed")
-        )
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__ if n not in _NOT_COMPARED)
 
     __hash__ = None  # type: ignore[assignment]
 
+
+_NOT_COMPARED = ("payload", "typed", "held")  # caches and markers, not what the entry says
 
 _version_lock = threading.Lock()
 _last_version = 0

@@ -84,11 +84,16 @@ NOT_READ: Any = object()  # ``fill_flow(first_read=...)``: the caller did not re
 
 @dataclass(slots=True)
 class Read:
-    """Read tier ``index``; the driver sends back a typed Entry or None (miss, error, corrupt)."""
+    """Read tier ``index``; the driver sends back a typed Entry or None (miss, error, corrupt).
+
+    ``count_miss=False`` for a re-read of a tier this flight already counted a miss on (under the
+    lease): one cold load is one miss per tier, as hit ratios computed from the counters assume.
+    """
 
     index: int
     key: str
     converter: Converter | None
+    count_miss: bool = True
 
 
 @dataclass(slots=True)
@@ -257,7 +262,7 @@ def fill_flow(
             # Deadline passed with nothing usable: load ourselves, without the lease.
         else:
             try:
-                entry = yield Read(lease, key, conv)  # someone may have filled it just before
+                entry = yield Read(lease, key, conv, count_miss=False)  # filled just before?
             except BaseException:
                 yield ReleaseLease(lease, key, token)
                 raise
@@ -281,7 +286,9 @@ def fill_flow(
                     # Throttle: keep serving the stale value as fresh for a short while, in every
                     # tier (so in every process), instead of calling a failing loader per request.
                     # Same version: any real write since (or after) wins; stale_until unchanged.
-                    held = stale.replace(fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until))
+                    held = stale.replace(
+                        fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until), held=True
+                    )
                     yield Write(plan.write_order, key, held, backfill=True, fence=fence)
                 return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
             assert loaded.error is not None

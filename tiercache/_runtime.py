@@ -16,6 +16,7 @@ from typing import Any
 
 from ._batch import ReadCoalescer
 from ._bus import Bus
+from ._checks import closed_error
 from ._coherence import Coherence
 from ._entry import Entry
 from ._errors import SerializationError, ValueTooLargeError
@@ -68,7 +69,7 @@ class Breaker:
             self.failures = 0
             self.open_until = 0.0
             if was_open:
-                logger.info("tiercache: tier %s answers again; breaker closed", self.name)
+                logger.info("tier %s answers again; breaker closed", self.name)
                 self._emit(Event(EventKind.BREAKER_CLOSED, "", self.name))
 
     def failed(self, now: float, retry_after: float | None = None) -> None:
@@ -83,7 +84,7 @@ class Breaker:
             self.open_until = max(self.open_until, now + cooldown)
             if first:
                 logger.warning(
-                    "tiercache: tier %s failed %d times in a row; skipping it for %.1fs",
+                    "tier %s failed %d times in a row; skipping it for %.1fs",
                     self.name,
                     self.failures,
                     self.cooldown,
@@ -127,6 +128,7 @@ class Runtime:
         self.closing = False  # set by aclose(): cancelled flights are abandoned, not taken over
         # tiercache.testing.bypass(): every read misses, every write is dropped, loaders run.
         self.bypass = False
+        self.closed = False  # set by aclose()/close(): shared tiers are not reopened behind the user's back
         self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
@@ -165,7 +167,7 @@ class Runtime:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.debug("tiercache: background task failed: %r", task.exception())
+            logger.debug("background task failed: %r", task.exception())
 
     def set_hooks(self, hooks: Sequence[EventHook]) -> None:
         self._hooks = tuple(hooks)
@@ -215,7 +217,7 @@ class Runtime:
 
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
-        logger.debug("tiercache: %s of %s on tier %s failed: %r", what, self.log_key(key), name, exc)
+        logger.debug("%s of %s on tier %s failed: %r", what, self.log_key(key), name, exc)
         breaker = self.breakers[index]
         if breaker is not None:
             retry_after = getattr(exc, "retry_after", None)
@@ -228,6 +230,8 @@ class Runtime:
             breaker.succeeded()
 
     def tier_usable(self, index: int, key: str) -> bool:
+        if self.closed:
+            raise closed_error()
         breaker = self.breakers[index]
         if breaker is None or not breaker.open_until or breaker.allows(self.clock()):
             return True
@@ -270,10 +274,13 @@ class Runtime:
                 stale = entry
         return None, -1, stale, None
 
-    def typed(self, index: int, key: str, entry: Entry | None, conv: Converter | None) -> Entry | None:
+    def typed(
+        self, index: int, key: str, entry: Entry | None, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         """Check a tier's answer: alive, really this key, converted to the caller's type."""
         if entry is None:
-            self.emit(EventKind.MISS, key, index)
+            if count_miss:
+                self.emit(EventKind.MISS, key, index)
             return None
         now = self.clock()
         if entry.key != key or not entry.stale_until > now:
@@ -290,7 +297,9 @@ class Runtime:
         self.emit(EventKind.HIT if fresh else EventKind.STALE_HIT, key, index)
         return entry
 
-    def read_sync(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+    def read_sync(
+        self, index: int, key: str, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
         try:
@@ -302,12 +311,14 @@ class Runtime:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        typed = self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv, count_miss)
         if typed is not None and typed.tags and not self.coherence.tags_valid_sync(typed):
             return None
         return typed
 
-    async def read_async(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+    async def read_async(
+        self, index: int, key: str, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
         coalescer = self.coalescers[index]
@@ -323,7 +334,7 @@ class Runtime:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        typed = self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv, count_miss)
         if typed is not None and typed.tags and not await self.coherence.tags_valid_async(typed):
             return None
         return typed
@@ -632,7 +643,7 @@ class Runtime:
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
-                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                logger.warning("tier %s cannot clear a namespace; skipped", self.names[i])
                 continue
             if self.tiers[i].in_process or self.tier_usable(i, prefix):
                 try:
@@ -645,7 +656,7 @@ class Runtime:
         for i in self.plan.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
-                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                logger.warning("tier %s cannot clear a namespace; skipped", self.names[i])
                 continue
             if self.tiers[i].in_process:
                 tier.clear(prefix)

@@ -77,7 +77,7 @@ def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, f
     kind = type(op)
     if kind is Read:
         assert isinstance(op, Read)
-        return rt.read_sync(op.index, op.key, op.converter)
+        return rt.read_sync(op.index, op.key, op.converter, op.count_miss)
     if kind is Write:
         assert isinstance(op, Write)
         return rt.write_sync(op)
@@ -323,9 +323,7 @@ def _finish_late(
             try:
                 rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
             except Exception:
-                logger.exception(
-                    "tiercache: storing a late loader result for %s failed", rt.log_key(fence.key)
-                )
+                logger.exception("storing a late loader result for %s failed", rt.log_key(fence.key))
 
     with box.lock:
         if not box.done.is_set():
@@ -433,7 +431,7 @@ def start_refresh(
         try:
             lead(rt, flight, key, loader, policy, current, refresh=True)
         except Exception as exc:
-            logger.debug("tiercache: background refresh of %s failed: %r", rt.log_key(key), exc)
+            logger.debug("background refresh of %s failed: %r", rt.log_key(key), exc)
         finally:
             rt.threads.discard(threading.current_thread())
 

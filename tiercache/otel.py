@@ -297,7 +297,7 @@ class Instrumentation:
         try:
             self._record(event)
         except Exception:  # never let telemetry break a request; still call the user's hook
-            logger.exception("tiercache.otel: recording %s failed", event.kind)
+            logger.exception("OpenTelemetry: recording %s failed", event.kind)
         if self.previous is not None:
             self.previous(event)
 

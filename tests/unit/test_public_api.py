@@ -17,6 +17,7 @@ def test_all_is_pinned() -> None:
         "AsyncCachedManyFunction",
         "Bus",
         "BusMessage",
+        "CacheClosedError",
         "CachedFunction",
         "CachedManyFunction",
         "Codec",
