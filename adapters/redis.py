@@ -119,6 +119,7 @@ from tiercache._events import Event, EventKind, emit_safely
 from tiercache._keys import hashed_key
 from tiercache._serde import Codec, JsonCodec
 from tiercache._tier import TierBinding
+from tiercache._ttl import Duration, seconds
 
 __all__ = ["RedisBus", "RedisTier"]
 
@@ -432,7 +433,7 @@ class RedisTier:
         max_connections: int = 32,
         pool_timeout: float | None = None,
         prefix: str = "tc",
-        max_ttl: float | None = None,
+        max_ttl: Duration | None = None,
         max_key_bytes: int = 256,
         tombstone_ttl: float = 10.0,
         max_value_bytes: int = 512 * 1024 * 1024,
@@ -448,6 +449,7 @@ class RedisTier:
             raise ConfigurationError("RedisTier timeouts must be positive")
         if max_connections < 2:
             raise ConfigurationError("RedisTier.max_connections must be at least 2")
+        max_ttl = None if max_ttl is None else seconds(max_ttl, "RedisTier.max_ttl")  # 30, "1h"...
         if max_ttl is not None and max_ttl <= 0:
             raise ConfigurationError("RedisTier.max_ttl must be positive")
         if max_key_bytes < 80:

@@ -154,3 +154,13 @@ def test_tiers_in_the_wrong_order_are_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"fastest first.*put it first"):
         TieredCache([remote, MemoryTier()])
     TieredCache([MemoryTier(), FakeRemoteTier({})])  # the right order
+
+
+def test_tier_max_ttl_takes_durations() -> None:
+    from tiercache.adapters.redis import RedisTier
+
+    assert MemoryTier(max_ttl="1h").max_ttl == 3600.0
+    assert MemoryTier(max_ttl=timedelta(seconds=30)).max_ttl == 30.0
+    assert RedisTier(url="redis://127.0.0.1:1/0", max_ttl="5m").max_ttl == 300.0  # no connection made
+    with pytest.raises(ConfigurationError, match=r"MemoryTier.max_ttl='an hour' is not a duration"):
+        MemoryTier(max_ttl="an hour")
