@@ -101,7 +101,8 @@ def run_program(source: str, label: str, redis_url: str, tmp: Path, *, top_level
     source = re.sub(r'namespace="([^"]+)"', lambda m: f'namespace="{m.group(1)}-{suffix}"', source)
     program = tmp / (label.replace("/", "_") + ".py")
     program.write_text(source, encoding="utf-8")
-    env = {**os.environ, "REDIS_URL": redis_url}
+    # the repository first on the path: the sources as they are now, whatever the install saw
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-c", RUNNER, str(program)] if top_level_await else [sys.executable, str(program)]
     try:
         done = subprocess.run(argv, env=env, cwd=tmp, capture_output=True, text=True, timeout=120)

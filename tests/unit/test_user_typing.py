@@ -63,6 +63,10 @@ def test_mypy_strict_sees_the_decorated_signatures(tmp_path: Path) -> None:
         timeout=300,
     )
     out = done.stdout + done.stderr
+    out += (
+        "\n(a strict editable install links the modules that existed when it ran: after adding or "
+        "removing one, run the README's install again)"
+    )
     assert "Cannot find implementation or library stub" not in out, (
         "mypy cannot see tiercache: install it as the README says "
         "(pip install -e '.[dev]' --config-settings editable_mode=strict)\n" + out
