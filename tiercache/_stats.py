@@ -82,13 +82,13 @@ class CacheStats:
     def __repr__(self) -> str:
         # the counters, with the tiers' own hit counts read (not the functions that read them)
         snap = self.snapshot()
-        tiers = ", ".join(
-            f"{t.pop('name')}(L{t['level']}): "
-            + " ".join(f"{k}={v}" for k, v in t.items() if k in ("hits", "misses") or (k != "level" and v))
-            for t in snap.pop("tiers")
-        )
+        tiers = []
+        for t in snap.pop("tiers"):
+            name, level = t.pop("name"), t.pop("level")
+            shown = " ".join(f"{k}={v}" for k, v in t.items() if v or k in ("hits", "misses"))
+            tiers.append(f"{name}(L{level}): {shown}")
         rest = ", ".join(f"{k}={round(v, 6) if isinstance(v, float) else v}" for k, v in snap.items())
-        return f"CacheStats([{tiers}], {rest})"
+        return f"CacheStats([{', '.join(tiers)}], {rest})"
 
     def count(self, kind: str, tier: int | None, duration: float | None) -> None:
         """Record one event (called by the runtime for every event, hook or not)."""
