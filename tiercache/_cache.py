@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 from . import _async, _sync
 from ._bus import Bus
-from ._checks import check_loader, check_tier_order
+from ._checks import check_batch_loader, check_loader, check_tier_order
 from ._errors import ConfigurationError
 from ._events import EventHook
 from ._flow import Outcome, Source
@@ -314,6 +314,7 @@ class TieredCache:
 
     def _batch_loader(self, load_many: Callable[[list[str]], Any]) -> Callable[[Sequence[str]], Any]:
         """Adapt the caller's loader (its own keys) to the driver's (full keys), sync or async."""
+        check_batch_loader(load_many)
         cut = len(self._prefix)
         prefix = self._prefix
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ._errors import CacheClosedError, ConfigurationError
 
-__all__ = ["check_loader", "check_tier_order", "closed_error"]
+__all__ = ["check_batch_loader", "check_loader", "check_tier_order", "closed_error"]
 
 
 def check_loader(loader: Any) -> None:
@@ -43,6 +43,32 @@ def check_loader(loader: Any) -> None:
             f"the loader {name}({params}) takes arguments, but the cache calls it "
             f"with none: pass `lambda: {loader.__name__}(...)` or functools.partial("
             f"{loader.__name__}, ...)"
+        )
+
+
+def check_batch_loader(load_many: Any) -> None:
+    """Refuse a ``get_many_cached`` loader that cannot be called with one argument (the keys)."""
+    if not callable(load_many):
+        if inspect.iscoroutine(load_many):
+            load_many.close()
+        raise ConfigurationError(
+            f"load_many must be a function taking the list of missing keys, not "
+            f"{type(load_many).__name__}: pass `load_many`, not `load_many(...)`"
+        )
+    code = getattr(load_many, "__code__", None)
+    if code is None:
+        return
+    bound = 1 if inspect.ismethod(load_many) else 0
+    positional = code.co_argcount - bound
+    required = positional - len(getattr(load_many, "__defaults__", None) or ())
+    kw_required = code.co_kwonlyargcount - len(getattr(load_many, "__kwdefaults__", None) or {})
+    takes_varargs = bool(code.co_flags & inspect.CO_VARARGS)
+    if required > 1 or kw_required > 0 or (positional < 1 and not takes_varargs):
+        name = getattr(load_many, "__qualname__", repr(load_many))
+        params = ", ".join(inspect.signature(load_many).parameters)
+        raise ConfigurationError(
+            f"load_many {name}({params}) must take exactly one argument: get_many_cached calls "
+            "it with the list of keys no tier holds and expects {key: value} back"
         )
 
 

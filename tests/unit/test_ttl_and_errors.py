@@ -164,3 +164,30 @@ def test_tier_max_ttl_takes_durations() -> None:
     assert RedisTier(url="redis://127.0.0.1:1/0", max_ttl="5m").max_ttl == 300.0  # no connection made
     with pytest.raises(ConfigurationError, match=r"MemoryTier.max_ttl='an hour' is not a duration"):
         MemoryTier(max_ttl="an hour")
+
+
+async def load_many_async(keys: list[str]) -> dict[str, int]:
+    return {k: 1 for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("load_many", "message"),
+    [
+        ({"a": 1}, r"not dict: pass `load_many`, not `load_many\(\.\.\.\)`"),
+        (lambda: {}, r"must take exactly one argument"),
+        (lambda keys, other: {}, r"must take exactly one argument"),
+    ],
+)
+def test_batch_loader_mistakes(load_many: Any, message: str) -> None:
+    c = cache()
+    with pytest.raises(ConfigurationError, match=message):
+        c.sync.get_many_cached(["a"], load_many)
+    with pytest.raises(ConfigurationError, match=message):
+        asyncio.run(c.get_many_cached(["a"], load_many))
+
+
+def test_good_batch_loaders_pass() -> None:
+    c = cache()
+    assert c.sync.get_many_cached(["a"], lambda keys: {k: 1 for k in keys}) == {"a": 1}
+    assert asyncio.run(c.get_many_cached(["b"], load_many_async)) == {"b": 1}
+    assert c.sync.get_many_cached(["c"], lambda *keys: {k: 1 for k in keys[0]}) == {"c": 1}
