@@ -41,8 +41,10 @@ import asyncio
 import logging
 import os
 import random
+import re
 import threading
 import time
+import urllib.parse
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -202,6 +204,86 @@ class _Pending:
     due: float  # monotonic
 
 
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: a header value as is
+
+
+def _checked_token(token: str | None) -> str:
+    """The API token with surrounding whitespace removed; ConfigurationError (never showing the
+    token) when it is missing or holds characters an HTTP header cannot carry as they are."""
+    if token is None or not isinstance(token, str) or not token.strip():
+        raise ConfigurationError("CloudflareKVTier needs api_token= or $CLOUDFLARE_API_TOKEN")
+    token = token.strip()
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigurationError(
+            f"CloudflareKVTier: the API token ({len(token)} characters, not shown) holds spaces, "
+            "control or non-ASCII characters; copy it again from the Cloudflare dashboard"
+        )
+    return token
+
+
+def _check_base_url(base_url: str, allow_http: bool) -> None:
+    """The token travels in a header: refuse plain http, except to this machine or when allowed."""
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme == "https":
+        return
+    if parsed.scheme != "http":
+        raise ConfigurationError(f"CloudflareKVTier: base_url must be https://, not {parsed.scheme!r}")
+    host = (parsed.hostname or "").lower()
+    if allow_http or host in ("localhost", "127.0.0.1", "::1") or host.startswith("127."):
+        return
+    raise ConfigurationError(
+        f"CloudflareKVTier: base_url {base_url!r} is plain http and would send the API token in "
+        "clear text; use https, or pass allow_http=True for a trusted network"
+    )
+
+
+class _KeyRedactingFilter(logging.Filter):
+    """Rewrites httpx's "HTTP Request: GET <url>" records: the key segment of a KV URL under one
+    of ``prefixes`` (namespaces whose cache redacts keys) becomes ``<key>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefixes: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.prefixes and record.args:
+            args = tuple(self._clean(a) for a in (record.args if isinstance(record.args, tuple) else ()))
+            if args:
+                record.args = args
+        return True
+
+    def _clean(self, arg: Any) -> Any:
+        text = str(arg)
+        for prefix in self.prefixes:
+            at = text.find(prefix)
+            if at >= 0:
+                rest = text[at + len(prefix) :]
+                for kind in ("values/", "metadata/"):
+                    if rest.startswith(kind):
+                        end = len(rest)
+                        for stop in ("?", " ", '"'):
+                            i = rest.find(stop, len(kind))
+                            if i >= 0:
+                                end = min(end, i)
+                        return text[: at + len(prefix)] + kind + "<key>" + rest[end:]
+        return arg
+
+
+_httpx_filter: _KeyRedactingFilter | None = None
+_httpx_filter_lock = threading.Lock()
+
+
+def _redact_httpx_urls(prefix: str) -> None:
+    """Keep keys of ``prefix``'s namespace out of httpx's INFO request log (process-wide filter on
+    the "httpx" logger, installed once, matching only these KV URLs)."""
+    global _httpx_filter
+    with _httpx_filter_lock:
+        if _httpx_filter is None:
+            _httpx_filter = _KeyRedactingFilter()
+            logging.getLogger("httpx").addFilter(_httpx_filter)
+        _httpx_filter.prefixes.add(prefix)
+
+
 class CloudflareKVTier:
     """A shared tier on Cloudflare Workers KV. See the module docstring for the behaviour.
 
@@ -210,6 +292,8 @@ class CloudflareKVTier:
     (it is counted per tier object; divide it when several processes or tools share the token).
     ``write_interval`` paces writes to one key; KV allows one per second, so keep it above 1 s
     (the default leaves 0.25 s for network and scheduling jitter) except against a test server.
+    The token is stripped of surrounding whitespace and must be printable ASCII; ``base_url``
+    must be https (plain http only to a loopback address, or with ``allow_http=True``).
     """
 
     in_process = False
@@ -241,11 +325,12 @@ class CloudflareKVTier:
         monotonic: Callable[[], float] = time.monotonic,
         transport: Any = None,
         async_transport: Any = None,
+        allow_http: bool = False,
+        max_read_bytes: int | None = None,
     ) -> None:
         self._httpx = _import_httpx()
-        token = api_token if api_token is not None else os.environ.get("CLOUDFLARE_API_TOKEN")
-        if not token:
-            raise ConfigurationError("CloudflareKVTier needs api_token= or $CLOUDFLARE_API_TOKEN")
+        token = _checked_token(api_token if api_token is not None else os.environ.get("CLOUDFLARE_API_TOKEN"))
+        _check_base_url(base_url, allow_http)
         if not 0 < max_value_bytes <= MAX_VALUE_BYTES:
             raise ConfigurationError(f"max_value_bytes must be between 1 and {MAX_VALUE_BYTES}")
         if budget < 1 or budget_window <= 0:
@@ -254,6 +339,8 @@ class CloudflareKVTier:
             raise ConfigurationError("timeout, deadline and write_interval must be positive, retries >= 0")
         self.name = name
         self.max_value_bytes = max_value_bytes
+        # Values longer than this are never decoded (default: what this tier would write).
+        self.max_read_bytes = max_value_bytes if max_read_bytes is None else max_read_bytes
         self.account_id = account_id
         self.namespace_id = namespace_id
         self.base_url = base_url.rstrip("/")
@@ -297,6 +384,11 @@ class CloudflareKVTier:
 
     def bind(self, binding: TierBinding) -> None:
         self._binding = binding
+        if binding.redact_keys:
+            _redact_httpx_urls(self._proto_path_prefix())
+
+    def _proto_path_prefix(self) -> str:
+        return f"/accounts/{self.account_id}/storage/kv/namespaces/{self.namespace_id}/"
 
     @property
     def budget_used(self) -> int:
@@ -540,6 +632,10 @@ class CloudflareKVTier:
     # --- decoding -----------------------------------------------------------------------------
 
     def _decode(self, key: str, name: str, data: bytes) -> Entry | None:
+        if len(data) > self.max_read_bytes:  # never decoded: see max_read_bytes
+            error = SerializationError(f"value of {len(data)} bytes is over max_read_bytes")
+            emit_safely(self._binding.on_event, Event(EventKind.CORRUPT, key, self.name, error=error))
+            return None
         try:
             entry = self._binding.codec.loads(data)
         except SerializationError as exc:
@@ -767,6 +863,9 @@ class CloudflareKVTier:
                     self._cond.wait(min(op.due for op in self._pending.values()) - now)
                     continue
                 for op in due:
+                    # Record the send before freeing the slot: between the two, a caller would
+                    # find neither a parked write nor a recent one, and send a second PUT at once.
+                    self._touch(op.name, now)
                     del self._pending[op.name]
             for op in due:
                 try:

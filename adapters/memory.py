@@ -16,6 +16,7 @@ visited.next``); the ring's last mark hands its count to the tier when a hit mov
 
 from __future__ import annotations
 
+import enum
 import itertools
 import sys
 import threading
@@ -314,32 +315,56 @@ class MemoryTier:
                 self._unlink(slot)
 
 
+# Per-entry bytes besides the value: the Entry and _Slot objects are measured; this is the
+# table space one more key costs in the tier's dict (amortised; measured with tracemalloc).
+_DICT_SLOT_BYTES = 48
+_SLOT_BYTES = sys.getsizeof(_Slot.__new__(_Slot)) + sys.getsizeof(2**20)  # the slot and its size int
+_NOT_ALLOCATED = (type(None), bool, type, enum.Enum)  # singletons and classes: owned by nobody
+
+
 def estimate_size(entry: Entry) -> int:
-    """Approximate bytes an entry holds: its envelope if already encoded, else a bounded walk."""
+    """Bytes an entry holds in this process: its value walked in full (every object counted
+    once, with ``sys.getsizeof``), the key, the tags, the encoded payload if it has one, and the
+    Entry and slot objects themselves. Within 25 % of tracemalloc's count for nested values
+    (tests/unit/test_memory_size.py); costs time proportional to the value, like encoding it."""
+    seen: set[int] = set()
+    size = _deep_size(entry.value, seen) + _deep_size(entry.key, seen) + _deep_size(entry.tags, seen)
     if entry.payload is not None:
-        return len(entry.payload) + 200
-    return _estimate(entry.value, 4) + 200
+        size += sys.getsizeof(entry.payload)
+    return size + sys.getsizeof(entry) + _SLOT_BYTES + _DICT_SLOT_BYTES
 
 
-def _estimate(obj: Any, depth: int) -> int:
-    size = sys.getsizeof(obj, 64)
-    if depth <= 0 or isinstance(obj, (str, bytes, bytearray, int, float, bool)) or obj is None:
-        return size
-    if isinstance(obj, dict):
-        items = list(obj.items())
-        sample = items[:1000]
-        part = sum(_estimate(k, depth - 1) + _estimate(v, depth - 1) for k, v in sample)
-        return size + (part * len(items) // len(sample) if sample else 0)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        seq = list(obj)
-        sample = seq[:1000]
-        part = sum(_estimate(x, depth - 1) for x in sample)
-        return size + (part * len(seq) // len(sample) if sample else 0)
-    attrs = getattr(obj, "__dict__", None)
-    if attrs is not None:
-        return size + _estimate(attrs, depth - 1)
-    slots = getattr(type(obj), "__slots__", None)
-    if slots:
-        names = (slots,) if isinstance(slots, str) else slots
-        return size + sum(_estimate(getattr(obj, n, None), depth - 1) for n in names)
-    return size
+def _deep_size(root: Any, seen: set[int]) -> int:
+    total = 0
+    stack = [root]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        obj = pop()
+        t = type(obj)
+        if t is int:
+            if -5 <= obj <= 256:  # cached by the interpreter
+                continue
+        elif isinstance(obj, _NOT_ALLOCATED):
+            continue
+        i = id(obj)
+        if i in seen:
+            continue
+        seen.add(i)
+        total += sys.getsizeof(obj, 64)
+        if t is str or t is int or t is float or t is bytes:
+            continue
+        if isinstance(obj, dict):
+            extend(obj.keys())
+            extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            extend(obj)
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            if attrs is not None:
+                push(attrs)
+            for cls in t.__mro__:
+                names = cls.__dict__.get("__slots__", ())
+                for name in (names,) if isinstance(names, str) else names:
+                    if name not in ("__dict__", "__weakref__"):
+                        push(getattr(obj, name, None))
+    return total

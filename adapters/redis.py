@@ -34,6 +34,11 @@ A reader applies it: ``fresh_until = min(envelope "f", at)`` and ``version = hea
 ``expire`` rewrites no JSON (Lua's cjson would lose float precision and reorder the envelope);
 it prepends a header in one script. Older readers see an unknown kind: a miss, never a fresh hit.
 
+With a signing codec (``tiercache.signing.SignedCodec``) a tombstone is followed by a 64-hex
+HMAC of its header and the key, kind "e" is never written (``expire`` rewrites a signed "v"
+record), and a record whose header is not authentic is a corrupt miss that the next write or
+delete replaces (see "signed records" below).
+
 The header lets a Lua script compare versions with one ``GETRANGE key 0 23`` instead of decoding
 the envelope (and equal-width digit strings compare exactly, which Lua's double-precision numbers
 cannot do for 19-digit versions: see ``_LUA_NEWER``). The physical TTL (``PX``) of a value is
@@ -232,6 +237,21 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[2])}
 """
 
 
+# KEYS: value. ARGV: the record expected there now, its replacement ("" deletes), ttl ms or
+# "keep". Only used with a signing codec, to overwrite a record whose header is not authentic.
+_LUA_REPLACE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[3] == 'keep' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
+
+
 def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by SHA-1
 
@@ -246,6 +266,7 @@ _SCRIPTS = {
         ("peek", _LUA_PEEK),
         ("expire", _LUA_EXPIRE),
         ("tags", _LUA_TAGS),
+        ("replace", _LUA_REPLACE),
     )
 }
 
@@ -437,6 +458,7 @@ class RedisTier:
         max_key_bytes: int = 256,
         tombstone_ttl: float = 10.0,
         max_value_bytes: int = 512 * 1024 * 1024,
+        max_read_bytes: int = 64 * 1024 * 1024,
         name: str = "redis",
         client_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -462,7 +484,13 @@ class RedisTier:
         self.name = name
         # Redis refuses strings over proto-max-bulk-len (512 MiB by default); the core checks
         # this before sending, so an oversize value is refused up front, not after a round trip.
-        self.max_value_bytes = max_value_bytes
+        # A record longer than max_read_bytes is never decoded (a corrupt miss): a value planted
+        # by anyone with write access cannot make every reader allocate hundreds of MB. Writes
+        # above it would be unreadable, so the write limit never exceeds it.
+        if max_read_bytes < 1024:
+            raise ConfigurationError("RedisTier.max_read_bytes must be at least 1024")
+        self.max_read_bytes = max_read_bytes
+        self.max_value_bytes = min(max_value_bytes, max_read_bytes - _EXPIRED_HEADER_LEN)
         self.max_ttl = max_ttl
         self.prefix = prefix
         self.max_key_bytes = max_key_bytes
@@ -715,6 +743,8 @@ class RedisTier:
             return None
         if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
             return self._corrupt(key, "not a tiercache record")
+        if len(data) > self.max_read_bytes:
+            return self._corrupt(key, f"record of {len(data)} bytes is over max_read_bytes")
         kind = data[3:4]
         if kind == _TOMBSTONE:
             return None
@@ -726,6 +756,8 @@ class RedisTier:
         if kind == _VALUE:
             payload = data[_HEADER_LEN:]
         elif kind == _EXPIRED:
+            if self._signer() is not None:  # a signing cache never writes one: forged
+                return self._corrupt(key, "unsigned expiry header")
             try:
                 expired_at = float(data[_HEADER_LEN:_EXPIRED_HEADER_LEN])
             except ValueError:
@@ -762,7 +794,65 @@ class RedisTier:
 
     def _delete_args(self, key: str, version: int) -> tuple[Any, ...]:
         record = _MAGIC + _TOMBSTONE + _version_bytes(version)
+        signer = self._signer()
+        if signer is not None:  # a signed tombstone: its kind and version cannot be forged
+            record += signer.record_mac(key, record)
         return (self._vkey(key), record, _ms(self.tombstone_ttl) if self.tombstone_ttl > 0 else 0)
+
+    # --- signed records: the header is authenticated too --------------------------------------
+    #
+    # With a signing codec (tiercache.signing.SignedCodec) a value record's header must match its
+    # signed envelope (kind "v", version == the envelope's "n", checked in _decode), a tombstone
+    # carries an HMAC of its header, and "e" records are never written (expire rewrites a signed
+    # "v" record instead). The Lua fences cannot verify a MAC (no secret on the server), so a
+    # write or delete a fence refused checks the record in the way: if it is not authentic (a
+    # rewritten header pinning a huge version, a forged tombstone), it is replaced, atomically,
+    # only if still the same bytes.
+
+    def _signer(self) -> Any:
+        codec = self._codec
+        return codec if hasattr(codec, "record_mac") and hasattr(codec, "verify_record") else None
+
+    def _authentic(self, key: str, data: Any) -> bool:
+        if not isinstance(data, bytes) or len(data) < _HEADER_LEN or data[:3] != _MAGIC:
+            return False
+        kind, header = data[3:4], data[:_HEADER_LEN]
+        if kind == _TOMBSTONE:
+            signer = self._signer()
+            return signer is not None and signer.verify_record(key, header, data[_HEADER_LEN:])
+        if kind != _VALUE:
+            return False
+        try:
+            entry = self._codec.loads(data[_HEADER_LEN:])
+            return entry.key == key and entry.version == int(header[4:])
+        except Exception:
+            return False
+
+    def _replacement(self, key: str, old: Any, record: bytes, ttl: Any) -> tuple[Any, ...] | None:
+        """The "replace" script's arguments when ``old`` (what a fence refused over) is forged."""
+        if self._signer() is None or old is None or self._authentic(key, old):
+            return None
+        return (self._vkey(key), old, record, ttl)
+
+    def _heal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
+        args = self._replacement(key, client.get(self._vkey(key)), record, ttl)
+        if args is not None:
+            self._eval(client, "replace", 1, *args)
+
+    async def _aheal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
+        args = self._replacement(key, await client.get(self._vkey(key)), record, ttl)
+        if args is not None:
+            await self._aeval(client, "replace", 1, *args)
+
+    def _signed_expire_args(self, key: str, old: Any, at: float, version: int) -> tuple[Any, ...] | None:
+        if not self._authentic(key, old) or old[3:4] != _VALUE:
+            return None
+        entry = self._codec.loads(old[_HEADER_LEN:])
+        if entry.version >= version:
+            return None
+        expired = entry.replace(fresh_until=min(entry.fresh_until, at), version=version, typed=False)
+        record = _MAGIC + _VALUE + _version_bytes(version) + self._codec.dumps(expired)
+        return (self._vkey(key), old, record, "keep")
 
     # --- script helpers ---------------------------------------------------------------------
 
@@ -817,11 +907,14 @@ class RedisTier:
     def set(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            self._eval(self._sync_client(), "set", 2, *args)
+            client = self._sync_client()
+            if self._eval(client, "set", 2, *args) == 0 and self._signer() is not None:
+                self._heal(client, key, args[2], args[3])
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        pairs = [(k, a) for k, a in ((k, self._set_args(k, e, now)) for k, e in items) if a is not None]
+        calls = [a for _, a in pairs]
         if not calls:
             return
         client = self._sync_client()
@@ -829,11 +922,19 @@ class RedisTier:
         pipe = client.pipeline(transaction=False)
         for args in calls:
             pipe.execute_command("EVALSHA", sha, 2, *args)
-        for i in self._check_pipeline(pipe.execute(raise_on_error=False)):
-            client.eval(body, 2, *calls[i])  # the script cache was flushed (e.g. a restart)
+        results = pipe.execute(raise_on_error=False)
+        for i in self._check_pipeline(results):
+            results[i] = client.eval(body, 2, *calls[i])  # the script cache was flushed (e.g. a restart)
+        if self._signer() is not None:
+            for (k, args), res in zip(pairs, results, strict=True):
+                if res == 0:
+                    self._heal(client, k, args[2], args[3])
 
     def delete(self, key: str, version: int) -> None:
-        self._eval(self._sync_client(), "delete", 1, *self._delete_args(key, version))
+        client = self._sync_client()
+        args = self._delete_args(key, version)
+        if self._eval(client, "delete", 1, *args) == 0 and self._signer() is not None:
+            self._heal(client, key, args[1] if args[2] else b"", args[2] or "keep")
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
@@ -929,7 +1030,13 @@ class RedisTier:
     # --- coherence: expire, clear, tag times (sync) ------------------------------------------
 
     def expire(self, key: str, at: float, version: int) -> None:
-        self._eval(self._sync_client(), "expire", 1, *self._expire_args(key, at, version))
+        client = self._sync_client()
+        if self._signer() is not None:
+            args = self._signed_expire_args(key, client.get(self._vkey(key)), at, version)
+            if args is not None:
+                self._eval(client, "replace", 1, *args)
+            return
+        self._eval(client, "expire", 1, *self._expire_args(key, at, version))
 
     def clear(self, prefix: str) -> int:
         client = self._sync_client()
@@ -1116,11 +1223,14 @@ class RedisTier:
     async def aset(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            await self._aeval(self._aclient(), "set", 2, *args)
+            client = self._aclient()
+            if await self._aeval(client, "set", 2, *args) == 0 and self._signer() is not None:
+                await self._aheal(client, key, args[2], args[3])
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
-        calls = [a for a in (self._set_args(k, e, now) for k, e in items) if a is not None]
+        pairs = [(k, a) for k, a in ((k, self._set_args(k, e, now)) for k, e in items) if a is not None]
+        calls = [a for _, a in pairs]
         if not calls:
             return
         client = self._aclient()
@@ -1128,11 +1238,19 @@ class RedisTier:
         pipe = client.pipeline(transaction=False)
         for args in calls:
             pipe.execute_command("EVALSHA", sha, 2, *args)
-        for i in self._check_pipeline(await pipe.execute(raise_on_error=False)):
-            await client.eval(body, 2, *calls[i])
+        results = await pipe.execute(raise_on_error=False)
+        for i in self._check_pipeline(results):
+            results[i] = await client.eval(body, 2, *calls[i])
+        if self._signer() is not None:
+            for (k, args), res in zip(pairs, results, strict=True):
+                if res == 0:
+                    await self._aheal(client, k, args[2], args[3])
 
     async def adelete(self, key: str, version: int) -> None:
-        await self._aeval(self._aclient(), "delete", 1, *self._delete_args(key, version))
+        client = self._aclient()
+        args = self._delete_args(key, version)
+        if await self._aeval(client, "delete", 1, *args) == 0 and self._signer() is not None:
+            await self._aheal(client, key, args[1] if args[2] else b"", args[2] or "keep")
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
@@ -1222,7 +1340,13 @@ class RedisTier:
     # --- coherence: expire, clear, tag times (async) -----------------------------------------
 
     async def aexpire(self, key: str, at: float, version: int) -> None:
-        await self._aeval(self._aclient(), "expire", 1, *self._expire_args(key, at, version))
+        client = self._aclient()
+        if self._signer() is not None:
+            args = self._signed_expire_args(key, await client.get(self._vkey(key)), at, version)
+            if args is not None:
+                await self._aeval(client, "replace", 1, *args)
+            return
+        await self._aeval(client, "expire", 1, *self._expire_args(key, at, version))
 
     async def aclear(self, prefix: str) -> int:
         client = self._aclient()

@@ -257,7 +257,11 @@ class FlowRun:
         try:
             value = await asyncio.wait_for(task, remaining)
         except Exception as exc:  # the caller already got stale; a late failure is only logged
-            logger.debug("late loader for %s failed: %r", rt.log_key(fence.key if fence else ""), exc)
+            logger.debug(
+                "late loader for %s failed: %s",
+                rt.log_key(fence.key if fence else ""),
+                rt.log_error(exc, fence.key if fence else ""),
+            )
             return
         if fence is None:
             return
@@ -418,7 +422,7 @@ async def _refresh(
     try:
         await lead(rt, flight, key, loader, policy, current, refresh=True)
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
-        logger.debug("background refresh of %s failed: %r", rt.log_key(key), exc)
+        logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
 
 
 async def get_many_cached(

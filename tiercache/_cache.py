@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, overload
@@ -19,7 +21,7 @@ from ._flow import Outcome, Source
 from ._keys import check_key
 from ._policy import Policy
 from ._runtime import Runtime
-from ._serde import Codec, JsonCodec, converter_for
+from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
 from ._tier import Tier, TierBinding
 from ._ttl import Duration
@@ -110,6 +112,7 @@ class TieredCache:
             raise ConfigurationError("breaker_threshold must be >= 1 and breaker_cooldown >= 0")
         self.namespace = namespace
         self._prefix = namespace + ":"
+        self._typed_policies: dict[Any, Policy] = {}
         self.clock: Callable[[], float] = clock if clock is not None else time.time
         self.policy = Policy.build(
             ttl=ttl,
@@ -140,8 +143,13 @@ class TieredCache:
         self._tags_ok = self._rt.coherence.tags_valid_locally
         self._rt.redact_keys = redact_keys
         binding = TierBinding(
-            clock=self.clock, codec=self._rt.codec, namespace=namespace, on_event=self._rt._emit_event
+            clock=self.clock,
+            codec=self._rt.codec,
+            namespace=namespace,
+            on_event=self._rt._emit_event,
+            redact_keys=redact_keys,
         )
+        _claim_tiers(self, tiers)
         for tier in tiers:
             tier.bind(binding)
         self._metrics = metrics
@@ -194,6 +202,15 @@ class TieredCache:
             and (not options or all(v is None for v in options.values()))
         ):
             return self.policy
+        if ttl is None and stale_ttl is None and tags is None and not options:
+            if value_type is None:
+                return self.policy
+            typed = self._typed_policies.get(value_type)  # value_type alone: once per type
+            if typed is None:
+                typed = self.policy.with_overrides(converter=converter_for(value_type))
+                if len(self._typed_policies) < 1024:
+                    self._typed_policies[value_type] = typed
+            return typed
         conv = None if value_type is _UNSET or value_type is None else converter_for(value_type)
         tag_tuple = None if tags is None else _check_tags(tags)
         return self.policy.with_overrides(
@@ -255,6 +272,8 @@ class TieredCache:
             ):
                 slot.visited = slot.visited.next
                 return slot.entry.value
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET  # the loader's return annotation
         if ttl is None and stale_ttl is None and tags is None and value_type is _UNSET and not options:
             policy = self.policy
         else:
@@ -278,6 +297,8 @@ class TieredCache:
         """``get_cached`` that also says where the value came from (for debugging and tests):
         ``Lookup(value, source, tier)`` with source "L1", "L2"... (a tier hit; ``tier`` is its
         name), "LOADED", "JOINED", "STALE_SWR" or "STALE_FAILSAFE"."""
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         check_loader(loader)
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
@@ -350,10 +371,12 @@ class TieredCache:
         ttl: Duration | None = None,
         stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
     ) -> None:
         """Store ``value`` in every tier. Raises SerializationError (a TypeError) before touching
-        any tier if a remote tier cannot hold the value, ValueTooLargeError if no tier takes it."""
-        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        any tier if a remote tier cannot hold the value, ValueTooLargeError if no tier takes it.
+        ``value_type`` declares the value's type (needed for dataclasses and pydantic models)."""
+        policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type)
         await _async.set_value(self._rt, self.full_key(key), value, policy)
 
     async def delete(self, key: str) -> None:
@@ -411,6 +434,42 @@ class TieredCache:
         await self.aclose()
 
 
+# Each tier object serves one cache: binding sets its codec, clock, event hook and namespace, so
+# a second cache would silently take them over (a signed cache would then accept unsigned values).
+# The exception: an in-process tier (it uses no codec or namespace) shared by caches on one clock.
+_tier_owners: weakref.WeakKeyDictionary[Any, tuple[weakref.ReferenceType[TieredCache], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_owners_lock = threading.Lock()
+
+
+def _claim_tiers(cache: TieredCache, tiers: Sequence[Any]) -> None:
+    """Record ``cache`` as the owner of each tier; ConfigurationError if one already has a live owner."""
+    with _owners_lock:
+        seen: set[int] = set()
+        for tier in tiers:
+            if id(tier) in seen:
+                raise ConfigurationError(f"tier {tier!r} appears twice in one cache")
+            seen.add(id(tier))
+            try:
+                owner, clock = _tier_owners.get(tier, (None, None))
+            except TypeError:  # neither hashable nor weakly referenceable: cannot be tracked
+                continue
+            if owner is None or owner() is None:
+                continue
+            if getattr(tier, "in_process", False) and clock is cache.clock:
+                continue
+            raise ConfigurationError(
+                f"tier {tier!r} already belongs to another TieredCache, which set its codec, clock "
+                "and namespace; create one tier object per cache (they may share a server)"
+            )
+        for tier in tiers:
+            with contextlib.suppress(TypeError):
+                known = _tier_owners.get(tier)
+                if known is None or known[0]() is None:
+                    _tier_owners[tier] = (weakref.ref(cache), cache.clock)
+
+
 class SyncTieredCache:
     """The blocking mirror of a TieredCache's API (``cache.sync``), sharing its tiers and flights.
 
@@ -446,6 +505,8 @@ class SyncTieredCache:
                 slot.visited = slot.visited.next
                 hit: T = slot.entry.value
                 return hit
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET  # the loader's return annotation
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         check_loader(loader)
         value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy).value
@@ -464,6 +525,8 @@ class SyncTieredCache:
     ) -> Lookup:
         """As ``TieredCache.lookup``, blocking."""
         cache = self._cache
+        if value_type is _UNSET:
+            value_type = loader_type(loader) or _UNSET
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
         check_loader(loader)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
@@ -499,8 +562,9 @@ class SyncTieredCache:
         ttl: Duration | None = None,
         stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
+        value_type: Any = _UNSET,
     ) -> None:
-        policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        policy = self._cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type)
         _sync.set_value(self._rt, self._cache.full_key(key), value, policy)
 
     def delete(self, key: str) -> None:
@@ -542,4 +606,5 @@ def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     for tag in out:
         if not isinstance(tag, str) or not tag:
             raise ConfigurationError(f"tags must be non-empty strings, not {tag!r}")
-    return out
+    # A str subclass (a StrEnum member...) becomes its plain text, as keys do.
+    return tuple(t if type(t) is str else str.__str__(t) for t in out)

@@ -13,18 +13,19 @@ import hashlib
 import inspect
 import re
 import string
+import sys
 import typing
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from decimal import Decimal
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 import orjson
 
 from . import _async, _sync
 from ._cache import _UNSET, Lookup, TieredCache
-from ._errors import ConfigurationError, InvalidKeyError
+from ._errors import ConfigurationError, InvalidKeyError, SerializationError
 from ._keys import check_key
 from ._policy import Policy
+from ._serde import converter_for, encode_key_args
 from ._ttl import Duration
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "AsyncCachedManyFunction",
     "CachedFunction",
     "CachedManyFunction",
+    "CachedMethod",
     "tiered_cache",
     "tiered_cache_many",
 ]
@@ -103,8 +105,24 @@ class _Decorator:
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any]) -> Any:
-        resolve = _policy_resolver(self._cache, fn, self._overrides, self._value_type)
-        return build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
+        if isinstance(fn, (classmethod, staticmethod)):
+            raise ConfigurationError(
+                "put @tiered_cache below @classmethod/@staticmethod (apply it to the function)"
+            )
+        caller = sys._getframe(1)
+        value_type = self._value_type
+        # A memory-only cache never encodes values: any annotation will do there.
+        strict = bool(self._cache._rt.remote)
+        if value_type is _UNSET:
+            value_type = _return_annotation(fn, caller.f_locals, strict)
+        elif value_type is not None and not _converter_or_error(fn, value_type, strict):
+            value_type = _UNSET
+        resolve = _policy_resolver(self._cache, fn, self._overrides, value_type)
+        wrapper = build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
+        kind = _method_kind(fn)
+        if kind is None:
+            return wrapper
+        return CachedMethod(wrapper, kind, needs_hook=kind == "self" and self._template is None)
 
 
 def tiered_cache(
@@ -130,20 +148,72 @@ def tiered_cache(
     return _Decorator(cache, key, overrides, value_type)
 
 
+class _Deferred:
+    """A return annotation naming something not defined yet (a class further down the module)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _return_annotation(fn: Callable[..., Any], localns: dict[str, Any], strict: bool = True) -> Any:
+    """The return annotation, resolved now (with the decorating scope's names, so PEP 563 and
+    local classes work). An annotation that can never resolve is a ConfigurationError here; one
+    naming a module-level name not defined yet is retried on first use."""
+    annotations = getattr(fn, "__annotations__", None) or {}
+    if "return" not in annotations:
+        return _UNSET
+    try:
+        hints = typing.get_type_hints(fn, localns=localns, include_extras=True)
+    except NameError as exc:
+        if "<locals>" in getattr(fn, "__qualname__", "") and not localns.get("__module__"):
+            raise _unresolvable(fn, exc) from None
+        return _Deferred(exc)  # maybe defined later in the module or class body
+    except Exception as exc:
+        raise _unresolvable(fn, exc) from None
+    tp = hints.get("return", _UNSET)
+    if tp is not _UNSET and not _converter_or_error(fn, tp, strict):
+        return _UNSET
+    return tp
+
+
+def _unresolvable(fn: Callable[..., Any], exc: Exception) -> ConfigurationError:
+    return ConfigurationError(
+        f"cannot resolve the return annotation of {getattr(fn, '__qualname__', fn)} ({exc}); values "
+        "read back from other tiers would lose their type. Import the type at runtime (not only "
+        "under TYPE_CHECKING), or pass value_type="
+    )
+
+
+def _converter_or_error(fn: Callable[..., Any], tp: Any, strict: bool = True) -> bool:
+    """Can values of ``tp`` be rebuilt from a remote tier? False, or ConfigurationError if
+    ``strict`` (the cache has remote tiers)."""
+    try:
+        converter_for(tp)
+    except SerializationError as exc:
+        if not strict:
+            return False
+        raise ConfigurationError(
+            f"the return type of {getattr(fn, '__qualname__', fn)} cannot be cached: {exc}"
+        ) from None
+    return True
+
+
 def _policy_resolver(
     cache: TieredCache, fn: Callable[..., Any], overrides: dict[str, Any], value_type: Any
 ) -> Callable[[], Policy]:
-    """Resolve the policy on first use (return annotations may be forward references)."""
+    """Resolve the policy on first use (a deferred return annotation is resolved then)."""
     resolved: list[Policy] = []
 
     def resolve() -> Policy:
         if resolved:
             return resolved[0]
         vt = value_type
-        if vt is _UNSET:
+        if isinstance(vt, _Deferred):
             try:
-                vt = typing.get_type_hints(fn).get("return", _UNSET)
-            except Exception:  # unresolvable annotation: values come back JSON-shaped
+                vt = typing.get_type_hints(fn, include_extras=True).get("return", _UNSET)
+            except Exception as exc:
+                raise _unresolvable(fn, exc) from None
+            if not _converter_or_error(fn, vt, bool(cache._rt.remote)):
                 vt = _UNSET
         policy = cache.policy_for(value_type=vt, **overrides)
         resolved.append(policy)
@@ -342,11 +412,20 @@ class _Signature:
         if template is not None:
             self.key_expr = self._template_expression(fn, sig, template)
         else:
-            hashed = [p for p in params if not (p is params[0] and p.name in ("self", "cls"))]
+            # A method's instance is part of the key: its __cache_key__(), or for a classmethod
+            # the class's qualified name (Repo("a").find(1) and Repo("b").find(1) never share).
+            kind = _method_kind(fn)
+            parts = [p.name for p in params]
+            if kind == "self":
+                self.env["__tc_instance"] = instance_key
+                parts[0] = f"__tc_instance({parts[0]})"
+            elif kind == "cls":
+                self.env["__tc_instance"] = class_key
+                parts[0] = f"__tc_instance({parts[0]})"
             qualified = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:"
             self.env["__tc_prefix"] = prefix + qualified
             self.env["__tc_hash"] = stable_hash
-            self.key_expr = "__tc_prefix + __tc_hash((" + "".join(f"{p.name}, " for p in hashed) + "))"
+            self.key_expr = "__tc_prefix + __tc_hash((" + "".join(f"{p}, " for p in parts) + "))"
 
     def _template_expression(self, fn: Callable[..., Any], sig: inspect.Signature, template: str) -> str:
         """The template as an f-string (fast), or a ``str.format`` call when it cannot be one."""
@@ -362,6 +441,27 @@ class _Signature:
                 f"key template {template!r} is not a valid template ({exc}); write each parameter "
                 'as {name}, e.g. key="user:{user_id}", and a literal brace as {{ or }}'
             ) from None
+        # Field values are escaped so that no two argument tuples share a key: each separator
+        # after a field (its first character) and the escape character are percent-encoded in
+        # the value, so the text after a field always starts where the value ends.
+        separators = {"%"}
+        for i, (_, field, _, _) in enumerate(parsed):
+            if field is None:
+                continue
+            following = parsed[i + 1][0] if i + 1 < len(parsed) else ""
+            if i + 1 < len(parsed) and not following:
+                raise ConfigurationError(
+                    f"key template {template!r}: put a separator between fields (e.g. "
+                    "'{a}:{b}'), or two different argument pairs would share one key"
+                )
+            if following:
+                # Any character can separate: escapes are fixed-length (%XX, %uXXXXXX), so the
+                # first unescaped occurrence of the separator is where the field's text ends.
+                separators.add(following[0])
+        escape = _escaper(frozenset(separators))
+        digits_safe = not separators & set("-0123456789")  # no int's text can hold a separator
+        self.env["__tc_esc"] = escape
+        self.env["__tc_int"] = int
         for literal, field, spec, conversion in parsed:
             if literal:
                 pieces.append("f" + repr(literal.replace("{", "{{").replace("}", "}}")))
@@ -381,11 +481,21 @@ class _Signature:
             if expr is None or not _SAFE_SPEC.fullmatch(spec or ""):
                 as_fstring = False
                 continue
+            if not conversion and not spec:  # the common case: escaped inline, one f-string
+                if expr.isidentifier():  # a plain parameter: an int skips the call
+                    safe_int = f"{expr}.__class__ is __tc_int" + ("" if digits_safe else f" and {expr} >= 0")
+                    pieces.append(f'f"{{{expr} if {safe_int} else __tc_esc({expr})}}"')
+                else:
+                    pieces.append('f"{__tc_esc(' + expr + ')}"')
+                continue
+            if "'" in expr:
+                as_fstring = False
+                continue
             conv = f"!{conversion}" if conversion else ""
-            pieces.append('f"{' + expr + conv + (":" + spec if spec else "") + '}"')
+            pieces.append("f\"{__tc_esc(f'{" + expr + conv + (":" + spec if spec else "") + "}')}\"")
         if as_fstring:
             return " ".join(pieces)
-        self.env["__tc_format"] = template.format
+        self.env["__tc_format"] = functools.partial(_EscapingFormatter(escape).format, template)
         return "__tc_prefix + __tc_format(" + ", ".join(f"{n}={n}" for n in used) + ")"
 
     def compile(self, source: str, *args: Any) -> Any:
@@ -400,6 +510,38 @@ class _Signature:
         env = dict(self.env)
         exec(text, env)  # the source is built from parameter names and a parsed template only
         return env["__tc_build"](*args, *self.defaults.values())
+
+
+def _escaper(chars: frozenset[str]) -> Callable[[Any], Any]:
+    """``s`` with each of ``chars`` (always including ``%``) as ``%XX`` (``%uXXXXXX`` beyond
+    Latin-1): injective, and outside its fixed-length escapes the text holds none of ``chars``."""
+    table = {ord(c): (f"%{ord(c):02X}" if ord(c) < 256 else f"%u{ord(c):06X}") for c in chars}
+    ordered = sorted(chars, key=lambda c: c != "%")  # "%" first: escapes must not be re-escaped
+    digits_safe = not (set(ordered) & set("-0123456789"))
+
+    def escape(value: Any) -> Any:
+        # Takes the field's value (or its formatted text): an int whose digits cannot hold a
+        # separator is returned as is, for the f-string to format; anything else as escaped text.
+        t = type(value)
+        if t is int and (digits_safe or value >= 0):
+            return value
+        text = value if t is str else format(value)
+        for c in ordered:
+            if c in text:
+                return text.translate(table)
+        return text
+
+    return escape
+
+
+class _EscapingFormatter(string.Formatter):
+    """``str.format`` with every field's text escaped (templates an f-string cannot express)."""
+
+    def __init__(self, escape: Callable[[Any], Any]) -> None:
+        self._escape = escape
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return str(self._escape(super().format_field(value, format_spec)))
 
 
 _FIELD_PART = re.compile(r"\.([^.\[]+)|\[([^\]]+)\]")
@@ -427,46 +569,147 @@ def _field_expression(field: str) -> str | None:
     return expr
 
 
-def _key_default(obj: Any) -> Any:
-    if isinstance(obj, Decimal):
-        return {"$decimal": str(obj)}
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"$bytes": bytes(obj).hex()}
-    if isinstance(obj, (set, frozenset)):
-        return {"$set": sorted(orjson.dumps(x, default=_key_default, option=_KEY_OPTIONS) for x in obj)}
-    dump = getattr(obj, "model_dump", None)
-    if dump is not None and callable(dump):
-        return dump(mode="json")
-    raise TypeError(type(obj).__qualname__)
-
-
-_KEY_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+_HASH_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def stable_hash(args: tuple[Any, ...]) -> str:
     """A digest of the arguments that is the same in every process and on every run.
 
-    Built from their canonical JSON form (so ``f(1, 2)`` and ``f("1 2")`` differ, as do 1, 1.0,
-    "1" and True), never from ``repr``/``hash`` (memory addresses, per-process string hashing).
-    Short forms (up to 48 bytes) are used as they are -- readable in Redis, and cheaper than a
-    hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
+    Built from their typed canonical JSON form (the tagged form of ``tiercache._serde``: ``f(1, 2)``
+    and ``f("1 2")`` differ, as do 1, 1.0, "1" and True, ``{1: "a"}`` and ``{"1": "a"}``, a UUID,
+    a date or a Decimal and its string), never from ``repr``/``hash`` (memory addresses,
+    per-process string hashing). Short forms (up to 48 bytes) are used as they are -- readable in
+    Redis, and cheaper than a hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
     """
+    for a in args:
+        if type(a) not in _HASH_PLAIN:
+            break
+    else:  # strings, ints, bools and None: their plain JSON is already the typed form
+        try:
+            raw = orjson.dumps(args)
+        except TypeError:  # an int beyond 64 bits (tagged below), a lone surrogate
+            pass
+        else:
+            return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
     try:
-        raw = orjson.dumps(args, default=_key_default, option=_KEY_OPTIONS)
-    except TypeError as exc:
-        # orjson words it "Type is not JSON serializable: <type>" (from _key_default) or names
-        # the problem itself ("Integer exceeds 64-bit range")
-        reason = str(exc)
-        if reason.startswith("Type is not JSON serializable: "):
-            reason = f"an argument of type {reason.rsplit(': ', 1)[-1]} is not JSON-like"
+        raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
+    except (SerializationError, TypeError) as exc:
         raise InvalidKeyError(
-            f"cannot build a stable cache key from the arguments: {reason}; give the decorator a "
+            f"cannot build a stable cache key from these arguments ({exc}); give the decorator a "
             'key= template naming the parameters that identify a call (key="user:{user_id}"), or '
             "pass JSON-like arguments (numbers, strings, dates, UUIDs, dataclasses, lists, dicts)"
         ) from None
     if len(raw) <= 48:
         return raw.decode()
     return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def instance_key(obj: Any) -> Any:
+    """The part of a method's default key that names its instance: ``obj.__cache_key__()``."""
+    hook = getattr(obj, "__cache_key__", None)
+    if hook is None:
+        raise ConfigurationError(
+            f"{type(obj).__qualname__} has no __cache_key__: the default key of a cached method must "
+            "name its instance. Define __cache_key__(self) returning what identifies the instance "
+            "(e.g. its database name), or give the decorator a key= template using {self.attr}"
+        )
+    return ["$instance", hook()]
+
+
+def class_key(cls: Any) -> str:
+    """The part of a classmethod's default key that names its class."""
+    return f"$class:{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+
+
+def _method_kind(fn: Callable[..., Any]) -> str | None:
+    """ "self" or "cls" when ``fn`` is defined in a class and takes its instance/class first."""
+    qualname = getattr(fn, "__qualname__", "")
+    if "." not in qualname or qualname.rsplit(".", 2)[-2] == "<locals>":
+        return None
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if (
+        params
+        and params[0].name in ("self", "cls")
+        and params[0].kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+    ):
+        return params[0].name
+    return None
+
+
+class CachedMethod:
+    """A cached method: binds like a function, and binds ``invalidate``, ``cache_key`` and
+    ``lookup`` too (``repo.find.invalidate(1)``), which a plain function attribute cannot."""
+
+    def __init__(self, wrapper: Any, kind: str, *, needs_hook: bool) -> None:
+        self._wrapper = wrapper
+        self._kind = kind
+        self._needs_hook = needs_hook
+        functools.update_wrapper(self, wrapper)
+        self.uncached = wrapper.uncached
+        self.invalidate = wrapper.invalidate
+        self.cache_key = wrapper.cache_key
+        self.lookup = wrapper.lookup
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        # The class exists now (bases included): a default key needs its __cache_key__.
+        if self._needs_hook and getattr(owner, "__cache_key__", None) is None:
+            raise ConfigurationError(
+                f"{owner.__qualname__}.{name}: the default cache key of a method must name its "
+                f"instance, and {owner.__qualname__} has no __cache_key__. Define "
+                "__cache_key__(self) (e.g. returning the database name), or give the decorator a "
+                "key= template using {self.attr}"
+            )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return _BoundCachedMethod(self._wrapper, obj)
+
+
+class _BoundCachedMethod:
+    """``instance.method`` of a CachedMethod."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, wrapper: Any, obj: Any) -> None:
+        self.__func__ = wrapper
+        self.__self__ = obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+        return self.__func__.cache_key(self.__self__, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.lookup(self.__self__, *args, **kwargs)
+
+    def uncached(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.uncached(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # the method's own, without self
+        sig = inspect.signature(self.__func__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__func__, name)
+
+    def __repr__(self) -> str:
+        return f"<bound cached method {self.__func__.__qualname__} of {self.__self__!r}>"
 
 
 def tiered_cache_many(
@@ -495,11 +738,13 @@ def tiered_cache_many(
     def decorate(fn: Callable[[list[Any]], Any]) -> Any:
         vt = value_type
         if vt is _UNSET:
-            try:
-                ret = typing.get_type_hints(fn).get("return")
-                args = typing.get_args(ret)
-                vt = args[1] if len(args) == 2 else _UNSET
-            except Exception:
+            strict = bool(cache._rt.remote)
+            ret = _return_annotation(fn, sys._getframe(1).f_locals, strict)
+            if isinstance(ret, _Deferred):
+                raise _unresolvable(fn, ret.error)
+            args = typing.get_args(ret) if ret is not _UNSET else ()
+            vt = args[1] if len(args) == 2 else _UNSET
+            if vt is not _UNSET and not _converter_or_error(fn, vt, strict):
                 vt = _UNSET
 
         def keys_for(ids: Iterable[Any]) -> dict[str, Any]:

@@ -22,7 +22,9 @@ class Entry:
     ``version`` orders writes of one key (a later ``set``/``delete`` has a larger version), which
     is how a late loader result is kept from overwriting newer data. ``typed`` is False when the
     value came out of the JSON envelope and has not been converted to the caller's type yet.
-    ``payload`` caches the envelope bytes so several remote tiers encode once.
+    ``payload`` caches the envelope bytes so several remote tiers encode once. ``vtype`` is the
+    value's declared type (None: undeclared), which the codec needs for user classes; on an entry
+    not converted yet it is the class name its envelope declared (``y``), or None.
     """
 
     __slots__ = (
@@ -37,6 +39,7 @@ class Entry:
         "typed",
         "value",
         "version",
+        "vtype",
     )
 
     def __init__(
@@ -52,6 +55,7 @@ class Entry:
         delta: float = 0.0,
         typed: bool = True,
         payload: bytes | None = None,
+        vtype: Any = None,
         held: bool = False,
     ) -> None:
         self.key = key
@@ -64,6 +68,7 @@ class Entry:
         self.delta = delta
         self.typed = typed
         self.payload = payload
+        self.vtype = vtype
         # fail-safe's throttle copy: a stale value kept fresh for a while (in-process only; not in
         # the envelope, so another process reading it from a shared tier sees a plain entry)
         self.held = held
@@ -108,7 +113,7 @@ class Entry:
     __hash__ = None  # type: ignore[assignment]
 
 
-_NOT_COMPARED = ("payload", "typed", "held")  # caches and markers, not what the entry says
+_NOT_COMPARED = ("payload", "typed", "vtype", "held")  # caches and markers, not what the entry says
 
 _version_lock = threading.Lock()
 _last_version = 0

@@ -19,9 +19,9 @@ def check_key(key: object) -> str:
     them as they are percent-encode or hash them, and keys too long for a tier are hashed there.
     """
     if type(key) is not str:
-        if isinstance(key, str):
-            return str(key)
-        raise InvalidKeyError(f"cache keys are str, not {type(key).__qualname__}")
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"cache keys are str, not {type(key).__qualname__}")
+        key = str.__str__(key)  # a str subclass: its plain value, then the same checks
     if not key:
         raise InvalidKeyError("cache key is empty")
     if len(key) > MAX_KEY_LENGTH:

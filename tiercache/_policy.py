@@ -107,6 +107,7 @@ class Policy:
             tags=self.tags,
             version=version,
             delta=delta,
+            vtype=None if self.converter is None else self.converter.tp,
         )
 
     @property

@@ -92,6 +92,32 @@ class Breaker:
                 self._emit(Event(EventKind.BREAKER_OPEN, "", self.name))
 
 
+class RedactedError(Exception):
+    """Stands in for an error whose message named a key, under ``redact_keys``."""
+
+
+def _key_forms(key: str) -> list[str]:
+    """The ways a key may appear in an error message: as is, repr'd, percent-encoded."""
+    from urllib.parse import quote
+
+    forms = {key, repr(key)[1:-1], quote(key, safe=""), quote(key)}
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
+def redact_error(exc: BaseException | None, key: str) -> BaseException | None:
+    """``exc``, or a RedactedError with the same text minus ``key`` if its text names the key."""
+    if exc is None or not key:
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    digest = "key#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    redacted = text
+    for form in _key_forms(key):
+        redacted = redacted.replace(form, digest)
+    if redacted == text:
+        return exc
+    return RedactedError(redacted)
+
+
 class Runtime:
     """Tiers and shared machinery of one TieredCache. Drivers call the ``*_sync``/``*_async`` I/O."""
 
@@ -192,6 +218,8 @@ class Runtime:
         index = self._index_by_name.get(event.tier) if event.tier is not None else None
         self.stats.count(event.kind, index, event.duration)
         if self.hook is not None:
+            if self.redact_keys:
+                event = self.redacted(event)
             emit_safely(self.hook, event)
 
     def emit(
@@ -207,7 +235,8 @@ class Runtime:
         self.stats.count(kind, tier, duration)
         if self.hook is not None:
             name = None if tier is None else self.names[tier]
-            emit_safely(self.hook, Event(kind, key, name, duration, error, source))
+            event = Event(kind, key, name, duration, error, source)
+            emit_safely(self.hook, self.redacted(event) if self.redact_keys else event)
 
     def log_key(self, key: str) -> str:
         """``key`` as it may appear in logs: itself, or a short digest with ``redact_keys``."""
@@ -215,9 +244,28 @@ class Runtime:
             return key
         return "key#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
+    def redacted(self, event: Event) -> Event:
+        """``event`` as a hook may see it with ``redact_keys``: the key's digest, and an error
+        whose text named the key replaced by a RedactedError with the digest instead."""
+        if not event.key:  # cache-wide events (a breaker opening) name no key
+            return event
+        return event._replace(key=self.log_key(event.key), error=redact_error(event.error, event.key))
+
+    def log_error(self, exc: BaseException | None, key: str) -> str:
+        """``repr(exc)`` for a log line, with the key (and its encoded forms) redacted if asked."""
+        if self.redact_keys:
+            exc = redact_error(exc, key)
+        return repr(exc)
+
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
-        logger.debug("%s of %s on tier %s failed: %r", what, self.log_key(key), name, exc)
+        logger.debug(
+            "%s of %s on tier %s failed: %s",
+            what,
+            self.log_key(key),
+            name,
+            self.log_error(exc, key),
+        )
         breaker = self.breakers[index]
         if breaker is not None:
             retry_after = getattr(exc, "retry_after", None)

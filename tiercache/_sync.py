@@ -431,7 +431,7 @@ def start_refresh(
         try:
             lead(rt, flight, key, loader, policy, current, refresh=True)
         except Exception as exc:
-            logger.debug("background refresh of %s failed: %r", rt.log_key(key), exc)
+            logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
         finally:
             rt.threads.discard(threading.current_thread())
 

@@ -41,6 +41,7 @@ class TierBinding:
     codec: Codec = field(default_factory=JsonCodec)
     namespace: str = "tc"
     on_event: EventHook = _no_events
+    redact_keys: bool = False  # keep keys out of the tier's own logs (and its HTTP client's)
 
 
 @runtime_checkable

@@ -438,7 +438,7 @@ def instrument(
     *,
     metrics: bool = True,
     traces: bool = True,
-    record_keys: bool = True,
+    record_keys: bool | None = None,
 ) -> Instrumentation:
     """Export ``cache``'s metrics and spans through OpenTelemetry.
 
@@ -447,8 +447,9 @@ def instrument(
     ``tiercache.miss`` for each lookup that went past L1 (from its first shared-tier read to the
     outcome) with a child ``tiercache.load`` when the loader ran; other events (tier errors,
     joins, stale serves) become span events on the caller's current span. ``record_keys=False``
-    keeps cache keys out of spans (metrics never carry keys). Calling it again for the same cache
-    returns the existing instrumentation.
+    keeps cache keys out of spans (metrics never carry keys); by default keys are recorded unless
+    the cache was created with ``redact_keys=True`` (and then only ever as their digests).
+    Calling it again for the same cache returns the existing instrumentation.
     """
     otel_metrics, otel_trace = _import_otel()
     found = _installed.get(cache)
@@ -465,6 +466,8 @@ def instrument(
         from . import __version__
 
         tracer = otel_trace.get_tracer("tiercache", __version__, tracer_provider=tracer_provider)
+    if record_keys is None:
+        record_keys = not getattr(getattr(cache, "_rt", None), "redact_keys", False)
     inst = Instrumentation(cache, meters, tracer, None, record_keys)
     inst._remove_hook = cache.add_event_hook(inst)
     if meters is not None:

@@ -34,6 +34,14 @@ checks the header literally, verifies the signature with ``hmac.compare_digest``
 decodes ``body``. A Worker that trusts its KV can read ``JSON.parse(text).body``; one that wants to
 verify recomputes the HMAC over the bytes between the header and the final ``}``.
 
+Record headers
+--------------
+A tier that keeps fields outside the envelope signs them too: ``record_mac(key, header)`` is a
+hex ``HMAC-SHA256(key, b"tiercache-record\\x001\\x00" + cache key + b"\\x00" + header)`` (a
+different label, so it can never pass for an entry's signature). RedisTier appends it to its
+tombstones (kind and version), and with a signing codec writes no unsigned expiry header; a value
+record's header must match the version in its signed envelope.
+
 Pickle
 ------
 ``SignedCodec(keys, pickle=True)`` stores values with :mod:`pickle` (any picklable type, exact
@@ -63,6 +71,7 @@ SIGNED_FORMAT = 1
 MIN_KEY_BYTES = 16
 _KID_LABEL = b"tiercache key id"
 _MAC_PREFIX = b"tiercache-signed\x001\x00"
+_RECORD_PREFIX = b"tiercache-record\x001\x00"  # a distinct label: a record MAC is never an entry MAC
 _HEADER = re.compile(rb'\{"tcs":1,"kid":"([0-9a-f]{8})","fmt":"([jbp])","sig":"([0-9a-f]{64})","body":')
 _HEADER_LEN = len(b'{"tcs":1,"kid":"","fmt":"","sig":"","body":') + 8 + 1 + 64
 
@@ -73,6 +82,11 @@ def _kid(key: bytes) -> bytes:
 
 def _mac(key: bytes, fmt: bytes, body: bytes) -> bytes:
     return hmac.new(key, _MAC_PREFIX + fmt + b"\x00" + body, hashlib.sha256).hexdigest().encode("ascii")
+
+
+def _record_mac(key: bytes, cache_key: str, header: bytes) -> bytes:
+    message = _RECORD_PREFIX + cache_key.encode("utf-8", "surrogatepass") + b"\x00" + header
+    return hmac.new(key, message, hashlib.sha256).hexdigest().encode("ascii")
 
 
 class _PickleCodec:
@@ -162,6 +176,15 @@ class SignedCodec:
     def signing_key_id(self) -> str:
         """The ``kid`` of the key new records are signed with (safe to log)."""
         return self._signing_kid.decode("ascii")
+
+    def record_mac(self, key: str, header: bytes) -> bytes:
+        """The hex MAC a tier stores beside a record header it writes outside the envelope (a
+        Redis tombstone's kind and version): signed with the current key, bound to ``key``."""
+        return _record_mac(self._keys[self._signing_kid], key, header)
+
+    def verify_record(self, key: str, header: bytes, mac: bytes) -> bool:
+        """Does ``mac`` sign ``header`` for ``key`` under any of this codec's keys?"""
+        return any(hmac.compare_digest(_record_mac(k, key, header), mac) for k in self._keys.values())
 
     def dumps(self, entry: Entry) -> bytes:
         if self._pickle is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -320,11 +322,27 @@ def self_referencing() -> list[Any]:
     return loop
 
 
-UNSERIALISABLE = [Opaque(), {"f": lambda: 1}, 2**64, self_referencing(), {1j: "complex key"}]
+@dataclasses.dataclass
+class Undeclared:
+    x: int
+
+
+# (Integers beyond 64 bits are values now: the tagged form stores them as {"$int": "..."}.)
+UNSERIALISABLE = [
+    Opaque(),
+    {"f": lambda: 1},
+    self_referencing(),
+    {1j: "complex key"},
+    [Undeclared(1)],  # a user class with no declared type would come back elsewhere as a dict
+    float("nan"),
+    {"d": Decimal("sNaN")},
+]
 
 
 @pytest.mark.parametrize(
-    "value", UNSERIALISABLE, ids=["object", "lambda", "int>64bit", "cycle", "complex-key"]
+    "value",
+    UNSERIALISABLE,
+    ids=["object", "lambda", "cycle", "complex-key", "undeclared-class", "nan", "decimal-snan"],
 )
 def test_values_that_cannot_be_serialised_raise_and_leave_the_cache_untouched(value: Any) -> None:
     remote = FakeRemoteTier()

@@ -210,6 +210,27 @@ def test_record_keys_false_keeps_keys_out(tel: Telemetry) -> None:
         assert "tiercache.key" not in (span.attributes or {})
 
 
+def test_redact_keys_keeps_keys_out_of_spans_by_default(tel: Telemetry) -> None:
+    from tiercache import TieredCache
+    from tiercache.adapters.memory import MemoryTier
+    from tiercache.testing import FakeRemoteTier
+
+    cache = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="otelred", redact_keys=True)
+    instrument(cache, tel.meters, tel.tracers)
+    cache.sync.get_cached("secret-key", load_ok)
+    assert tel.spans()
+    for span in tel.spans():
+        assert "tiercache.key" not in (span.attributes or {})
+        assert "secret-key" not in str(span.to_json())
+    # asked for explicitly, a redacting cache's spans still carry only the digest
+    other = TieredCache([MemoryTier(), FakeRemoteTier()], namespace="otelred2", redact_keys=True)
+    instrument(other, tel.meters, tel.tracers, record_keys=True)
+    other.sync.get_cached("secret-key-2", load_ok)
+    keys = [(s.attributes or {}).get("tiercache.key") for s in tel.spans()]
+    assert any(str(k).startswith("key#") for k in keys if k)
+    assert all("secret-key-2" not in str(s.to_json()) for s in tel.spans())
+
+
 def test_existing_hook_still_called_and_uninstrument_restores_it(tel: Telemetry) -> None:
     w = new_world()
     before = w.cache._rt.hook

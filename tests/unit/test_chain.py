@@ -311,7 +311,7 @@ SAMPLES: list[tuple[Any, Any]] = [
 def test_values_come_back_from_the_remote_tier_as_their_type(clock: FakeClock, tp: Any, value: Any) -> None:
     remote = FakeRemoteTier()
     cache = TieredCache([MemoryTier(), remote], clock=clock)
-    cache.sync.set("k", value)
+    cache.sync.set("k", value, value_type=tp)
     other_process = TieredCache([MemoryTier(), FakeRemoteTier(remote.store)], clock=clock)
     got = other_process.sync.get_cached("k", lambda: pytest.fail("should hit L2"), value_type=tp)
     assert got == value and type(got) is type(value)

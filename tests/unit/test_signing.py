@@ -161,8 +161,11 @@ def test_a_tampered_value_in_a_fake_remote_tier_is_a_corrupt_miss_not_a_tier_err
     cache.sync.set("k", "genuine")
     data, until = remote.store["sg:k"]
     remote.store["sg:k"] = (data.replace(b"genuine", b"forgery"), until)
-    fresh = TieredCache(
-        [MemoryTier(), remote], codec=SignedCodec([NEW]), namespace="sg", on_event=events.append
+    fresh = TieredCache(  # another process: its own tier object on the same store
+        [MemoryTier(), FakeRemoteTier(remote.store)],
+        codec=SignedCodec([NEW]),
+        namespace="sg",
+        on_event=events.append,
     )
     assert fresh.sync.get_cached("k", lambda: "reloaded") == "reloaded"
     assert fresh.stats.tiers[1].corrupt == 1

@@ -144,7 +144,7 @@ def test_garbled_templates_and_arguments_say_what_to_do() -> None:
 
     with pytest.raises(InvalidKeyError) as err:
         f(Repo())
-    assert "an argument of type Repo is not JSON-like" in str(err.value)
+    assert "cannot serialise a Repo" in str(err.value)
     assert "Type is not JSON serializable" not in str(err.value)
     assert 'key="user:{user_id}"' in str(err.value)
 
