@@ -252,6 +252,10 @@ return 1
 """
 
 
+_HEAL_ATTEMPTS = 3  # fenced sends of one write when forged records keep refusing it
+_NUMKEYS = {"set": 2, "delete": 1}
+
+
 def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by SHA-1
 
@@ -806,8 +810,8 @@ class RedisTier:
     # carries an HMAC of its header, and "e" records are never written (expire rewrites a signed
     # "v" record instead). The Lua fences cannot verify a MAC (no secret on the server), so a
     # write or delete a fence refused checks the record in the way: if it is not authentic (a
-    # rewritten header pinning a huge version, a forged tombstone), it is replaced, atomically,
-    # only if still the same bytes.
+    # rewritten header pinning a huge version, a forged tombstone), it is deleted if still the
+    # same bytes and the write goes through its fence again (_fenced, below).
 
     def _signer(self) -> Any:
         codec = self._codec
@@ -828,21 +832,38 @@ class RedisTier:
         except Exception:
             return False
 
-    def _replacement(self, key: str, old: Any, record: bytes, ttl: Any) -> tuple[Any, ...] | None:
-        """The "replace" script's arguments when ``old`` (what a fence refused over) is forged."""
-        if self._signer() is None or old is None or self._authentic(key, old):
-            return None
-        return (self._vkey(key), old, record, ttl)
+    # A fence refused a write over a record that is not authentic: delete it (only if still the
+    # same bytes) and send the write again through its fence. Never overwrite it directly: two
+    # writers can find the same forged record, and the one whose overwrite lands last would win
+    # whatever their versions; re-fenced, the newer one wins, and its script publishes as usual.
+    # Bounded: a forger rewriting the record all the time costs a write a few round trips.
 
-    def _heal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
-        args = self._replacement(key, client.get(self._vkey(key)), record, ttl)
-        if args is not None:
-            self._eval(client, "replace", 1, *args)
+    def _forged(self, key: str, old: Any) -> bool:
+        return old is not None and not self._authentic(key, old)
 
-    async def _aheal(self, client: Any, key: str, record: bytes, ttl: Any) -> None:
-        args = self._replacement(key, await client.get(self._vkey(key)), record, ttl)
-        if args is not None:
-            await self._aeval(client, "replace", 1, *args)
+    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+        for _ in range(_HEAL_ATTEMPTS):
+            if self._eval(client, script, _NUMKEYS[script], *args) != 0:
+                return
+            if self._signer() is None:
+                return
+            old = client.get(self._vkey(key))
+            if old is not None and not self._forged(key, old):
+                return  # refused by a genuine newer record: the fence was right
+            if old is not None:
+                self._eval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+
+    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+        for _ in range(_HEAL_ATTEMPTS):
+            if await self._aeval(client, script, _NUMKEYS[script], *args) != 0:
+                return
+            if self._signer() is None:
+                return
+            old = await client.get(self._vkey(key))
+            if old is not None and not self._forged(key, old):
+                return
+            if old is not None:
+                await self._aeval(client, "replace", 1, self._vkey(key), old, b"", "keep")
 
     def _signed_expire_args(self, key: str, old: Any, at: float, version: int) -> tuple[Any, ...] | None:
         if not self._authentic(key, old) or old[3:4] != _VALUE:
@@ -907,9 +928,7 @@ class RedisTier:
     def set(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            client = self._sync_client()
-            if self._eval(client, "set", 2, *args) == 0 and self._signer() is not None:
-                self._heal(client, key, args[2], args[3])
+            self._fenced(self._sync_client(), "set", key, args)
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -928,13 +947,10 @@ class RedisTier:
         if self._signer() is not None:
             for (k, args), res in zip(pairs, results, strict=True):
                 if res == 0:
-                    self._heal(client, k, args[2], args[3])
+                    self._fenced(client, "set", k, args)
 
     def delete(self, key: str, version: int) -> None:
-        client = self._sync_client()
-        args = self._delete_args(key, version)
-        if self._eval(client, "delete", 1, *args) == 0 and self._signer() is not None:
-            self._heal(client, key, args[1] if args[2] else b"", args[2] or "keep")
+        self._fenced(self._sync_client(), "delete", key, self._delete_args(key, version))
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
@@ -1223,9 +1239,7 @@ class RedisTier:
     async def aset(self, key: str, entry: Entry) -> None:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            client = self._aclient()
-            if await self._aeval(client, "set", 2, *args) == 0 and self._signer() is not None:
-                await self._aheal(client, key, args[2], args[3])
+            await self._afenced(self._aclient(), "set", key, args)
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1244,13 +1258,10 @@ class RedisTier:
         if self._signer() is not None:
             for (k, args), res in zip(pairs, results, strict=True):
                 if res == 0:
-                    await self._aheal(client, k, args[2], args[3])
+                    await self._afenced(client, "set", k, args)
 
     async def adelete(self, key: str, version: int) -> None:
-        client = self._aclient()
-        args = self._delete_args(key, version)
-        if await self._aeval(client, "delete", 1, *args) == 0 and self._signer() is not None:
-            await self._aheal(client, key, args[1] if args[2] else b"", args[2] or "keep")
+        await self._afenced(self._aclient(), "delete", key, self._delete_args(key, version))
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)

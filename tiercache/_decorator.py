@@ -104,11 +104,17 @@ class _Decorator:
     @overload
     def __call__(self, fn: Callable[P, R]) -> CachedFunction[P, R]: ...
 
-    def __call__(self, fn: Callable[..., Any]) -> Any:
-        if isinstance(fn, (classmethod, staticmethod)):
-            raise ConfigurationError(
-                "put @tiered_cache below @classmethod/@staticmethod (apply it to the function)"
-            )
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R]) -> Any: ...  # binds like a classmethod
+
+    def __call__(self, fn: Callable[..., Any] | classmethod[Any, Any, Any]) -> Any:
+        if isinstance(fn, staticmethod):
+            raise ConfigurationError("put @tiered_cache below @staticmethod (apply it to the function)")
+        # Above @classmethod: the cached function binds to the class itself, on every Python
+        # (3.13 no longer lets a classmethod bind the descriptor it wraps, see CachedMethod).
+        on_class = False
+        if isinstance(fn, classmethod):
+            fn, on_class = fn.__func__, True
         caller = sys._getframe(1)
         value_type = self._value_type
         # A memory-only cache never encodes values: any annotation will do there.
@@ -119,10 +125,12 @@ class _Decorator:
             value_type = _UNSET
         resolve = _policy_resolver(self._cache, fn, self._overrides, value_type)
         wrapper = build_cached_function(fn, self._cache, self._template, resolve, self._overrides)
-        kind = _method_kind(fn)
+        kind = "cls" if on_class else _method_kind(fn)
         if kind is None:
             return wrapper
-        return CachedMethod(wrapper, kind, needs_hook=kind == "self" and self._template is None)
+        return CachedMethod(
+            wrapper, kind, needs_hook=kind == "self" and self._template is None, on_class=on_class
+        )
 
 
 def tiered_cache(
@@ -425,7 +433,20 @@ class _Signature:
             qualified = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}:"
             self.env["__tc_prefix"] = prefix + qualified
             self.env["__tc_hash"] = stable_hash
-            self.key_expr = "__tc_prefix + __tc_hash((" + "".join(f"{p}, " for p in parts) + "))"
+            hashed = "__tc_prefix + __tc_hash((" + "".join(f"{p}, " for p in parts) + "))"
+            plain = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if kind is None and 1 <= len(params) <= 2 and len(plain) == len(params):
+                # Ids are the common argument: one or two 64-bit ints (bool is not int here) are
+                # written as stable_hash would write them ("[42]", "[1,2]"), with no call.
+                self.env["__tc_int"] = int
+                test = " and ".join(
+                    f"{n}.__class__ is __tc_int and {_INT_MIN} <= {n} <= {_INT_MAX}" for n in plain
+                )
+                text = ",".join(f"{{{n}}}" for n in plain)
+                literal = repr(prefix + qualified)  # adjacent to the f-string: one constant
+                self.key_expr = f'({literal} f"[{text}]" if {test} else {hashed})'
+            else:
+                self.key_expr = hashed
 
     def _template_expression(self, fn: Callable[..., Any], sig: inspect.Signature, template: str) -> str:
         """The template as an f-string (fast), or a ``str.format`` call when it cannot be one."""
@@ -570,6 +591,7 @@ def _field_expression(field: str) -> str | None:
 
 
 _HASH_PLAIN = frozenset({str, int, bool, type(None)})
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # JSON's ints in the typed form; beyond: {"$int": ..}
 
 
 def stable_hash(args: tuple[Any, ...]) -> str:
@@ -582,12 +604,21 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     Redis, and cheaper than a hash on the hit path; longer ones become a 128-bit BLAKE2b digest.
     """
     for a in args:
-        if type(a) not in _HASH_PLAIN:
+        t = type(a)
+        if t not in _HASH_PLAIN and (t is not float or a - a != 0.0):  # NaN/inf: refused below
             break
-    else:  # strings, ints, bools and None: their plain JSON is already the typed form
+    else:  # strings, ints, bools, None, finite floats: their plain JSON is already the typed form
         try:
             raw = orjson.dumps(args)
         except TypeError:  # an int beyond 64 bits (tagged below), a lone surrogate
+            pass
+        else:
+            return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+    flat = _flat_tuples(args)
+    if flat is not None:
+        try:
+            raw = orjson.dumps(flat)
+        except TypeError:
             pass
         else:
             return raw.decode() if len(raw) <= 48 else "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
@@ -602,6 +633,25 @@ def stable_hash(args: tuple[Any, ...]) -> str:
     if len(raw) <= 48:
         return raw.decode()
     return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _plain(a: Any) -> bool:
+    t = type(a)
+    return t in _HASH_PLAIN or (t is float and a - a == 0.0)
+
+
+def _flat_tuples(args: tuple[Any, ...]) -> list[Any] | None:
+    """The typed form of arguments that are plain values or flat tuples of them (a composite id),
+    built directly; None for anything else."""
+    out: list[Any] = []
+    for a in args:
+        if _plain(a):
+            out.append(a)
+        elif type(a) is tuple and all(map(_plain, a)):
+            out.append({"$tuple": list(a)})
+        else:
+            return None
+    return out
 
 
 def instance_key(obj: Any) -> Any:
@@ -647,15 +697,26 @@ class CachedMethod:
     """A cached method: binds like a function, and binds ``invalidate``, ``cache_key`` and
     ``lookup`` too (``repo.find.invalidate(1)``), which a plain function attribute cannot."""
 
-    def __init__(self, wrapper: Any, kind: str, *, needs_hook: bool) -> None:
+    def __init__(self, wrapper: Any, kind: str, *, needs_hook: bool, on_class: bool = False) -> None:
         self._wrapper = wrapper
         self._kind = kind
         self._needs_hook = needs_hook
+        self._on_class = on_class
         functools.update_wrapper(self, wrapper)
+        if inspect.iscoroutinefunction(wrapper):
+            # inspect.iscoroutinefunction(Repo.get) reads these off a function-like object
+            self.__code__ = wrapper.__code__
+            self.__defaults__ = wrapper.__defaults__
+            self.__kwdefaults__ = wrapper.__kwdefaults__
         self.uncached = wrapper.uncached
         self.invalidate = wrapper.invalidate
         self.cache_key = wrapper.cache_key
         self.lookup = wrapper.lookup
+        if kind == "cls" and not on_class:
+            # Below @classmethod, C.m binds through __get__ up to Python 3.12; from 3.13 on C.m is
+            # a plain method of this object, and C.m.invalidate(1) would reach these with 1 as
+            # the class: a wrong key, silently. Refuse instead.
+            self.uncached = self.invalidate = self.cache_key = self.lookup = self._needs_class
 
     def __set_name__(self, owner: type, name: str) -> None:
         # The class exists now (bases included): a default key needs its __cache_key__.
@@ -670,7 +731,16 @@ class CachedMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._wrapper(*args, **kwargs)
 
+    def _needs_class(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigurationError(
+            f"{self._wrapper.__qualname__} was reached without its class (Python 3.13+ no longer "
+            "binds what @classmethod wraps): put @tiered_cache above @classmethod to use "
+            "C.method.invalidate/cache_key/lookup"
+        )
+
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if self._on_class:
+            return _BoundCachedMethod(self._wrapper, objtype if objtype is not None else type(obj))
         if obj is None:
             return self
         return _BoundCachedMethod(self._wrapper, obj)

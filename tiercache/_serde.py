@@ -12,6 +12,8 @@ Envelope, format 1 (a JSON object, so a Cloudflare Worker or any other reader ca
      "n": 1767225600000000000,  # version (ordering of writes to this key)
      "d": 0.012,         # duration of the load that produced the value, seconds
      "y": "app.models:User"}  # optional: the declared dataclass/pydantic class of the value
+                              # (a reader with no type of its own honours it only for a class
+                              # it declared itself: rebuilding one runs the class's code)
 
 The value form (plain JSON; one rule: the value a caller gets back is equal to, and of the same
 type as, the one written, whichever tier answered):
@@ -30,7 +32,9 @@ type as, the one written, whichever tier answered):
       {"$dict": {..}}        a str-keyed dict that itself has one member whose name starts with $
 
   Enum and NamedTuple classes are found by name among the already imported modules (never
-  imported because a record says so) or among the types the cache was given.
+  imported because a record says so) or among the types the cache was given; the look-up runs no
+  code (namespaces read directly), Enum members are found by value and NamedTuples filled in
+  without calling the class.
 * Instances of user classes (dataclasses, pydantic models) are plain objects of their fields.
   They need a declared type -- the decorated function's or the loader's return annotation, or
   ``value_type=`` -- to come back as the class; writing one without a declared type fails with
@@ -46,7 +50,6 @@ directly and costs no import; msgspec.convert is faster per value but cannot rea
 from __future__ import annotations
 
 import base64
-import binascii
 import collections.abc as cabc
 import dataclasses
 import datetime as _dt
@@ -287,17 +290,57 @@ def _class_name(cls: type, keying: bool = False) -> str:
 
 
 def _find_class(name: str) -> type | None:
-    """The class a record names, from already imported modules only (never imports)."""
+    """The class a record names, from already imported modules only.
+
+    A record is untrusted input, so the look-up runs no code: it never imports, and it reads
+    module and class ``__dict__``s directly (no ``getattr``: no module ``__getattr__``, no
+    properties or ``__getattr__`` of objects on the way). Only classes are walked through."""
     known = _known.get(name)
     if known is not None:
         return known
-    module_name, _, qualname = name.partition(":")
-    obj: Any = sys.modules.get(module_name)
+    module_name, sep, qualname = name.partition(":")
+    module = sys.modules.get(module_name) if sep else None
+    if not isinstance(module, types.ModuleType):
+        return None
+    namespace: Any = object.__getattribute__(module, "__dict__")
+    obj: Any = None
     for part in qualname.split("."):
-        if obj is None or part == "<locals>":
+        if namespace is None:
             return None
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, type) else None
+        obj = namespace.get(part) if type(namespace) is dict else None
+        # only a class leads further (its own namespace; inherited names are not looked at)
+        namespace = dict(_CLASS_DICT(obj)) if issubclass(type(obj), type) else None
+    return obj if issubclass(type(obj), type) else None
+
+
+_CLASS_DICT = type.__dict__["__dict__"].__get__  # a class's own namespace, past any metaclass
+
+
+def _declared_value_class(name: str) -> type | None:
+    """The dataclass or pydantic model an envelope's ``y`` names, if this process declared it.
+
+    Rebuilding one runs its code (``__init__``, ``__post_init__``, validators) on the record's
+    fields, so ``y`` only selects among classes this process has itself declared as value types
+    (a return or loader annotation, ``value_type=``), never any class that happens to be imported."""
+    return _value_classes.get(name)
+
+
+_value_classes: dict[str, type] = {}  # dataclasses/pydantic models met in declared types
+
+
+def _register_value_class(tp: type) -> None:
+    name = _declared_class_name(tp)
+    if name is not None:
+        _value_classes.setdefault(name, tp)
+
+
+def _static_attr(cls: type, name: str) -> Any:
+    """``cls.name`` from the class namespaces along its MRO, running no descriptor or hook."""
+    for base in type.__dict__["__mro__"].__get__(cls):
+        namespace = _CLASS_DICT(base)
+        if name in namespace:
+            return namespace[name]
+    return None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -403,15 +446,38 @@ def _untag_tagged(tag: str, body: Any, d: int) -> Any:
             if tag == "$enum":
                 if named is None or not issubclass(named, enum.Enum):
                     raise _fail(f"$enum names {parts[0]!r}, which is no imported Enum")
-                return named(_untag(parts[1], d))
-            if named is None or not (issubclass(named, tuple) and hasattr(named, "_fields")):
+                return _enum_member(named, _untag(parts[1], d))
+            fields = _static_attr(named, "_fields") if named is not None else None
+            if named is None or not issubclass(named, tuple) or type(fields) is not tuple:
                 raise _fail(f"$namedtuple names {parts[0]!r}, which is no imported NamedTuple")
-            return named(*_list_body(tag, _untag(parts[1], d)))
+            items = _list_body(tag, _untag(parts[1], d))
+            if len(items) != len(fields):
+                raise _fail(f"$namedtuple {parts[0]!r} holds {len(items)} fields, not {len(fields)}")
+            # Filled in like pickle would, without calling the class: a record chooses the class,
+            # so no constructor of it runs (a declared NamedTuple is rebuilt by its check later).
+            return tuple.__new__(named, items)
     except SerializationError:
         raise
-    except (TypeError, ValueError, OverflowError, binascii.Error) as exc:
+    except RecursionError:
+        raise _fail("value is nested too deeply") from None
+    except Exception as exc:  # a class's own look-up hook (an Enum's _missing_) included
         raise _fail(f"bad {tag} value: {exc}") from None
     raise _fail(f"unknown tag {tag!r}")
+
+
+def _enum_member(cls: type[enum.Enum], value: Any) -> Any:
+    """The member of ``cls`` with ``value``: a dict look-up, else the standard ``cls(value)`` (a
+    Flag's combined members, an Enum's own ``_missing_``), never a custom metaclass's call."""
+    members = _static_attr(cls, "_value2member_map_")
+    try:
+        member = members.get(value) if type(members) is dict else None
+    except TypeError:  # an unhashable value
+        member = None
+    if member is not None:
+        return member
+    if type(cls).__call__ is not enum.EnumMeta.__call__:
+        raise _fail(f"{cls.__qualname__} has no member with the value {value!r}")
+    return cls(value)
 
 
 def _decimal(s: str) -> Decimal:
@@ -684,7 +750,8 @@ def _build_decoder(tp: Any) -> Check:
         return lambda raw: None if raw is None else some(raw)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = _hints(tp)
-        names = frozenset(f.name for f in dataclasses.fields(tp) if f.init)
+        names = frozenset(f.name for f in dataclasses.fields(tp))
+        init = frozenset(f.name for f in dataclasses.fields(tp) if f.init)
         fields: list[tuple[str, Check]] = []
 
         def instance(raw: Any) -> Any:
@@ -695,11 +762,7 @@ def _build_decoder(tp: Any) -> Check:
             if not raw.keys() <= names:
                 extra = sorted(raw.keys() - names)[0]
                 raise SerializationError(f"{tp.__qualname__} has no field {extra!r}")
-            kwargs = {name: dec(raw[name]) for name, dec in fields if name in raw}
-            try:
-                return tp(**kwargs)
-            except (TypeError, ValueError) as exc:
-                raise SerializationError(f"cannot rebuild {tp.__qualname__}: {exc}") from None
+            return _rebuild(tp, init, {name: dec(raw[name]) for name, dec in fields if name in raw})
 
         return instance
     return generic
@@ -868,6 +931,7 @@ def _class_check(tp: type) -> Check | None:
         return named
     validate = getattr(tp, "model_validate", None)  # pydantic v2 model
     if validate is not None and callable(validate):
+        _register_value_class(tp)
 
         def model(v: Any) -> Any:
             try:
@@ -877,6 +941,7 @@ def _class_check(tp: type) -> Check | None:
 
         return model
     if dataclasses.is_dataclass(tp):
+        _register_value_class(tp)
         return _dataclass_check(tp)
     raise SerializationError(
         f"cannot rebuild values of type {tp.__qualname__}: use JSON types, tuple, set, bytes, "
@@ -886,7 +951,8 @@ def _class_check(tp: type) -> Check | None:
 
 def _dataclass_check(tp: type) -> Check:
     hints = _hints(tp)
-    names = {f.name for f in dataclasses.fields(tp) if f.init}
+    names = {f.name for f in dataclasses.fields(tp)}
+    init = frozenset(f.name for f in dataclasses.fields(tp) if f.init)
     # Field checks are looked up on first use: a dataclass may refer to itself.
     fields: list[tuple[str, Check | None]] = []
 
@@ -898,13 +964,25 @@ def _dataclass_check(tp: type) -> Check:
         extra = v.keys() - names
         if extra:
             raise SerializationError(f"{tp.__qualname__} has no field {sorted(extra)[0]!r}")
-        kwargs = {name: (v[name] if c is None else c(v[name])) for name, c in fields if name in v}
-        try:
-            return tp(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise SerializationError(f"cannot rebuild {tp.__qualname__}: {exc}") from None
+        values = {name: (v[name] if c is None else c(v[name])) for name, c in fields if name in v}
+        return _rebuild(tp, init, values)
 
     return check
+
+
+def _rebuild(tp: type, init: frozenset[str], values: dict[str, Any]) -> Any:
+    """A dataclass from its fields: ``init=False`` ones (written too, as they count in ``==``)
+    are set after construction, as the writer's instance held them."""
+    later = [(k, x) for k, x in values.items() if k not in init]
+    for k, _ in later:
+        del values[k]
+    try:
+        obj = tp(**values)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"cannot rebuild {tp.__qualname__}: {exc}") from None
+    for k, x in later:
+        object.__setattr__(obj, k, x)  # frozen dataclasses too
+    return obj
 
 
 def loader_type(loader: Any) -> Any:
@@ -948,11 +1026,11 @@ def convert_entry(entry: Entry, conv: Converter | None) -> Entry:
     """The entry with its tagged JSON value decoded into the caller's type (SerializationError)."""
     if entry.typed:
         return entry
-    if conv is None and isinstance(entry.vtype, str):  # no type asked: the writer's, if imported
-        cls = _find_class(entry.vtype)
-        if cls is not None and _declared_class_name(cls) == entry.vtype:
-            conv = converter_for(cls)
     try:
+        if conv is None and isinstance(entry.vtype, str):  # no type asked: the writer's, if declared
+            cls = _declared_value_class(entry.vtype)
+            if cls is not None:
+                conv = converter_for(cls)
         value = _untag(entry.value, 0) if conv is None else conv(entry.value)
     except SerializationError:
         raise

@@ -97,3 +97,74 @@ def test_genuine_tombstones_and_expiry_still_work(setup: tuple[TieredCache, Redi
     asyncio.run(tier.aexpire("sr:x", now + 0.5, next_version()))
     again = tier.get("sr:x")
     assert again is not None and again.fresh_until == now + 0.5
+
+
+class _RacingClient:
+    """The tier's client, running ``during`` (another writer) right after the first GET a write
+    makes to look at the record its fence refused."""
+
+    def __init__(self, real: redis.Redis, during: object) -> None:
+        self._real = real
+        self._during = during
+
+    def get(self, name: object) -> object:
+        found = self._real.get(name)  # type: ignore[arg-type]
+        during, self._during = self._during, None
+        if callable(during):
+            during()
+        return found
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def test_a_newer_write_racing_an_older_one_over_a_forged_record_wins(
+    setup: tuple[TieredCache, RedisTier, redis.Redis],
+) -> None:
+    cache, tier, client = setup
+    now = cache.clock()
+    older = make_entry("sr:r", "older", now, version=next_version())
+    newer = make_entry("sr:r", "newer", now, version=next_version())
+    client.set(tier._vkey("sr:r"), b"tc1d" + b"9" * 20)  # forged, pins every write
+    real = tier._sync_client()
+    # the newer write finds the forged record; meanwhile the older write heals the key first
+    tier._sync = _RacingClient(real, lambda: tier.set("sr:r", older))  # type: ignore[assignment]
+    try:
+        tier.set("sr:r", newer)
+    finally:
+        tier._sync = real
+    got = tier.get("sr:r")
+    assert got is not None and got.value == "newer"  # never the older write's value
+
+
+def test_a_forger_that_keeps_rewriting_costs_a_write_a_few_round_trips_not_a_loop(
+    setup: tuple[TieredCache, RedisTier, redis.Redis],
+) -> None:
+    cache, tier, client = setup
+    vkey = tier._vkey("sr:f")
+    real = tier._sync_client()
+    gets = 0
+
+    class Forger(_RacingClient):
+        """Forges the record again before every command the tier sends."""
+
+        def get(self, name: object) -> object:
+            nonlocal gets
+            gets += 1
+            client.set(vkey, b"tc1d" + b"9" * 20)
+            return self._real.get(name)  # type: ignore[arg-type]
+
+        def eval(self, *args: object) -> object:
+            client.set(vkey, b"tc1d" + b"8" * 20)
+            return self._real.eval(*args)  # type: ignore[arg-type]
+
+        def evalsha(self, *args: object) -> object:
+            client.set(vkey, b"tc1d" + b"8" * 20)
+            return self._real.evalsha(*args)  # type: ignore[arg-type]
+
+    tier._sync = Forger(real, None)  # type: ignore[assignment]
+    try:
+        tier.set("sr:f", make_entry("sr:f", 1, cache.clock()))
+    finally:
+        tier._sync = real
+    assert 1 <= gets <= 4
