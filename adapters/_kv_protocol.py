@@ -21,8 +21,7 @@ from urllib.parse import quote
 
 import orjson
 
-from tiercache._errors import ConfigurationError, TierError, ValueTooLargeError
-from tiercache._keys import hashed_key
+from tiercache.tier import ConfigurationError, TierError, ValueTooLargeError, hashed_key
 
 __all__ = [
     "BULK_GET_MAX_KEYS",

@@ -52,10 +52,15 @@ from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from tiercache._entry import Entry
-from tiercache._errors import ConfigurationError, SerializationError
-from tiercache._events import Event, EventKind, emit_safely
-from tiercache._tier import TierBinding
+from tiercache.tier import (
+    ConfigurationError,
+    Entry,
+    Event,
+    EventKind,
+    SerializationError,
+    TierBinding,
+    emit_safely,
+)
 
 from ._kv_protocol import (
     BULK_GET_MAX_KEYS,

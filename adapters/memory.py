@@ -24,10 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tiercache._entry import Entry
-from tiercache._errors import ConfigurationError, ValueTooLargeError
-from tiercache._tier import TierBinding
-from tiercache._ttl import Duration, seconds
+from tiercache.tier import ConfigurationError, Duration, Entry, TierBinding, ValueTooLargeError, seconds
 
 __all__ = ["MemoryTier", "estimate_size"]
 

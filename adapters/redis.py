@@ -118,13 +118,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tiercache._entry import Entry
-from tiercache._errors import ConfigurationError
-from tiercache._events import Event, EventKind, emit_safely
-from tiercache._keys import hashed_key
-from tiercache._serde import Codec, JsonCodec
-from tiercache._tier import TierBinding
-from tiercache._ttl import Duration, seconds
+from tiercache.tier import (
+    Codec,
+    ConfigurationError,
+    Duration,
+    Entry,
+    Event,
+    EventKind,
+    JsonCodec,
+    TierBinding,
+    emit_safely,
+    hashed_key,
+    seconds,
+)
 
 __all__ = ["RedisBus", "RedisTier"]
 
@@ -500,6 +506,7 @@ class RedisTier:
         self.max_key_bytes = max_key_bytes
         self.tombstone_ttl = tombstone_ttl
         self.socket_timeout = socket_timeout
+        self._sweeps: set[asyncio.Task[None]] = set()  # see _unsure_lease
         self.connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_connections = max_connections
@@ -841,29 +848,32 @@ class RedisTier:
     def _forged(self, key: str, old: Any) -> bool:
         return old is not None and not self._authentic(key, old)
 
-    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+    def _fenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> bool:
+        """Run a fenced write; False when a genuine newer record refused it."""
         for _ in range(_HEAL_ATTEMPTS):
             if self._eval(client, script, _NUMKEYS[script], *args) != 0:
-                return
+                return True
             if self._signer() is None:
-                return
+                return False
             old = client.get(self._vkey(key))
             if old is not None and not self._forged(key, old):
-                return  # refused by a genuine newer record: the fence was right
+                return False  # refused by a genuine newer record: the fence was right
             if old is not None:
                 self._eval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+        return False
 
-    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> None:
+    async def _afenced(self, client: Any, script: str, key: str, args: tuple[Any, ...]) -> bool:
         for _ in range(_HEAL_ATTEMPTS):
             if await self._aeval(client, script, _NUMKEYS[script], *args) != 0:
-                return
+                return True
             if self._signer() is None:
-                return
+                return False
             old = await client.get(self._vkey(key))
             if old is not None and not self._forged(key, old):
-                return
+                return False
             if old is not None:
                 await self._aeval(client, "replace", 1, self._vkey(key), old, b"", "keep")
+        return False
 
     def _signed_expire_args(self, key: str, old: Any, at: float, version: int) -> tuple[Any, ...] | None:
         if not self._authentic(key, old) or old[3:4] != _VALUE:
@@ -925,10 +935,12 @@ class RedisTier:
         now = self._clock()
         return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
 
-    def set(self, key: str, entry: Entry) -> None:
+    def set(self, key: str, entry: Entry) -> bool:
+        """Set-if-newer; False when a newer record (value or tombstone) kept its place."""
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            self._fenced(self._sync_client(), "set", key, args)
+            return self._fenced(self._sync_client(), "set", key, args)
+        return True
 
     def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -954,8 +966,47 @@ class RedisTier:
 
     def acquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        try:
+            ok = self._sync_client().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        except Exception:
+            self._unsure_lease(key, token, ttl)
+            raise
         return token if ok else None
+
+    # A SET NX that failed on our side (a timeout) may still run on the server later (a hung
+    # Redis that comes back), leaving a lease nobody holds: other processes' waiters would sit
+    # out their whole lease_wait. Its token is ours, so we delete it (compare-and-delete) when it
+    # shows up: tries spaced out, doubling, until it is deleted or its TTL is over anyway.
+
+    def _unsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+
+        def sweep() -> None:
+            deadline, pause = time.monotonic() + ttl, 0.05
+            while time.monotonic() < deadline:
+                try:
+                    if self._eval(self._sync_client(), "release", 1, *args):
+                        return
+                except Exception:  # still unreachable: try again later
+                    pass
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause *= 2
+
+        threading.Thread(target=sweep, name="tiercache-lease-sweep", daemon=True).start()
+
+    async def _aunsure_lease(self, key: str, token: str, ttl: float) -> None:
+        vkey = self._vkey(key)
+        args = (vkey + ":lease", token, self._channel, vkey)
+        deadline, pause = time.monotonic() + ttl, 0.05
+        while time.monotonic() < deadline:
+            try:
+                if await self._aeval(self._aclient(), "release", 1, *args):
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause *= 2
 
     def release_lease(self, key: str, token: str) -> None:
         vkey = self._vkey(key)
@@ -1236,10 +1287,11 @@ class RedisTier:
         now = self._clock()
         return [self._decode(k, d, now) for k, d in zip(keys, raw, strict=True)]
 
-    async def aset(self, key: str, entry: Entry) -> None:
+    async def aset(self, key: str, entry: Entry) -> bool:
         args = self._set_args(key, entry, self._clock())
         if args is not None:
-            await self._afenced(self._aclient(), "set", key, args)
+            return await self._afenced(self._aclient(), "set", key, args)
+        return True
 
     async def aset_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         now = self._clock()
@@ -1265,7 +1317,13 @@ class RedisTier:
 
     async def aacquire_lease(self, key: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        try:
+            ok = await self._aclient().set(self._vkey(key) + ":lease", token, nx=True, px=_ms(ttl))
+        except Exception:
+            sweep = asyncio.get_running_loop().create_task(self._aunsure_lease(key, token, ttl))
+            self._sweeps.add(sweep)  # referenced until done
+            sweep.add_done_callback(self._sweeps.discard)
+            raise
         return token if ok else None
 
     async def arelease_lease(self, key: str, token: str) -> None:
@@ -1506,6 +1564,55 @@ class _Backoff:
         pause = self._next * random.uniform(0.5, 1.0)
         self._next = min(self._next * 2, 0.1)
         return pause
+
+
+# --- compare-and-set: read-modify-write of one key, atomic across processes -----------------
+# Used by tiercache.contrib.django for add/incr/decr/touch. ``read_for_update`` returns the live
+# entry (or None) and a *token*: the record's first 24 bytes (its header: kind and version), or
+# b"" when the key does not exist. ``compare_and_set`` writes a new record only if the stored
+# header is still exactly that token, in one script, so no other write (set, delete, expire,
+# clear, another compare_and_set) can fall between the read and the write.
+
+# KEYS: value, lease. ARGV: token, record, ttl ms, wake channel, value key. 1 = written, 0 = changed.
+_LUA_CAS = """
+if redis.call('GETRANGE', KEYS[1], 0, 23) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+_SCRIPTS["cas"] = (_LUA_CAS, _sha(_LUA_CAS))
+
+
+def _cas_args(tier: RedisTier, key: str, token: bytes, entry: Entry) -> tuple[Any, ...] | None:
+    encoded = tier._encode(entry, tier._clock())
+    if encoded is None:
+        return None
+    record, ttl_ms = encoded
+    vkey = tier._vkey(key)
+    return (vkey, vkey + ":lease", token, record, ttl_ms, tier._channel, vkey)
+
+
+def read_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    """The live entry for ``key`` (or None) and the token ``compare_and_set`` expects."""
+    data = tier._sync_client().get(tier._vkey(key))
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+async def aread_for_update(tier: RedisTier, key: str) -> tuple[Entry | None, bytes]:
+    data = await tier._aclient().get(tier._vkey(key))
+    return tier._decode(key, data), (bytes(data[:_HEADER_LEN]) if data else b"")
+
+
+def compare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    """Store ``entry`` if the record is unchanged since ``read_for_update`` returned ``token``.
+    False: it changed, or ``entry`` is already dead (nothing is written; read again)."""
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(tier._eval(tier._sync_client(), "cas", 2, *args))
+
+
+async def acompare_and_set(tier: RedisTier, key: str, token: bytes, entry: Entry) -> bool:
+    args = _cas_args(tier, key, token, entry)
+    return args is not None and bool(await tier._aeval(tier._aclient(), "cas", 2, *args))
 
 
 # Last, so that redis_bus (which imports this module only lazily) finds RedisTier defined.

@@ -1,4 +1,4 @@
-"""tiercache: multi-tier caching (in-process memory, Redis, Cloudflare KV) with stampede protection.
+"""multi-tier caching (in-process memory, Redis, Cloudflare KV) with stampede protection.
 
 ``import tiercache`` is nearly free (serverless cold starts): the names below are loaded on first
 use (PEP 562), and nothing optional is ever imported here -- ``tiercache.adapters.redis`` and
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
         tiered_cache,
         tiered_cache_many,
     )
+    from ._engine import Source
     from ._entry import Entry
     from ._errors import (
         CacheClosedError,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
         ValueTooLargeError,
     )
     from ._events import Event, EventHook, EventKind
-    from ._flow import Source
     from ._serde import Codec, JsonCodec
     from ._tier import LeaseTier, Tier, TierBinding
 
@@ -97,7 +97,7 @@ _EXPORTS = {
     "LoaderTimeoutError": "._errors",
     "Lookup": "._cache",
     "SerializationError": "._errors",
-    "Source": "._flow",
+    "Source": "._engine",
     "SyncTieredCache": "._cache",
     "Tier": "._tier",
     "TierBinding": "._tier",

@@ -5,36 +5,48 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
-from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
-from ._entry import Entry, next_version
-from ._errors import LoaderTimeoutError, ValueTooLargeError
-from ._events import EventKind
-from ._flight import Flight, FlightAborted
-from ._flow import (
-    NO_LEASE,
-    NOT_READ,
+from ._compat import assert_never
+from ._engine import (
     AcquireLease,
+    ClearAll,
+    Command,
+    DeleteAll,
+    ExpireAll,
+    Join,
     Load,
+    LoadMany,
     LoadOutcome,
-    Operation,
     Outcome,
+    Publish,
     Read,
+    ReadMany,
+    Refresh,
     ReleaseLease,
     Source,
+    StoreTagTimes,
     WaitForEntry,
     Write,
-    better_stale,
+    WriteMany,
+    ops,
 )
+from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
+from ._engine.late import end_late, store_late
+from ._entry import Entry, next_version
+from ._errors import LoaderTimeoutError
+from ._events import EventKind
+from ._flight import Flight, FlightAborted
+from ._gateway import LeaseKeeper
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
-from ._sync import finish_many, new_entry
+from ._sync import new_entry
 
 __all__ = [
     "FlowRun",
@@ -53,6 +65,46 @@ logger = logging.getLogger("tiercache")
 Loader = Callable[[], Any]
 
 
+_HAS_CANCELLING = sys.version_info >= (3, 11)
+
+
+if sys.version_info >= (3, 11):
+
+    def _cancel_requests(task: asyncio.Task[Any]) -> int:
+        """How many cancels of ``task`` are pending (``Task.cancelling()``)."""
+        return task.cancelling()
+
+else:  # pragma: no cover - 3.10 awaits tier calls apart instead (see _apart)
+
+    def _cancel_requests(task: asyncio.Task[Any]) -> int:
+        return 0
+
+
+async def _apart(call: Coroutine[Any, Any, Any]) -> Any:
+    """Await a tier call so that a cancel of the caller always sticks.
+
+    A tier client may swallow a cancel that arrives as its reply does (redis-py's ``wait_for`` on
+    Python 3.10 and 3.11 returns the reply instead of raising). On 3.11+ the task still counts the
+    request (``Task.cancelling()``), which ``FlowRun.run`` checks after each await. On 3.10 there
+    is no such count: the call runs as a task of its own, awaited through ``asyncio.wait``, which
+    never swallows the caller's cancel."""
+    inner = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait({inner})
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
+    return inner.result()
+
+
+def _not_yet() -> Generator[Any, Any, Any]:
+    raise AssertionError("FlowRun.gen was never set")
+    yield
+
+
+_NOT_YET = _not_yet()
+
+
 class FlowRun:
     """One run of the flow, resumable: if the task driving it is cancelled mid-operation, the
     pending operation is kept and :meth:`run` can be called again (from another task) to redo it
@@ -60,6 +112,7 @@ class FlowRun:
 
     __slots__ = (
         "_context",
+        "_done",
         "_load_started",
         "_load_t0",
         "_load_task",
@@ -74,17 +127,18 @@ class FlowRun:
     def __init__(
         self,
         rt: Runtime,
-        gen: Generator[Any, Any, Any],
+        gen: Generator[Any, Any, Any] | None,
         loader: Loader,
-        policy: Policy,
+        policy: Policy | None,
         fence: Flight | None,
     ) -> None:
         self.rt = rt
-        self.gen = gen
+        self.gen: Generator[Any, Any, Any] = gen if gen is not None else _NOT_YET  # see get_cached
         self.loader = loader
         self.policy = policy
         self.fence = fence
-        self._pending: Operation | None = None
+        self._pending: Command | None = None
+        self._done: tuple[Any] | None = None  # the pending operation's result, kept across a cancel
         self._load_task: asyncio.Future[Any] | None = None
         self._load_started = 0.0
         self._load_t0 = 0.0
@@ -98,82 +152,97 @@ class FlowRun:
     async def run(self) -> Any:
         send: Any = None
         error: BaseException | None = None
+        rt, gen = self.rt, self.gen
+        # Cancels already pending when this run started are the caller's business, not ours.
+        task = asyncio.current_task() if _HAS_CANCELLING else None
+        base = _cancel_requests(task) if task is not None else 0
         while True:
             if self._pending is None:
                 try:
-                    self._pending = self.gen.send(send) if error is None else self.gen.throw(error)
+                    self._pending = gen.send(send) if error is None else gen.throw(error)
                 except StopIteration as stop:
                     return stop.value
             error = None
             op = self._pending
+            if self._done is not None:  # done before a cancel we honoured: do not redo it
+                (send,), self._done = self._done, None
+                self._pending = None
+                continue
             try:
-                if type(op) is Read and not self.rt.tiers[op.index].in_process:
+                if type(op) is Read and not rt.tiers[op.index].in_process and rt.trace is None:
                     # The common case, without the dispatch coroutine in between.
-                    send = await self.rt.read_async(op.index, op.key, op.converter, op.count_miss)
+                    call = rt.gw.read_async(op.index, op.key, op.converter, op.count_miss)
                 else:
-                    send = await self._execute(op)
+                    call = self._execute(op)
+                send = await (call if task is not None else _apart(call))
             except asyncio.CancelledError:
                 raise  # the operation stays pending: a resumed run redoes it
             except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
                 error, send = exc, None
+            if task is not None and error is None and _cancel_requests(task) > base:
+                # Cancelled during the await, but the tier client swallowed it (redis-py's
+                # wait_for on 3.10/3.11): honour it. A resumed run takes the result as it is.
+                self._done = (send,)
+                raise asyncio.CancelledError
             self._pending = None
 
-    async def _execute(self, op: Any) -> Any:
+    async def _execute(self, cmd: Command) -> Any:
+        """Do one command, awaited (through the runtime's tier gateway)."""
         rt = self.rt
-        kind = type(op)
-        if kind is ReadMany:
-            if rt.tiers[op.index].in_process:
-                return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
-            return await rt.read_many_async(op.index, op.keys, op.converter)
-        if kind is WriteMany:
-            await rt.write_many_async(op.indices, op.items, op.fences, op.backfill)
-            return None
-        if kind is LoadMany:
-            return await self._load_many(op.keys)
-        if kind is Read:
-            assert isinstance(op, Read)
-            if rt.tiers[op.index].in_process:
-                return rt.read_sync(op.index, op.key, op.converter, op.count_miss)
-            return await rt.read_async(op.index, op.key, op.converter, op.count_miss)
-        if kind is Write:
-            assert isinstance(op, Write)
-            return await rt.write_async(op)
-        if kind is Load:
-            assert isinstance(op, Load)
-            return await self._load(op.has_stale, op.lease)
-        if kind is AcquireLease:
-            assert isinstance(op, AcquireLease)
-            if not rt.tier_usable(op.index, op.key):
-                return NO_LEASE
-            try:
-                return await rt.lease_tier(op.index).aacquire_lease(op.key, op.ttl)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "acquire_lease")
-                return NO_LEASE
-        if kind is ReleaseLease:
-            assert isinstance(op, ReleaseLease)
-            try:
-                await rt.lease_tier(op.index).arelease_lease(op.key, op.token)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "release_lease")
-            return None
-        if kind is WaitForEntry:
-            assert isinstance(op, WaitForEntry)
-            started = time.perf_counter()
-            try:
-                raw = await rt.lease_tier(op.index).await_for_entry(op.key, op.timeout)
-            except Exception as exc:
-                rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
+        if rt.trace is not None:
+            rt.trace.append(cmd)
+        match cmd:
+            case Read():
+                if rt.tiers[cmd.index].in_process:
+                    return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
+                return await rt.gw.read_async(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
+            case Write():
+                return await rt.gw.write_async(cmd)
+            case Load():
+                return await self._load(cmd.soft, cmd.hard, cmd.lease)
+            case AcquireLease():
+                return await rt.gw.acquire_lease_async(cmd)
+            case ReleaseLease():
+                await rt.gw.release_lease_async(cmd)
                 return None
-            rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-            entry = rt.typed(op.index, op.key, raw, op.converter)
-        if entry is not None and entry.tags and not await rt.coherence.tags_valid_async(entry):
-            return None
-        return entry
-        raise AssertionError(f"unknown operation {op!r}")
+            case WaitForEntry():
+                return await rt.gw.wait_for_entry_async(cmd)
+            case ReadMany():
+                return await rt.gw.read_many_async(cmd.index, cmd.keys, cmd.converter)
+            case WriteMany():
+                await rt.gw.write_many_async(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
+                return None
+            case LoadMany():
+                return await self._load_many(cmd.keys)
+            case DeleteAll():
+                await rt.gw.delete_async(cmd.key, cmd.version)
+                return None
+            case ExpireAll():
+                await rt.gw.expire_async(cmd.key, cmd.at, cmd.version)
+                return None
+            case ClearAll():
+                await rt.gw.clear_async(cmd.prefix)
+                return None
+            case StoreTagTimes():
+                await rt.gw.store_tag_times_async(cmd.tags, cmd.at)
+                return None
+            case Publish():
+                await rt.coherence.publish_async(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
+                return None
+            case Join():
+                return await wait_joined(rt, cmd.flight, cmd.limit)
+            case Refresh():
+                assert self.policy is not None
+                start_refresh(rt, cmd.key, self.loader, self.policy, cmd.current)
+                return None
+            case _:
+                assert_never(cmd)
 
-    async def _load(self, has_stale: bool, lease: tuple[int, str] | None = None) -> LoadOutcome:
+    async def _load(
+        self, soft: float | None, hard: float | None, lease: tuple[int, str] | None = None
+    ) -> LoadOutcome:
         rt, policy = self.rt, self.policy
+        assert policy is not None  # only get_cached's flows load
         key = self.fence.key if self.fence is not None else ""
         if self._load_task is None:
             self._load_started = rt.clock()
@@ -190,10 +259,8 @@ class FlowRun:
             finally:
                 _current_load.reset(token)
         task, t0 = self._load_task, self._load_t0
-        soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
-        hard = policy.hard_timeout
-        first = soft if soft is not None and (hard is None or soft < hard) else hard
-        keeper = rt.lease_keeper(key, lease, policy.lease_ttl)
+        first = soft if soft is not None else hard
+        keeper = rt.gw.lease_keeper(key, lease, policy.lease_ttl)
         while True:
             remaining = None if first is None else max(0.0, t0 + first - time.perf_counter())
             step = remaining
@@ -213,9 +280,10 @@ class FlowRun:
                     raise failure
                 return self._failed(key, failure)
             return self._loaded(key, task.result())
-        if first == soft and soft is not None:
-            # Soft timeout with something stale to serve: the load goes on and stores its result.
-            rt.track(asyncio.get_running_loop().create_task(self._finish_late(task)))
+        if soft is not None:
+            # Soft timeout with something stale to serve: the load goes on, keeps the flight and
+            # the lease (extended), stores its result, then resolves the flight and releases.
+            rt.track(asyncio.get_running_loop().create_task(self._finish_late(task, lease, keeper)))
             return LoadOutcome(soft_timed_out=True, started_at=self._load_started)
         task.cancel()
         return self._failed(
@@ -249,31 +317,52 @@ class FlowRun:
         self.rt.emit(EventKind.LOAD_ERROR, key, duration=duration, error=exc)
         return LoadOutcome(error=exc, started_at=self._load_started, duration=duration)
 
-    async def _finish_late(self, task: asyncio.Future[Any]) -> None:
-        """After a soft timeout: wait (up to the hard timeout) and store the result, fenced."""
+    async def _finish_late(
+        self, task: asyncio.Future[Any], lease: tuple[int, str] | None, keeper: LeaseKeeper | None
+    ) -> None:
+        """After a soft timeout: wait (up to the hard timeout, extending the lease), then the
+        engine stores the result, releases the lease and resolves the flight (``_engine.late``)."""
         rt, policy, fence = self.rt, self.policy, self.fence
+        assert policy is not None
         hard = policy.hard_timeout
-        remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
+        outcome: Outcome | None = None
+        error: BaseException | None = None
         try:
-            value = await asyncio.wait_for(task, remaining)
-        except Exception as exc:  # the caller already got stale; a late failure is only logged
-            logger.debug(
-                "late loader for %s failed: %s",
-                rt.log_key(fence.key if fence else ""),
-                rt.log_error(exc, fence.key if fence else ""),
-            )
-            return
-        if fence is None:
-            return
-        loaded = LoadOutcome(
-            value,
-            started_at=self._load_started,
-            duration=time.perf_counter() - self._load_t0,
-            context=self._context,
-        )
-        entry = rt.build_entry(fence.key, value, policy, loaded, fence.version)
-        if entry is not None:
-            await rt.write_async(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
+            while True:
+                remaining = None if hard is None else max(0.0, self._load_t0 + hard - time.perf_counter())
+                step = remaining
+                if keeper is not None:
+                    step = keeper.every if remaining is None else min(keeper.every, remaining)
+                await asyncio.wait({task}, timeout=step)
+                if task.done() or (remaining is not None and step == remaining):
+                    break
+                if keeper is not None and not await keeper.aextend():
+                    keeper = None
+            if not task.done():
+                task.cancel()  # hard_timeout: an async loader is cancelled
+            elif task.cancelled():
+                error = LoaderTimeoutError("the loader was cancelled")
+            elif task.exception() is not None:
+                error = task.exception()
+                where = fence.key if fence else ""
+                logger.debug("late loader for %s failed: %s", rt.log_key(where), rt.log_error(error, where))
+            elif fence is not None:
+                duration = time.perf_counter() - self._load_t0
+                loaded = LoadOutcome(
+                    task.result(), started_at=self._load_started, duration=duration, context=self._context
+                )
+                outcome = await FlowRun(
+                    rt, store_late(rt, fence, policy, loaded), _no_loader, None, fence
+                ).run()
+        except BaseException as exc:  # cancelled (loop closing): joiners start anew
+            task.cancel()
+            if fence is not None:
+                rt.flights.finish(fence, error=FlightAborted(repr(exc)))
+            raise
+        finally:
+            if fence is not None:
+                flow = end_late(rt, fence, policy, lease, True, outcome, error)
+                await FlowRun(rt, flow, _no_loader, None, fence).run()
 
 
 # --- the public operations ----------------------------------------------------------------
@@ -283,144 +372,108 @@ async def l1_walk(rt: Runtime, key: str, now: float) -> tuple[Entry | None, int,
     """``Runtime.l1_walk`` for async callers: tag times it does not know are fetched, awaited."""
     coherence = rt.coherence
     while True:
-        entry, i, stale, unknown = rt.l1_walk(key, now, coherence.tags_valid_locally)
+        entry, i, stale, unknown = rt.gw.l1_walk(key, now, coherence.tags_valid_locally)
         if unknown is None:
             return entry, i, stale
         await coherence.tags_valid_async(unknown)  # learns the times (or gives up) ...
         if coherence.tags_valid_locally(unknown) is None:  # ... the store was unreachable
-            entry, i, stale, _ = rt.l1_walk(key, now, coherence.known_valid)
+            entry, i, stale, _ = rt.gw.l1_walk(key, now, coherence.known_valid)
             return entry, i, stale
 
 
 async def get_cached(rt: Runtime, key: str, loader: Loader, policy: Policy) -> Outcome:
-    """The async get_cached after key checks: L1 walk, then join or lead the flight."""
+    """The async get_cached after key checks: the L1 walk here, the rest in the engine."""
     if rt.bypass:
         value = loader()
         if inspect.isawaitable(value):
             value = await value
         return Outcome(value, None, Source.LOADED)
+    now = rt.clock()
     if rt.l1:
-        now = rt.clock()
         entry, i, stale = await l1_walk(rt, key, now)
+        if entry is not None and not policy.early_refresh:  # the common hit, without a flow
+            return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
     else:
         entry, i, stale = None, -1, None
-    if entry is not None:
-        if policy.early_refresh and policy.wants_early_refresh(entry, now):
-            start_refresh(rt, key, loader, policy, entry)
-        return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
-        start_refresh(rt, key, loader, policy, stale)
-        return Outcome(stale.value, stale, Source.STALE_SWR)
-    loop = asyncio.get_running_loop()
-    rt.coherence.ensure_started()
-    # Join the key's flight, or lead it inline (no task is created unless the leader is
-    # cancelled: then a task takes over the pending operation and finishes for the joiners).
-    while True:
-        flight, leader = rt.flights.join_or_lead(key, loop)
-        if leader:
-            first = rt.read_first
-            if first is None:
-                return await lead(rt, flight, key, loader, policy, stale)
-            # The lease tier is read here, without the flow's machinery: most flights end on a
-            # hit there (see _flow's theory). Anything but a fresh answer goes to the flow.
-            try:
-                first_read = await rt.read_async(first, key, policy.converter)
-            except BaseException as exc:  # as in lead(); a take-over runs the whole flow
-                run = FlowRun(rt, rt.fill_flow(flight, key, policy, stale, False), loader, policy, flight)
-                _leader_gave_up(rt, run, flight, key, loader, policy, exc)
-                raise
-            hit = rt.read_first_hit(key, policy, first_read)
-            if hit is not None:
-                _finished(rt, flight, key, loader, policy, hit)
-                return hit
-            return await lead(rt, flight, key, loader, policy, stale, first_read=first_read)
-        rt.emit(EventKind.JOIN, key)
-        await flight.wait_async()
-        if isinstance(flight.error, FlightAborted):
-            continue
-        shared: Outcome = flight.result()
-        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
-
-
-async def lead(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Loader,
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-    first_read: Any = NOT_READ,
-) -> Outcome:
-    """Run the flow as this flight's leader, resolve the flight, and return (or raise) its outcome."""
-    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
-    run = FlowRun(rt, gen, loader, policy, flight)
+    run = FlowRun(rt, None, loader, policy, None)
+    run.gen = cached_flow(rt, key, policy, (entry, i, stale), now, loop=asyncio.get_running_loop(), slot=run)
     try:
         outcome: Outcome = await run.run()
-    except BaseException as exc:
-        _leader_gave_up(rt, run, flight, key, loader, policy, exc)
+    except asyncio.CancelledError:
+        _leader_cancelled(rt, run)
         raise
-    _finished(rt, flight, key, loader, policy, outcome)
     return outcome
 
 
-def _leader_gave_up(
-    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy, exc: BaseException
-) -> None:
-    """The leader's await raised ``exc`` (the caller re-raises it). Cancelled: the caller gave up,
-    the joiners have not, so a task finishes ``run`` for them (on aclose() the flight is abandoned
-    and the loader stopped instead). Anything else ends the flight with that error."""
-    if isinstance(exc, asyncio.CancelledError):
-        if rt.closing:
-            run.abort()
-            rt.flights.finish(flight, error=FlightAborted("cache closed"))
-        else:
-            rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run, flight, key, loader, policy)))
-    elif isinstance(exc, Exception):
-        rt.flights.finish(flight, error=exc)
+_ORPHAN_CHECK = 0.25  # how often a joiner of another loop's flight checks that loop still runs
+
+
+async def wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
+    """Wait for a joined flight; False if ``limit`` passed first. A flight whose leader's event
+    loop closed is ended with FlightAborted (the caller starts anew) instead of awaited forever."""
+    if flight.loop is asyncio.get_running_loop():  # our own loop cannot close under us
+        return await flight.wait_async(limit)
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        if flight.orphaned and not flight.done:  # checked first: a dead flight costs no wait
+            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
+            return True
+        step = (
+            _ORPHAN_CHECK if deadline is None else min(_ORPHAN_CHECK, max(0.0, deadline - time.monotonic()))
+        )
+        if await flight.wait_async(step):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+def _leader_cancelled(rt: Runtime, run: FlowRun) -> None:
+    """The caller was cancelled (it re-raises). If it led a flight, its joiners still wait: a
+    task finishes the run for them -- the pending command redone, a started loader re-awaited,
+    the flight resolved by the flow itself. On aclose() the flight is abandoned instead."""
+    flight = run.fence
+    if flight is None or flight.done:
+        return  # a joiner only stops waiting
+    if rt.closing:
+        run.abort()
+        rt.flights.finish(flight, error=FlightAborted("cache closed"))
     else:
-        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        rt.track(asyncio.get_running_loop().create_task(_take_over(rt, run)))
 
 
-async def _take_over(
-    rt: Runtime, run: FlowRun, flight: Flight, key: str, loader: Loader, policy: Policy
-) -> None:
+async def _take_over(rt: Runtime, run: FlowRun) -> None:
     try:
-        outcome: Outcome = await run.run()
-    except Exception as exc:
-        rt.flights.finish(flight, error=exc)
+        await run.run()
+    except Exception:  # the flow ended its flight with it already
         return
     except BaseException as exc:  # cancelled again (loop shutting down, aclose): joiners start anew
         run.abort()
-        rt.flights.finish(flight, error=FlightAborted(repr(exc)))
+        if run.fence is not None:
+            rt.flights.finish(run.fence, error=FlightAborted(repr(exc)))
         raise
-    _finished(rt, flight, key, loader, policy, outcome)
-
-
-def _finished(
-    rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, outcome: Outcome
-) -> None:
-    rt.flights.finish(flight, outcome)
-    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
-    if outcome.refresh:
-        start_refresh(rt, key, loader, policy, outcome.entry)
 
 
 def start_refresh(rt: Runtime, key: str, loader: Loader, policy: Policy, current: Entry | None) -> None:
     """Refresh ``key`` in a background task, unless a flight for it is already running."""
     loop = asyncio.get_running_loop()
-    flight, leader = rt.flights.join_or_lead(key, loop)
-    if leader:
+    flight = refresh_flight(rt, key, loop)
+    if flight is not None:
         rt.track(loop.create_task(_refresh(rt, flight, key, loader, policy, current)))
 
 
 async def _refresh(
     rt: Runtime, flight: Flight, key: str, loader: Loader, policy: Policy, current: Entry | None
 ) -> None:
+    """A background refresh. Cancelled, it is abandoned, never taken over: nobody awaits it, and
+    its cancel usually means the loop is ending (``asyncio.run`` returning), where a new task
+    would never run and the flight would never be resolved."""
+    run = FlowRun(rt, lead_flow(rt, flight, key, policy, current, refresh=True), loader, policy, flight)
     try:
-        await lead(rt, flight, key, loader, policy, current, refresh=True)
+        await run.run()
+    except asyncio.CancelledError:
+        run.abort()
+        rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
+        raise
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
         logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
 
@@ -428,7 +481,7 @@ async def _refresh(
 async def get_many_cached(
     rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
 ) -> dict[str, Outcome]:
-    """The async ``get_many_cached`` (see the sync driver's for the algorithm)."""
+    """The async ``get_many_cached``: one L1 pass here, the rest in the engine."""
     if rt.bypass:
         values = load_many(list(keys))
         if inspect.isawaitable(values):
@@ -437,52 +490,29 @@ async def get_many_cached(
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
-    rt.coherence.ensure_started()
-    for key in dict.fromkeys(keys):
-        entry, i, best_stale = await l1_walk(rt, key, now)
-        if best_stale is not None:
-            stale[key] = best_stale
-        if entry is not None:
-            results[key] = Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    missing = [k for k in dict.fromkeys(keys) if k not in results]
+    unique = list(dict.fromkeys(keys))
+    for key in unique:
+        take_l1(rt, key, await l1_walk(rt, key, now), results, stale)
     loop = asyncio.get_running_loop()
-    led: dict[str, Flight] = {}
-    joined: dict[str, Flight] = {}
-    for key in missing:
-        flight, leader = rt.flights.join_or_lead(key, loop)
-        (led if leader else joined)[key] = flight
-    if led:
-        gen = many_flow(
-            rt.plan,
-            list(led),
-            policy,
-            stale=stale,
-            versions={k: f.version for k, f in led.items()},
-            fences=dict(led),
-            build=rt.build_entry,
-        )
-        run = FlowRun(rt, gen, load_many, policy, None)
-        try:
-            result: ManyResult = await run.run()
-        except BaseException as exc:
-            run.abort()
-            finish_many(rt, led, _raise(exc))  # resolves the flights, re-raises
-            raise
-        finish_many(rt, led, lambda: result)
-        results.update(result.outcomes)
-    for key, flight in joined.items():
-        await flight.wait_async()
-        if flight.error is None:
-            outcome: Outcome = flight.outcome
-            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
-    return results
+    run = FlowRun(
+        rt, many_cached_flow(rt, unique, policy, results, stale, loop=loop), load_many, policy, None
+    )
+    try:
+        done: dict[str, Outcome] = await run.run()
+    except asyncio.CancelledError:
+        run.abort()  # stop the batch loader; closing the flow ends the flights it led
+        run.gen.close()
+        raise
+    return done
 
 
-def _raise(exc: BaseException) -> Callable[[], Any]:
-    def again() -> Any:
-        raise exc
+async def _run_op(rt: Runtime, gen: Generator[Any, Any, Any]) -> Any:
+    """Run one of the engine's operation flows (no loader involved)."""
+    return await FlowRun(rt, gen, _no_loader, None, None).run()
 
-    return again
+
+def _no_loader(*_: Any) -> Any:
+    raise AssertionError("this flow loads nothing")
 
 
 async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale: bool) -> Any:
@@ -493,54 +523,28 @@ async def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow
     entry, _, stale = await l1_walk(rt, key, now)
     if entry is not None:
         return entry.value
-    for i in rt.remote:
-        entry = await rt.read_async(i, key, conv)
-        if entry is None:
-            continue
-        if now < entry.fresh_until:
-            await rt.write_async(Write(range(i), key, entry, backfill=True))
-            return entry.value
-        if now < entry.stale_until and better_stale(entry, stale):
-            stale = entry
-    return stale.value if allow_stale and stale is not None else default
+    found, value = await _run_op(rt, ops.get_flow(rt.plan, key, conv, stale, now, allow_stale))
+    return value if found else default
 
 
 async def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
         rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
-    rt.coherence.ensure_started()
-    entry = new_entry(rt, key, value, policy)
-    # A load of this key already running started before this write: it must not store its
-    # (older) result, even in an L1 that has meanwhile evicted this entry.
-    rt.coherence.invalidate_locally(key, entry.version, "mark")
-    if await rt.write_async(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
-        raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
-    await rt.coherence.publish_async("set", (key,), (), entry.version, entry.created_at)
+    await _run_op(rt, ops.set_flow(rt.coherence, rt.plan, key, new_entry(rt, key, value, policy)))
 
 
 async def delete(rt: Runtime, key: str) -> None:
-    version = next_version()
-    rt.coherence.invalidate_locally(key, version, "delete")
-    await rt.delete_async(key, version)
-    await rt.coherence.publish_async("delete", (key,), (), version, rt.clock())
+    await _run_op(rt, ops.delete_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 async def expire(rt: Runtime, key: str) -> None:
-    version, at = next_version(), rt.clock()
-    rt.coherence.invalidate_locally(key, version, "mark")
-    await rt.expire_async(key, at, version)
-    await rt.coherence.publish_async("expire", (key,), (), version, at)
+    await _run_op(rt, ops.expire_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 async def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
-    at = rt.clock()
-    rt.coherence.invalidate_tags_locally(tags, at)
-    await rt.store_tag_times_async(tags, at)
-    await rt.coherence.publish_async("tags", (), tags, next_version(), at)
+    await _run_op(rt, ops.tags_flow(rt.coherence, tags, next_version(), rt.clock()))
 
 
 async def clear(rt: Runtime) -> None:
-    version = next_version()
-    await rt.clear_async(rt.coherence.prefix, version)
-    await rt.coherence.publish_async("clear", (), (), version, rt.clock())
+    await _run_op(rt, ops.clear_flow(rt.coherence, next_version(), rt.clock()))

@@ -15,15 +15,15 @@ from typing import Any, NamedTuple, TypeVar, overload
 from . import _async, _sync
 from ._bus import Bus
 from ._checks import check_batch_loader, check_loader, check_tier_order
+from ._engine import Outcome, Source
 from ._errors import ConfigurationError
 from ._events import EventHook
-from ._flow import Outcome, Source
 from ._keys import check_key
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
-from ._tier import Tier, TierBinding
+from ._tier import InlineL1, Tier, TierBinding
 from ._ttl import Duration
 
 __all__ = ["Lookup", "SyncTieredCache", "TieredCache"]
@@ -156,8 +156,11 @@ class TieredCache:
         # The first tier's slot lookup, when it offers one (MemoryTier): hits skip the drivers.
         # Only valid keys are ever stored, so a hit needs no key check. Early refresh needs the
         # driver on every hit, so it turns the inline path off.
+        first = tiers[0]
         self._lookup: Callable[[str], Any] | None = (
-            getattr(tiers[0], "fast_lookup", None) if self._rt.l1 and not self.policy.early_refresh else None
+            first.fast_lookup
+            if isinstance(first, InlineL1) and self._rt.l1 and not self.policy.early_refresh
+            else None
         )
         self.sync = SyncTieredCache(self)
 

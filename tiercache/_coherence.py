@@ -16,16 +16,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
 
 from ._bus import Bus, BusMessage
-from ._entry import Entry
+from ._entry import Entry, next_version
 from ._events import EventKind
-from ._tier import NamespaceClearingTier, TagStore
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+from ._flight import FlightRegistry
+from ._tier import NamespaceClearingTier, Tier
 
 __all__ = ["Coherence"]
 
@@ -35,8 +32,33 @@ logger = logging.getLogger("tiercache")
 class Coherence:
     """Tag times and the invalidation bus of one cache."""
 
-    def __init__(self, rt: Runtime, namespace: str, bus: Bus | None, tag_refresh: float) -> None:
-        self.rt = rt
+    def __init__(
+        self,
+        namespace: str,
+        bus: Bus | None,
+        tag_refresh: float,
+        *,
+        clock: Callable[[], float],
+        flights: FlightRegistry,
+        l1: Sequence[tuple[int, Tier]],
+        tag_store: int | None,
+        fetch_tag_times: Callable[[str, Sequence[str]], list[float | None] | None],
+        afetch_tag_times: Callable[[str, Sequence[str]], Awaitable[list[float | None] | None]],
+        emit: Callable[..., None],
+        tier_failed: Callable[[int, str, BaseException, str], None],
+        expire_in_process: Callable[[int, str, float, int], None],
+    ) -> None:
+        """Only its collaborators: the clock, the flight registry (its lock guards the floors),
+        the in-process tiers by chain index, the shared tag store's index and the gateway's reads
+        of it (None: it could not be asked), and the gateway's reporting and in-process expire."""
+        self._clock = clock
+        self._flights = flights
+        self._l1 = tuple(l1)
+        self._fetch_tag_times = fetch_tag_times
+        self._afetch_tag_times = afetch_tag_times
+        self._emit = emit
+        self._tier_failed = tier_failed
+        self._expire_in_process = expire_in_process
         self.namespace = namespace
         self.prefix = namespace + ":"
         self.bus = bus
@@ -45,7 +67,7 @@ class Coherence:
         self.tag_refresh = tag_refresh
         # tag -> (invalidation time or None, when we learnt it)
         self.tag_times: dict[str, tuple[float | None, float]] = {}
-        self.tag_store: int | None = next((i for i in rt.remote if isinstance(rt.tiers[i], TagStore)), None)
+        self.tag_store: int | None = tag_store
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._last_seq: dict[str, int] = {}
@@ -67,7 +89,7 @@ class Coherence:
 
     def tags_valid_locally(self, entry: Entry) -> bool | None:
         """True: valid; False: invalidated by a tag; None: a tag time is unknown or too old."""
-        now = self.rt.clock()
+        now = self._clock()
         remote = self.tag_store is not None
         for tag in entry.tags:
             item = self.tag_times.get(tag)
@@ -83,7 +105,7 @@ class Coherence:
         return True
 
     def _learn(self, tags: Sequence[str], times: Sequence[float | None]) -> None:
-        now = self.rt.clock()
+        now = self._clock()
         for tag, at in zip(tags, times, strict=False):
             old = self.tag_times.get(tag)
             if old is not None and old[0] is not None and (at is None or old[0] > at):
@@ -93,24 +115,20 @@ class Coherence:
     def tags_valid_sync(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store: Any = self.rt.tiers[self.tag_store]
-            try:
-                self._learn(entry.tags, store.get_tag_times(list(entry.tags)))
-            except Exception as exc:  # the store is down: decide on what we know
-                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = self._fetch_tag_times(entry.key, entry.tags)
+            if times is None:  # the store is down: decide on what we know
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
     async def tags_valid_async(self, entry: Entry) -> bool:
         valid = self.tags_valid_locally(entry)
         if valid is None and self.tag_store is not None:
-            store: Any = self.rt.tiers[self.tag_store]
-            try:
-                self._learn(entry.tags, await store.aget_tag_times(list(entry.tags)))
-            except Exception as exc:
-                self.rt.tier_failed(self.tag_store, entry.key, exc, "get_tag_times")
+            times = await self._afetch_tag_times(entry.key, entry.tags)
+            if times is None:
                 return self.known_valid(entry)
+            self._learn(entry.tags, times)
             valid = self.tags_valid_locally(entry)
         return True if valid is None else valid
 
@@ -128,7 +146,7 @@ class Coherence:
     # --- floors --------------------------------------------------------------------------------
 
     def admits(self, key: str, entry: Entry) -> bool:
-        """May ``entry`` be written to L1? (Caller holds ``rt.flights.lock``.)"""
+        """May ``entry`` be written to L1? (Caller holds the flight registry's lock.)"""
         if entry.version < self._clear_floor[0] and self._clear_floor[1] >= time.monotonic():
             return False
         floor = self._floors.get(key)
@@ -140,7 +158,7 @@ class Coherence:
         return entry.version >= floor[0]
 
     def raise_floor_locked(self, key: str, version: int) -> None:
-        """(Caller holds ``rt.flights.lock``.)"""
+        """(Caller holds the flight registry's lock.)"""
         now = time.monotonic()
         old = self._floors.get(key)
         if old is None or old[0] < version or old[1] < now:
@@ -155,27 +173,26 @@ class Coherence:
     def cleared(self, version: int) -> None:
         """The namespace was cleared at ``version``: refuse older entries in L1 from now on, and
         mark running flights overtaken. The caller empties the tiers after this."""
-        with self.rt.flights.lock:
+        with self._flights.lock:
             until = time.monotonic() + self.floor_seconds
             self._clear_floor = (max(self._clear_floor[0], version), until)
-        self.rt.flights.supersede_prefix(self.prefix)
+        self._flights.supersede_prefix(self.prefix)
 
     def invalidate_locally(self, key: str, version: int, op: str, at: float = 0.0) -> None:
         """Raise the key's floor to ``version``, mark a running load superseded, then bring the
         L1 copies in line: ``set`` drops older copies (the writer's own entry may stay),
         ``delete`` drops every copy up to ``version``, ``expire`` marks them stale at ``at`` (kept
         for fail-safe), ``mark`` only sets the floor (the caller updates the tiers itself)."""
-        rt = self.rt
-        with rt.flights.lock:
+        with self._flights.lock:
             self.raise_floor_locked(key, version)
-            rt.flights.supersede_locked(key, version)
+            self._flights.supersede_locked(key, version)
         if op == "mark":
             return
-        for i in rt.l1:
+        for i, tier in self._l1:
             if op == "expire":
-                rt.expire_in_process(i, key, at, version)
+                self._expire_in_process(i, key, at, version)
             else:
-                rt.tiers[i].delete(key, version - 1 if op == "set" else version)
+                tier.delete(key, version - 1 if op == "set" else version)
 
     # --- the bus: sending ---------------------------------------------------------------------
 
@@ -218,7 +235,7 @@ class Coherence:
     def _publish_failed(self, msg: BusMessage, exc: Exception) -> None:
         # Receivers will see a sequence gap at our next message and clear their L1.
         logger.warning("publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
-        self.rt.emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
+        self._emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
 
     # --- the bus: receiving -------------------------------------------------------------------
 
@@ -237,9 +254,10 @@ class Coherence:
                 msg.seq,
                 self.namespace,
             )
+            self.cleared(next_version())  # what is on its way back may predate a lost message
             self.clear_local()
-            self.rt.emit(EventKind.BUS_GAP, "")
-        self.rt.emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
+            self._emit(EventKind.BUS_GAP, "")
+        self._emit(EventKind.BUS_MESSAGE, msg.keys[0] if msg.keys else "")
         self.apply(msg)
 
     def apply(self, msg: BusMessage) -> None:
@@ -260,13 +278,14 @@ class Coherence:
             self._last_seq.clear()
         if self._resets > 1:
             logger.info("bus reconnected; clearing L1 of %s", self.namespace)
-            self.rt.emit(EventKind.BUS_GAP, "")
+            self._emit(EventKind.BUS_GAP, "")
+            # Like clear(): a read or load on its way back must not land after the L1 clear.
+            self.cleared(next_version())
         self.clear_local()
 
     def clear_local(self) -> None:
         """Empty the in-process tiers for this namespace and forget cached tag times."""
-        for i in self.rt.l1:
-            tier = self.rt.tiers[i]
+        for _, tier in self._l1:
             if isinstance(tier, NamespaceClearingTier):
                 tier.clear(self.prefix)
         if self.tag_store is not None:

@@ -26,6 +26,7 @@ from ._errors import ConfigurationError, InvalidKeyError, SerializationError
 from ._keys import check_key
 from ._policy import Policy
 from ._serde import converter_for, encode_key_args
+from ._tier import InlineL1
 from ._ttl import Duration
 
 __all__ = [
@@ -296,7 +297,9 @@ def build_cached_function(
     spec = _Signature(fn, cache.namespace + ":", template)
     rt = cache._rt
     early = cache.policy_for(**overrides).early_refresh  # needs the driver on every hit
-    lookup = getattr(rt.tiers[0], "fast_lookup", None) if rt.l1 and not early else None
+    first = rt.tiers[0]
+    inline = first if isinstance(first, InlineL1) and rt.l1 and not early else None
+    lookup = inline.fast_lookup if inline is not None else None
     is_async = inspect.iscoroutinefunction(fn)
     if is_async:
         source = _ASYNC_TEMPLATE if lookup is not None else _NO_L1_ASYNC_TEMPLATE
@@ -315,7 +318,7 @@ def build_cached_function(
     metrics = cache._metrics
     # One specialised body per option set. The SIEVE mark is the hit count (adapters/memory.py):
     # counting moves the slot to its next mark, not counting stores the tier's "visited" mark.
-    seen = getattr(rt.tiers[0], "marks", (None, None))[1] if lookup is not None else None
+    seen = inline.marks[1] if inline is not None else None
     wrapper = spec.compile(
         source.replace(
             "{mark_hit}",

@@ -39,6 +39,7 @@ class Flight:
         "done",
         "error",
         "key",
+        "late",
         "loop",
         "outcome",
         "superseded",
@@ -54,6 +55,9 @@ class Flight:
         self.error: BaseException | None = None
         # Set by delete() while the flight runs: its result must not reach the in-process tiers.
         self.superseded = False
+        # Set when its leader answered with stale after a soft timeout and the load goes on:
+        # joiners with a stale value of their own serve it at once instead of waiting again.
+        self.late = False
         # Made only when somebody joins (most flights have no joiner). All flights share one
         # lock (_FLIGHT_LOCK), held for a few instructions only.
         self._event: threading.Event | None = None
@@ -98,25 +102,36 @@ class Flight:
             event = self._event
         return event.wait(timeout)
 
-    async def wait_async(self) -> None:
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """Wait until resolved; False if ``timeout`` passed first."""
         if self.done:
-            return
+            return True
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with _FLIGHT_LOCK:
             if self.done:
-                return
+                return True
             if self._async_waiters is None:
                 self._async_waiters = []
             self._async_waiters.append((loop, fut))
+        timer = None if timeout is None else loop.call_later(timeout, _wake, fut)
         try:
             await fut
-        except asyncio.CancelledError:
-            with _FLIGHT_LOCK:
-                waiters = self._async_waiters
-                if waiters is not None and (loop, fut) in waiters:
-                    waiters.remove((loop, fut))
-            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not self.done:  # timed out or cancelled: stop being woken
+                with _FLIGHT_LOCK:
+                    waiters = self._async_waiters
+                    if waiters is not None and (loop, fut) in waiters:
+                        waiters.remove((loop, fut))
+        return self.done
+
+    @property
+    def orphaned(self) -> bool:
+        """The leader's event loop is closed: nobody can finish this flight any more (a task
+        left running when ``asyncio.run`` returned). Joiners abandon it and start anew."""
+        return self.loop is not None and self.loop.is_closed()
 
 
 class FlightRegistry:
@@ -155,6 +170,16 @@ class FlightRegistry:
             except KeyError:
                 pass
         flight.resolve(outcome, error)
+
+    def detach(self, flight: Flight) -> None:
+        """Unregister ``flight`` without resolving it: callers arriving from now on start a new
+        flight instead of joining it (a joiner whose own deadline passed on a hung load). Its
+        leader still resolves it for the joiners it has; its result stays fenced by version."""
+        if self._flights.get(flight.key) is flight:
+            try:  # noqa: SIM105
+                del self._flights[flight.key]
+            except KeyError:
+                pass
 
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)

@@ -13,25 +13,37 @@ from typing import Any
 
 from ._adaptive import LoadContext
 from ._adaptive import _current as _current_load
-from ._batch import LoadMany, ManyResult, ReadMany, WriteMany, many_flow
-from ._entry import Entry, next_version
-from ._errors import ConfigurationError, LoaderTimeoutError, ValueTooLargeError
-from ._events import EventKind
-from ._flight import Flight, FlightAborted
-from ._flow import (
-    NO_LEASE,
-    NOT_READ,
+from ._compat import assert_never
+from ._engine import (
     AcquireLease,
+    ClearAll,
+    Command,
+    DeleteAll,
+    ExpireAll,
+    Join,
     Load,
+    LoadMany,
     LoadOutcome,
     Outcome,
+    Publish,
     Read,
+    ReadMany,
+    Refresh,
     ReleaseLease,
     Source,
+    StoreTagTimes,
     WaitForEntry,
     Write,
-    better_stale,
+    WriteMany,
+    ops,
 )
+from ._engine.cached import cached_flow, lead_flow, many_cached_flow, refresh_flight, take_l1
+from ._engine.late import end_late, store_late
+from ._entry import Entry, next_version
+from ._errors import ConfigurationError, LoaderTimeoutError
+from ._events import EventKind
+from ._flight import Flight, FlightAborted
+from ._gateway import LeaseKeeper
 from ._policy import Policy
 from ._runtime import Runtime
 from ._serde import Converter
@@ -55,10 +67,15 @@ def run_flow(
     rt: Runtime,
     gen: Generator[Any, Any, Any],
     loader: Callable[..., Any],
-    policy: Policy,
+    policy: Policy | None,
     fence: Flight | None,
+    run: _Run | None = None,
 ) -> Any:
-    """Drive ``gen`` to its outcome, doing each operation with blocking calls."""
+    """Drive ``gen`` to its outcome, doing each command with blocking calls. An error raised by
+    a command is thrown into the flow (which releases its lease, ends its flight, re-raises).
+    ``run`` is the flow's fence slot, when the flow was given it."""
+    if run is None:
+        run = _Run(fence)
     send: Any = None
     error: BaseException | None = None
     while True:
@@ -68,71 +85,96 @@ def run_flow(
             return stop.value
         error = None
         try:
-            send = _execute(rt, op, loader, policy, fence)
-        except BaseException as exc:  # handed to the flow, which releases its lease and re-raises
+            send = _execute(rt, op, loader, policy, run)
+        except BaseException as exc:
             error, send = exc, None
 
 
-def _execute(rt: Runtime, op: Any, loader: Callable[..., Any], policy: Policy, fence: Flight | None) -> Any:
-    kind = type(op)
-    if kind is Read:
-        assert isinstance(op, Read)
-        return rt.read_sync(op.index, op.key, op.converter, op.count_miss)
-    if kind is Write:
-        assert isinstance(op, Write)
-        return rt.write_sync(op)
-    if kind is Load:
-        assert isinstance(op, Load)
-        keeper = rt.lease_keeper(fence.key if fence else "", op.lease, policy.lease_ttl)
-        if keeper is None:
-            return _load(rt, loader, policy, op.has_stale, fence)
+class _Run:
+    """The state of one run of a flow: the flight it leads (its loads' fence), once it leads."""
+
+    __slots__ = ("fence",)
+
+    def __init__(self, fence: Flight | None) -> None:
+        self.fence = fence
+
+
+def _execute(rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Policy | None, run: _Run) -> Any:
+    """Do one command with blocking calls (through the runtime's tier gateway)."""
+    if rt.trace is not None:
+        rt.trace.append(cmd)
+    fence = run.fence
+    match cmd:
+        case Read():
+            return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
+        case Write():
+            return rt.gw.write_sync(cmd)
+        case Load():
+            assert policy is not None  # only get_cached's flows load
+            return _run_load(rt, cmd, loader, policy, fence)
+        case AcquireLease():
+            return rt.gw.acquire_lease_sync(cmd)
+        case ReleaseLease():
+            rt.gw.release_lease_sync(cmd)
+            return None
+        case WaitForEntry():
+            return rt.gw.wait_for_entry_sync(cmd)
+        case ReadMany():
+            return rt.gw.read_many_sync(cmd.index, cmd.keys, cmd.converter)
+        case WriteMany():
+            rt.gw.write_many_sync(cmd.indices, cmd.items, cmd.fences, cmd.backfill)
+            return None
+        case LoadMany():
+            return _load_many(rt, loader, cmd.keys)
+        case DeleteAll():
+            rt.gw.delete_sync(cmd.key, cmd.version)
+            return None
+        case ExpireAll():
+            rt.gw.expire_sync(cmd.key, cmd.at, cmd.version)
+            return None
+        case ClearAll():
+            rt.gw.clear_sync(cmd.prefix)
+            return None
+        case StoreTagTimes():
+            rt.gw.store_tag_times_sync(cmd.tags, cmd.at)
+            return None
+        case Publish():
+            rt.coherence.publish_sync(cmd.op, cmd.keys, cmd.tags, cmd.version, cmd.at)
+            return None
+        case Join():
+            return _wait_joined(rt, cmd.flight, cmd.limit)
+        case Refresh():
+            assert policy is not None
+            start_refresh(rt, cmd.key, loader, policy, cmd.current)
+            return None
+        case _:
+            assert_never(cmd)
+
+
+def _run_load(
+    rt: Runtime, cmd: Load, loader: Callable[..., Any], policy: Policy, fence: Flight | None
+) -> Any:
+    """The loader under the policy's timeouts, with the lease kept alive by a thread meanwhile."""
+    keeper = rt.gw.lease_keeper(fence.key if fence else "", cmd.lease, policy.lease_ttl)
+    if keeper is not None:
         keeper.start()
-        try:
-            return _load(rt, loader, policy, op.has_stale, fence)
-        finally:
+    handed_over = False
+    try:
+        loaded = _load(rt, loader, policy, cmd.soft, cmd.hard, fence, cmd.lease, keeper)
+        handed_over = loaded.soft_timed_out  # the late finisher stops the keeper
+        return loaded
+    finally:
+        if keeper is not None and not handed_over:
             keeper.stop()
-    if kind is AcquireLease:
-        assert isinstance(op, AcquireLease)
-        if not rt.tier_usable(op.index, op.key):
-            return NO_LEASE
-        try:
-            return rt.lease_tier(op.index).acquire_lease(op.key, op.ttl)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "acquire_lease")
-            return NO_LEASE
-    if kind is ReleaseLease:
-        assert isinstance(op, ReleaseLease)
-        try:
-            rt.lease_tier(op.index).release_lease(op.key, op.token)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "release_lease")
-        return None
-    if kind is ReadMany:
-        assert isinstance(op, ReadMany)
-        if rt.tiers[op.index].in_process:
-            return [rt.read_sync(op.index, k, op.converter) for k in op.keys]
-        return rt.read_many_sync(op.index, op.keys, op.converter)
-    if kind is WriteMany:
-        assert isinstance(op, WriteMany)
-        rt.write_many_sync(op.indices, op.items, op.fences, op.backfill)
-        return None
-    if kind is LoadMany:
-        assert isinstance(op, LoadMany)
-        return _load_many(rt, loader, op.keys)
-    if kind is WaitForEntry:
-        assert isinstance(op, WaitForEntry)
-        started = time.perf_counter()
-        try:
-            raw = rt.lease_tier(op.index).wait_for_entry(op.key, op.timeout)
-        except Exception as exc:
-            rt.tier_failed(op.index, op.key, exc, "wait_for_entry")
-            return None
-        rt.emit(EventKind.LEASE_WAIT, op.key, op.index, time.perf_counter() - started)
-        entry = rt.typed(op.index, op.key, raw, op.converter)
-        if entry is not None and entry.tags and not rt.coherence.tags_valid_sync(entry):
-            return None
-        return entry
-    raise AssertionError(f"unknown operation {op!r}")
+
+
+def _run_op(rt: Runtime, gen: Generator[Any, Any, Any]) -> Any:
+    """Run one of the engine's operation flows (no loader involved)."""
+    return run_flow(rt, gen, _no_loader, None, None)
+
+
+def _no_loader(*_: Any) -> Any:
+    raise AssertionError("this flow loads nothing")
 
 
 def _load_many(rt: Runtime, load_many: Callable[..., Any], keys: Sequence[str]) -> LoadOutcome:
@@ -154,70 +196,20 @@ def _load_many(rt: Runtime, load_many: Callable[..., Any], keys: Sequence[str]) 
 def get_many_cached(
     rt: Runtime, keys: Sequence[str], load_many: Callable[..., Any], policy: Policy
 ) -> dict[str, Outcome]:
-    """Values for ``keys`` (full keys): one L1 pass, one multi-key read per lower tier, one call of
-    ``load_many`` for the rest; keys being loaded by other callers are joined, not reloaded."""
+    """Values for ``keys`` (full keys): one L1 pass here, the rest in the engine (one multi-key
+    read per lower tier, one call of ``load_many``, keys others are loading joined)."""
     if rt.bypass:
         return {k: Outcome(v, None, Source.LOADED) for k, v in load_many(list(keys)).items()}
     now = rt.clock()
     results: dict[str, Outcome] = {}
     stale: dict[str, Entry] = {}
-    rt.coherence.ensure_started()
-    for key in dict.fromkeys(keys):
-        entry = l1_lookup(rt, key, now, stale)
-        if entry is not None:
-            results[key] = entry
-    missing = [k for k in dict.fromkeys(keys) if k not in results]
-    led: dict[str, Flight] = {}
-    joined: dict[str, Flight] = {}
-    for key in missing:
-        flight, leader = rt.flights.join_or_lead(key, None)
-        (led if leader else joined)[key] = flight
-    if led:
-        gen = many_flow(
-            rt.plan,
-            list(led),
-            policy,
-            stale=stale,
-            versions={k: f.version for k, f in led.items()},
-            fences=dict(led),
-            build=rt.build_entry,
-        )
-        result = finish_many(rt, led, lambda: run_flow(rt, gen, load_many, policy, None))
-        results.update(result.outcomes)
-    for key, flight in joined.items():
-        flight.wait_sync()
-        if flight.error is None:
-            outcome: Outcome = flight.outcome
-            results[key] = Outcome(outcome.value, outcome.entry, Source.JOINED, outcome.tier)
-    return results
-
-
-def finish_many(rt: Runtime, led: dict[str, Flight], run: Callable[[], Any]) -> ManyResult:
-    """Run a batch flow and resolve the flights it led, one outcome per key."""
-    try:
-        result: ManyResult = run()
-    except BaseException as exc:
-        error = exc if isinstance(exc, Exception) else FlightAborted(repr(exc))
-        for flight in led.values():
-            rt.flights.finish(flight, error=error)
-        raise
-    for key, flight in led.items():
-        outcome = result.outcomes.get(key)
-        if outcome is not None:
-            rt.flights.finish(flight, outcome)
-        else:  # not returned by the loader (or it failed): joiners fall back to loading alone
-            rt.flights.finish(flight, error=FlightAborted("not returned by the batch loader"))
-    if result.error is not None and any(k not in result.outcomes for k in led):
-        raise result.error
-    return result
-
-
-def l1_lookup(rt: Runtime, key: str, now: float, stale: dict[str, Entry]) -> Outcome | None:
-    """A fresh in-process hit as an Outcome (back-filled upward), remembering stale copies."""
-    entry, i, best_stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
-    if best_stale is not None:
-        stale[key] = best_stale
-    return None if entry is None else Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
+    unique = list(dict.fromkeys(keys))
+    for key in unique:
+        entry, i, best_stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
+        take_l1(rt, key, (entry, i, best_stale), results, stale)
+    flow = many_cached_flow(rt, unique, policy, results, stale, loop=None)
+    done: dict[str, Outcome] = run_flow(rt, flow, load_many, policy, None)
+    return done
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:
@@ -257,13 +249,18 @@ class _Box:
 
 
 def _load(
-    rt: Runtime, loader: Callable[[], Any], policy: Policy, has_stale: bool, fence: Flight | None
+    rt: Runtime,
+    loader: Callable[[], Any],
+    policy: Policy,
+    soft: float | None,
+    hard: float | None,
+    fence: Flight | None,
+    lease: tuple[int, str] | None = None,
+    keeper: LeaseKeeper | None = None,
 ) -> LoadOutcome:
     key = fence.key if fence else ""
     started = rt.clock()
     t0 = time.perf_counter()
-    soft = policy.soft_timeout if (has_stale and policy.fail_safe) else None
-    hard = policy.hard_timeout
     ctx = LoadContext(key)
     token = _current_load.set(ctx)
     try:
@@ -286,13 +283,15 @@ def _load(
     threading.Thread(
         target=run_in_context, args=(box.run, loader), name="tiercache-loader", daemon=True
     ).start()
-    first = soft if soft is not None and (hard is None or soft < hard) else hard
-    if not box.done.wait(first):
-        if first == soft and soft is not None:
-            _finish_late(rt, box, policy, started, t0, fence)
+    if not box.done.wait(soft if soft is not None else hard):
+        if soft is not None:
+            # The caller gets stale now; the flight and the lease stay with the load (_Late).
+            _Late(rt, box, policy, started, t0, fence, lease, keeper).start()
             return LoadOutcome(soft_timed_out=True, started_at=started)
         timeout = LoaderTimeoutError(f"loader did not finish within hard_timeout={hard}s")
         rt.emit(EventKind.LOAD_ERROR, key, duration=time.perf_counter() - t0, error=timeout)
+        # The flight ends with the timeout; the result, if it ever comes, is still stored.
+        _Late(rt, box, policy, started, t0, fence, None, None, owns_flight=False).start()
         return LoadOutcome(error=timeout, started_at=started)
     duration = time.perf_counter() - t0
     if box.error is not None:
@@ -304,32 +303,79 @@ def _load(
     return LoadOutcome(box.value, started_at=started, duration=duration, context=ctx)
 
 
-def _finish_late(
-    rt: Runtime, box: _Box, policy: Policy, started: float, t0: float, fence: Flight | None
-) -> None:
-    """After a soft timeout: store the loader's result when it arrives (fenced by version)."""
-    deadline = None if policy.hard_timeout is None else t0 + policy.hard_timeout
+class _Late:
+    """A sync load that outlived the caller's wait. Its result is stored when it arrives (fenced
+    by the flight's version: a newer write or delete wins). After a soft timeout it also owns the
+    flight (resolved with the late result, so no duplicate load starts meanwhile) and the lease
+    (extended until the result is stored, then released); at ``hard_timeout`` it gives those up
+    -- joiners get LoaderTimeoutError, the lease is released -- but still stores a late result."""
 
-    def store(b: _Box) -> None:
-        if b.error is not None or fence is None:
-            return
-        if deadline is not None and time.perf_counter() > deadline:
-            return
-        loaded = LoadOutcome(
-            b.value, started_at=started, duration=time.perf_counter() - t0, context=b.context
-        )
-        entry = rt.build_entry(fence.key, b.value, policy, loaded, fence.version)
-        if entry is not None:
-            try:
-                rt.write_sync(Write(rt.plan.write_order, fence.key, entry, backfill=False, fence=fence))
-            except Exception:
-                logger.exception("storing a late loader result for %s failed", rt.log_key(fence.key))
+    def __init__(
+        self,
+        rt: Runtime,
+        box: _Box,
+        policy: Policy,
+        started: float,
+        t0: float,
+        fence: Flight | None,
+        lease: tuple[int, str] | None,
+        keeper: LeaseKeeper | None,
+        owns_flight: bool = True,
+    ) -> None:
+        self.rt, self.box, self.policy, self.fence = rt, box, policy, fence
+        self.started, self.t0 = started, t0
+        self.lease, self.keeper = lease, keeper
+        self.owns_flight = owns_flight and fence is not None
+        self._ended = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
-    with box.lock:
-        if not box.done.is_set():
-            box.on_done = store
-            return
-    store(box)
+    def start(self) -> None:
+        hard = self.policy.hard_timeout
+        if self.owns_flight and hard is not None:
+            remaining = max(0.0, self.t0 + hard - time.perf_counter())
+            self._timer = threading.Timer(remaining, self._end, args=(None,))
+            self._timer.daemon = True
+            self._timer.start()
+        with self.box.lock:
+            if not self.box.done.is_set():
+                self.box.on_done = self._arrived
+                return
+        self._arrived(self.box)
+
+    def _arrived(self, box: _Box) -> None:
+        fence = self.fence
+        outcome: Outcome | None = None
+        if box.error is None and fence is not None:
+            duration = time.perf_counter() - self.t0
+            loaded = LoadOutcome(box.value, started_at=self.started, duration=duration, context=box.context)
+            outcome = run_flow(
+                self.rt, store_late(self.rt, fence, self.policy, loaded), _no_loader, None, fence
+            )
+        elif box.error is not None:
+            where = fence.key if fence else ""
+            logger.debug(
+                "late loader for %s failed: %s",
+                self.rt.log_key(where),
+                self.rt.log_error(box.error, where),
+            )
+        self._end(outcome)
+
+    def _end(self, outcome: Outcome | None) -> None:
+        """Give up the flight and the lease (once): with the late outcome, or at hard_timeout."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.fence is not None:
+            flow = end_late(
+                self.rt, self.fence, self.policy, self.lease, self.owns_flight, outcome, self.box.error
+            )
+            run_flow(self.rt, flow, _no_loader, None, self.fence)
 
 
 # --- the public operations ----------------------------------------------------------------
@@ -343,93 +389,54 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def get_cached(rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy) -> Outcome:
-    """The sync get_cached after key checks: L1 walk, then join or lead the flight."""
+    """The sync get_cached after key checks: the L1 walk here, the rest in the engine."""
     if rt.bypass:
         return Outcome(_call_loader(loader), None, Source.LOADED)
     now = rt.clock()
-    entry, i, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
-    if entry is not None:
-        if policy.early_refresh and policy.wants_early_refresh(entry, now):
-            start_refresh(rt, key, loader, policy, entry)
+    entry, i, stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    if entry is not None and not policy.early_refresh:  # the common hit, without a flow
         return Outcome(entry.value, entry, f"L{i + 1}", rt.names[i])
-    if stale is not None and policy.swr:
-        rt.emit(EventKind.STALE_SERVED, key, source=Source.STALE_SWR)
-        start_refresh(rt, key, loader, policy, stale)
-        return Outcome(stale.value, stale, Source.STALE_SWR)
-    rt.coherence.ensure_started()
+    run = _Run(None)
+    flow = cached_flow(
+        rt, key, policy, (entry, i, stale), now, loop=None, blocking_loop=_current_loop(), slot=run
+    )
+    outcome: Outcome = run_flow(rt, flow, loader, policy, None, run)
+    return outcome
+
+
+_ORPHAN_CHECK = 0.25  # how often a waiting joiner checks that its leader's event loop still runs
+
+
+def _wait_joined(rt: Runtime, flight: Flight, limit: float | None) -> bool:
+    """Wait for a joined flight; False if ``limit`` passed first. A flight whose leader's event
+    loop closed (an ``asyncio.run`` that ended under it) is ended here with FlightAborted, so
+    the caller starts anew instead of waiting forever."""
+    deadline = None if limit is None else time.monotonic() + limit
     while True:
-        flight, leader = rt.flights.join_or_lead(key, None)
-        if leader:
-            return lead(rt, flight, key, loader, policy, stale)
-        if flight.loop is not None and flight.loop is _current_loop():
-            # Joining would block the very loop the leader runs on: fill on our own instead.
-            solo = Flight(key, next_version(), None)
-            return _run_leader_flow(rt, solo, key, loader, policy, stale)
-        rt.emit(EventKind.JOIN, key)
-        flight.wait_sync()
-        if isinstance(flight.error, FlightAborted):
-            continue
-        shared: Outcome = flight.result()
-        return Outcome(shared.value, shared.entry, Source.JOINED, shared.tier)
-
-
-def _run_leader_flow(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Callable[[], Any],
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-) -> Outcome:
-    first_read: Any = NOT_READ
-    first = rt.read_first
-    if first is not None and not refresh:
-        # The lease tier is read here, without the flow's machinery: most flights end on a hit
-        # there (see _flow's theory). Anything but a fresh answer is handed to the flow.
-        first_read = rt.read_sync(first, key, policy.converter)
-        hit = rt.read_first_hit(key, policy, first_read)
-        if hit is not None:
-            return hit
-    gen = rt.fill_flow(flight, key, policy, stale, refresh, first_read)
-    outcome: Outcome = run_flow(rt, gen, loader, policy, flight)
-    if outcome.source in (Source.STALE_SWR, Source.STALE_FAILSAFE):
-        rt.emit(EventKind.STALE_SERVED, key, source=outcome.source)
-    return outcome
-
-
-def lead(
-    rt: Runtime,
-    flight: Flight,
-    key: str,
-    loader: Callable[[], Any],
-    policy: Policy,
-    stale: Entry | None,
-    refresh: bool = False,
-) -> Outcome:
-    """Run the flow as this flight's leader, then resolve the flight for everyone who joined."""
-    try:
-        outcome = _run_leader_flow(rt, flight, key, loader, policy, stale, refresh)
-    except BaseException as exc:
-        rt.flights.finish(flight, error=exc if isinstance(exc, Exception) else FlightAborted(repr(exc)))
-        raise
-    rt.flights.finish(flight, outcome)
-    if outcome.refresh:
-        start_refresh(rt, key, loader, policy, outcome.entry)
-    return outcome
+        if flight.orphaned and not flight.done:  # checked first: a dead flight costs no wait
+            rt.flights.finish(flight, error=FlightAborted("its event loop closed"))
+            return True
+        step = (
+            _ORPHAN_CHECK if deadline is None else min(_ORPHAN_CHECK, max(0.0, deadline - time.monotonic()))
+        )
+        if flight.wait_sync(step):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def start_refresh(
     rt: Runtime, key: str, loader: Callable[[], Any], policy: Policy, current: Entry | None
 ) -> None:
     """Refresh ``key`` in a background thread, unless a flight for it is already running."""
-    flight, leader = rt.flights.join_or_lead(key, None)
-    if not leader:
+    flight = refresh_flight(rt, key, None)
+    if flight is None:
         return
 
     def refresh() -> None:
         try:
-            lead(rt, flight, key, loader, policy, current, refresh=True)
+            flow = lead_flow(rt, flight, key, policy, current, refresh=True)
+            run_flow(rt, flow, loader, policy, flight)
         except Exception as exc:
             logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
         finally:
@@ -446,24 +453,16 @@ def get(rt: Runtime, key: str, default: Any, conv: Converter | None, allow_stale
         return default
     now = rt.clock()
     rt.coherence.ensure_started()
-    entry, _, stale, _ = rt.l1_walk(key, now, rt.coherence.tags_valid_sync)
+    entry, _, stale, _ = rt.gw.l1_walk(key, now, rt.coherence.tags_valid_sync)
     if entry is not None:
         return entry.value
-    for i in rt.remote:
-        entry = rt.read_sync(i, key, conv)
-        if entry is None:
-            continue
-        if now < entry.fresh_until:
-            rt.write_sync(Write(range(i), key, entry, backfill=True))
-            return entry.value
-        if now < entry.stale_until and better_stale(entry, stale):
-            stale = entry
-    return stale.value if allow_stale and stale is not None else default
+    found, value = _run_op(rt, ops.get_flow(rt.plan, key, conv, stale, now, allow_stale))
+    return value if found else default
 
 
 def new_entry(rt: Runtime, key: str, value: Any, policy: Policy) -> Entry:
     entry = policy.new_entry(key, value, rt.clock(), version=next_version())
-    rt.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
+    rt.gw.prepare(entry, range(len(rt.tiers)))  # SerializationError before any tier is touched
     return entry
 
 
@@ -471,38 +470,20 @@ def set_value(rt: Runtime, key: str, value: Any, policy: Policy) -> None:
     if rt.bypass:
         rt.codec.dumps(policy.new_entry(key, value, rt.clock()))  # still report bad values
         return
-    rt.coherence.ensure_started()
-    entry = new_entry(rt, key, value, policy)
-    # A load of this key already running started before this write: it must not store its
-    # (older) result, even in an L1 that has meanwhile evicted this entry.
-    rt.coherence.invalidate_locally(key, entry.version, "mark")
-    if rt.write_sync(Write(rt.plan.write_order, key, entry, backfill=False)) < 0:
-        raise ValueTooLargeError(f"the value for {key!r} is too large for every tier")
-    rt.coherence.publish_sync("set", (key,), (), entry.version, entry.created_at)
+    _run_op(rt, ops.set_flow(rt.coherence, rt.plan, key, new_entry(rt, key, value, policy)))
 
 
 def delete(rt: Runtime, key: str) -> None:
-    version = next_version()
-    rt.coherence.invalidate_locally(key, version, "delete")
-    rt.delete_sync(key, version)
-    rt.coherence.publish_sync("delete", (key,), (), version, rt.clock())
+    _run_op(rt, ops.delete_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 def expire(rt: Runtime, key: str) -> None:
-    version, at = next_version(), rt.clock()
-    rt.coherence.invalidate_locally(key, version, "mark")
-    rt.expire_sync(key, at, version)
-    rt.coherence.publish_sync("expire", (key,), (), version, at)
+    _run_op(rt, ops.expire_flow(rt.coherence, key, next_version(), rt.clock()))
 
 
 def invalidate_tags(rt: Runtime, tags: Sequence[str]) -> None:
-    at = rt.clock()
-    rt.coherence.invalidate_tags_locally(tags, at)
-    rt.store_tag_times_sync(tags, at)
-    rt.coherence.publish_sync("tags", (), tags, next_version(), at)
+    _run_op(rt, ops.tags_flow(rt.coherence, tags, next_version(), rt.clock()))
 
 
 def clear(rt: Runtime) -> None:
-    version = next_version()
-    rt.clear_sync(rt.coherence.prefix, version)
-    rt.coherence.publish_sync("clear", (), (), version, rt.clock())
+    _run_op(rt, ops.clear_flow(rt.coherence, next_version(), rt.clock()))

@@ -9,7 +9,9 @@ Contract (checked by ``tiercache.testing.TierContract``):
 
 * ``get`` returns an entry stored under ``key`` that is not past ``stale_until``, or None;
 * ``set`` keeps the entry for at most ``min(max_ttl, stale_until - now)`` and never replaces a
-  stored entry of a *higher* version (a late result must not overwrite a newer write);
+  stored entry of a *higher* version (a late result must not overwrite a newer write); a shared
+  tier returns False when it refused for that reason (True or None otherwise), so the core keeps
+  the refused entry out of L1 as well;
 * ``delete(key, version)`` removes the key; a tier that can should also refuse, for a short while,
   a ``set`` of an entry older than ``version`` (a tombstone);
 * ``get_many``/``set_many`` behave as repeated ``get``/``set`` but may do it in one round trip.
@@ -20,13 +22,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._entry import Entry
 from ._events import Event, EventHook
 from ._serde import Codec, JsonCodec
 
-__all__ = ["ExpiringTier", "LeaseTier", "NamespaceClearingTier", "TagStore", "Tier", "TierBinding"]
+__all__ = [
+    "CountsOwnHits",
+    "ExpiringTier",
+    "ExtendableLease",
+    "InlineL1",
+    "InlineSlot",
+    "LeaseTier",
+    "NamespaceClearingTier",
+    "SizeLimited",
+    "TagStore",
+    "Tier",
+    "TierBinding",
+]
 
 
 def _no_events(event: Event) -> None:
@@ -57,7 +71,7 @@ class Tier(Protocol):
 
     def get(self, key: str) -> Entry | None: ...
 
-    def set(self, key: str, entry: Entry) -> None: ...
+    def set(self, key: str, entry: Entry) -> bool | None: ...
 
     def delete(self, key: str, version: int) -> None: ...
 
@@ -69,7 +83,7 @@ class Tier(Protocol):
 
     async def aget(self, key: str) -> Entry | None: ...
 
-    async def aset(self, key: str, entry: Entry) -> None: ...
+    async def aset(self, key: str, entry: Entry) -> bool | None: ...
 
     async def adelete(self, key: str, version: int) -> None: ...
 
@@ -104,7 +118,66 @@ class LeaseTier(Protocol):
     async def await_for_entry(self, key: str, timeout: float) -> Entry | None: ...
 
 
-# --- optional capabilities (the core checks for them with isinstance / getattr) ----------------
+# --- optional capabilities (declared protocols; the core checks them with isinstance, once) -----
+
+
+@runtime_checkable
+class ExtendableLease(Protocol):
+    """A lease tier that can push a held lease's expiry forward while a slow load runs (the core
+    extends every third of ``lease_ttl``); False when the lease is no longer ours."""
+
+    def extend_lease(self, key: str, token: str, ttl: float) -> bool: ...
+
+    async def aextend_lease(self, key: str, token: str, ttl: float) -> bool: ...
+
+
+@runtime_checkable
+class SizeLimited(Protocol):
+    """A tier that refuses encoded entries over ``max_value_bytes`` (None: no limit). The core
+    then skips that tier for the entry (counted as ValueTooLargeError) instead of calling it."""
+
+    max_value_bytes: int | None
+
+
+@runtime_checkable
+class CountsOwnHits(Protocol):
+    """A tier that counts its own hits (including those the inline path takes without the
+    core): ``cache.stats`` asks it instead of counting them a second time."""
+
+    def hit_count(self) -> int: ...
+
+
+class InlineSlot(Protocol):
+    """What :class:`InlineL1`'s lookup returns for a stored key: the entry, and the hit mark.
+
+    ``visited`` is the tier's own hit bookkeeping; the inline path records a hit by storing
+    ``slot.visited = slot.visited.next`` (counted) or ``slot.visited = tier.marks[1]`` (hits
+    not counted, ``metrics=False``). Both are a single attribute store, no call."""
+
+    @property
+    def entry(self) -> Entry: ...
+
+    visited: Any
+
+
+@runtime_checkable
+class InlineL1(Protocol):
+    """An in-process tier that the decorators' and ``get_cached``'s inline hit path reads
+    directly, without entering the drivers: any first tier offering this gets the fast path.
+
+    ``fast_lookup(key)`` returns an :class:`InlineSlot` or None and must be safe to call from
+    any thread without a lock (``dict.get`` is). The entry must be checked by the caller
+    (fresh_until, tags); a slot is never for another key. ``marks`` is the tier's ring of hit
+    marks: ``marks[1]`` is the mark an uncounted hit stores. Hits recorded this way must show
+    in ``hit_count()``."""
+
+    @property
+    def fast_lookup(self) -> Callable[[str], InlineSlot | None]: ...
+
+    @property
+    def marks(self) -> Sequence[Any]: ...
+
+    def hit_count(self) -> int: ...
 
 
 @runtime_checkable

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from tiercache import ConfigurationError, TieredCache
-from tiercache._fake_kv import FakeCloudflareKV
 from tiercache._serde import JsonCodec
 from tiercache._tier import TierBinding
 from tiercache.adapters.cloudflare_kv import CloudflareKVTier
 from tiercache.adapters.memory import MemoryTier
-from tiercache.testing import FakeClock, make_entry
+from tiercache.testing import FakeClock, FakeCloudflareKV, make_entry
 
 IDS = {"account_id": "0" * 32, "namespace_id": "f" * 32}
 

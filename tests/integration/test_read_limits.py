@@ -10,8 +10,8 @@ import redis
 
 from tests.redis_servers import purge_prefix
 from tiercache import TieredCache
-from tiercache._fake_kv import FakeCloudflareKV
 from tiercache.adapters.redis import RedisTier
+from tiercache.testing import FakeCloudflareKV
 
 pytestmark = pytest.mark.redis
 

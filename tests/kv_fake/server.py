@@ -19,8 +19,8 @@ from urllib.parse import parse_qsl
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from tiercache._fake_kv import TIMED_OUT, FakeCloudflareKV, Item, Record, Reply, Route, _failure
-from tiercache._fake_kv import KVStats as Stats
+from tiercache.testing.kv import TIMED_OUT, FakeCloudflareKV, Item, Record, Reply, Route, _failure
+from tiercache.testing.kv import KVStats as Stats
 
 from .spec import API_ROOT, P, SpecRequest, SpecResponse, Validator, load_spec
 

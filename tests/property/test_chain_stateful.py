@@ -217,8 +217,8 @@ class RemoteChainMachine(ChainMachine):
 
 
 class LeasedRemoteChainMachine(ChainMachine):
-    """Memory over a remote-like tier that offers the lease: callers read it before opening a
-    flight, and a flight's leader starts below that read (``fill_flow(first_read=...)``)."""
+    """Memory over a remote-like tier that offers the lease: a flight's leader reads it, takes the
+    lease on a miss and reads it once more under the lease before loading."""
 
     def make_l2(self) -> Any:
         return FakeRemoteTier(leases=True)

@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from tests.redis_servers import purge_prefix
 from tests.values_types import Address, Color, Level, Point, User
 from tiercache import TieredCache
-from tiercache._fake_kv import FakeCloudflareKV
 from tiercache.adapters.memory import MemoryTier
 from tiercache.adapters.redis import RedisTier
+from tiercache.testing import FakeCloudflareKV
 
 pytestmark = pytest.mark.redis
 

@@ -148,7 +148,7 @@ class FakeCloudflareKV:
 
     def tier(self, **options: Any) -> Any:
         """A CloudflareKVTier talking to this fake in-process (httpx's MockTransport)."""
-        from .adapters.cloudflare_kv import CloudflareKVTier  # needs httpx: imported on use
+        from ..adapters.cloudflare_kv import CloudflareKVTier  # needs httpx: imported on use
 
         options.setdefault("base_url", FAKE_BASE_URL)
         return CloudflareKVTier(

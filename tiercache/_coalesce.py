@@ -1,10 +1,4 @@
-"""Batches: ``get_many_cached``'s flow, and auto-batching of concurrent single-key remote reads.
-
-``many_flow`` is the batch counterpart of ``fill_flow`` (same rules: entry times checked, back-fill
-copies unchanged, new entries written bottom-up, loads fenced by their flights), for keys this
-caller leads: one multi-key read per remote tier for what is still missing, then **one** call of
-the caller's ``load_many`` for the rest. Keys the loader does not return are misses, not errors.
-Batches take no distributed lease (in-process single-flight still applies, per key).
+"""Auto-batching: concurrent single-key async reads of one remote tier become one multi-key read.
 
 ``ReadCoalescer`` turns concurrent ``get`` calls on one remote tier into one ``get_many``. A read
 that finds no other read of the tier in flight on its event loop goes straight out (a lone or
@@ -16,108 +10,11 @@ out the answers. So a burst of N reads costs one GET plus one MGET.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from ._entry import Entry
-from ._flow import FillPlan, LoadOutcome, Outcome, Source, better_stale
-from ._policy import Policy
-from ._serde import Converter
 from ._tier import Tier
 
-__all__ = ["LoadMany", "ManyResult", "ReadCoalescer", "ReadMany", "WriteMany", "many_flow"]
-
-
-@dataclass(slots=True)
-class ReadMany:
-    """Read ``keys`` from tier ``index`` in one round trip; the driver sends back a list of typed
-    entries or None, in order (a failed read is all misses)."""
-
-    index: int
-    keys: Sequence[str]
-    converter: Converter | None
-
-
-@dataclass(slots=True)
-class WriteMany:
-    """Write ``items`` into tiers ``indices`` (one batch per tier); ``fences`` maps a key to the
-    flight whose supersession (a delete during the load) must stop its in-process write."""
-
-    indices: Sequence[int]
-    items: Sequence[tuple[str, Entry]]
-    backfill: bool
-    fences: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class LoadMany:
-    """Call the caller's batch loader for ``keys``; the driver sends back a LoadOutcome whose
-    value is a dict of full key -> value (keys it did not return are absent)."""
-
-    keys: Sequence[str]
-
-
-@dataclass(slots=True)
-class ManyResult:
-    outcomes: dict[str, Outcome]
-    error: BaseException | None  # the loader's error, for keys that got neither value nor stale
-
-
-def many_flow(
-    plan: FillPlan,
-    keys: Sequence[str],
-    policy: Policy,
-    *,
-    stale: dict[str, Entry],
-    versions: dict[str, int],
-    fences: dict[str, Any],
-    build: Callable[[str, Any, Policy, LoadOutcome, int], Entry | None],
-) -> Generator[ReadMany | WriteMany | LoadMany, Any, ManyResult]:
-    clock = plan.clock
-    now = clock()
-    outcomes: dict[str, Outcome] = {}
-    missing = list(keys)
-    for index in plan.remote:
-        if not missing:
-            break
-        entries: list[Entry | None] = yield ReadMany(index, missing, policy.converter)
-        still: list[str] = []
-        found: list[tuple[str, Entry]] = []
-        for key, entry in zip(missing, entries, strict=True):
-            if entry is not None and now < entry.fresh_until:
-                outcomes[key] = Outcome(entry.value, entry, f"L{index + 1}", plan.names[index])
-                found.append((key, entry))
-                continue
-            if entry is not None and now < entry.stale_until and better_stale(entry, stale.get(key)):
-                stale[key] = entry
-            still.append(key)
-        if found and index > 0:
-            yield WriteMany(range(index), found, backfill=True)
-        missing = still
-
-    error: BaseException | None = None
-    if missing:
-        loaded: LoadOutcome = yield LoadMany(missing)
-        if loaded.error is not None:
-            error = loaded.error
-            for key in missing:
-                old = stale.get(key)
-                if old is not None and policy.fail_safe and clock() < old.stale_until:
-                    outcomes[key] = Outcome(old.value, old, Source.STALE_FAILSAFE)
-        else:
-            values: dict[str, Any] = loaded.value
-            new: list[tuple[str, Entry]] = []
-            for key in missing:
-                if key not in values:
-                    continue  # the loader had nothing for it: a miss, not an error
-                entry = build(key, values[key], policy, loaded, versions[key])
-                outcomes[key] = Outcome(values[key], entry, Source.LOADED)
-                if entry is not None:
-                    new.append((key, entry))
-            if new:
-                yield WriteMany(plan.write_order, new, backfill=False, fences=fences)
-    return ManyResult(outcomes, error)
+__all__ = ["ReadCoalescer"]
 
 
 class _Batch:

@@ -1,0 +1,1 @@
+"""Tests of tiercache.contrib.django, including Django's own cache backend suite."""
