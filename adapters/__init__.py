@@ -4,5 +4,5 @@ if __name__ != "tiercache.adapters":  # imported as the top-level folder, not th
     raise ImportError(
         "the 'adapters' folder is tiercache's tier backends; import them as 'tiercache.adapters' "
         "(for example: from tiercache.adapters.memory import MemoryTier) after "
-        "'pip install -e .' or 'pip install tiercache'"
+        "'pip install -e .' or 'pip install tiercache-py'"
     )

@@ -4,7 +4,7 @@ Everything here is pure: a builder returns a :class:`KVRequest` (method, percent
 query, headers, body) and a parser takes ``(status, headers, body)`` and returns data or raises a
 :class:`KVError`. The tier in ``cloudflare_kv.py`` adds the I/O (httpx, sync and async), the request
 budget, retries and the per-key write pacing. Facts about the API (limits, shapes, status codes)
-follow ``shared/notes/cloudflare-kv.md`` and Cloudflare's OpenAPI description of KV.
+follow Cloudflare's KV documentation and its OpenAPI description (``tests/data/``).
 """
 
 from __future__ import annotations

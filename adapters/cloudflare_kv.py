@@ -100,7 +100,7 @@ def _import_httpx() -> ModuleType:
     try:
         import httpx
     except ImportError:
-        raise ImportError("CloudflareKVTier needs httpx: pip install 'tiercache[cloudflare]'") from None
+        raise ImportError("CloudflareKVTier needs httpx: pip install 'tiercache-py[cloudflare]'") from None
     return httpx
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tiercache.tier import ConfigurationError, Entry, TierBinding, ValueTooLargeError
+from tiercache.tier import ConfigurationError, Duration, Entry, TierBinding, ValueTooLargeError, seconds
 
 __all__ = ["MemoryTier", "estimate_size"]
 
@@ -96,7 +96,7 @@ class MemoryTier:
         max_entries: int = 10_000,
         *,
         max_bytes: int | None = None,
-        max_ttl: float | None = None,
+        max_ttl: Duration | None = None,
         max_value_bytes: int | None = None,
         name: str = "memory",
         sizer: Callable[[Entry], int] | None = None,
@@ -105,6 +105,7 @@ class MemoryTier:
             raise ConfigurationError("MemoryTier.max_entries must be at least 1")
         if max_bytes is not None and max_bytes < 1:
             raise ConfigurationError("MemoryTier.max_bytes must be positive")
+        max_ttl = None if max_ttl is None else seconds(max_ttl, "MemoryTier.max_ttl")  # 30, "1h"...
         if max_ttl is not None and max_ttl <= 0:
             raise ConfigurationError("MemoryTier.max_ttl must be positive")
         self.name = name

@@ -141,6 +141,7 @@ from tiercache.tier import MAX_CLOCK_SKEW as MAX_SKEW
 from tiercache.tier import (
     Codec,
     ConfigurationError,
+    Duration,
     Entry,
     Event,
     EventKind,
@@ -150,6 +151,7 @@ from tiercache.tier import (
     hashed_key,
     seal_tag_time,
     unseal_tag_time,
+    seconds,
 )
 
 __all__ = ["NodeUnavailableError", "RedisBus", "RedisTier"]
@@ -419,7 +421,7 @@ DEFAULT_POOL_TIMEOUT = 2.0
 
 _SCAN_COUNT = 1000  # keys per SCAN page in clear(); each page's matches go in one UNLINK (or pipeline)
 
-_INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache[redis]'"
+_INSTALL_HINT = "RedisTier needs redis-py: pip install 'tiercache-py[redis]'"
 
 
 def _import_redis() -> Any:
@@ -632,7 +634,7 @@ class RedisTier:
         max_connections: int = 32,
         pool_timeout: float | None = None,
         prefix: str = "tc",
-        max_ttl: float | None = None,
+        max_ttl: Duration | None = None,
         max_key_bytes: int = 256,
         tombstone_ttl: float = 10.0,
         max_value_bytes: int = 512 * 1024 * 1024,
@@ -649,6 +651,7 @@ class RedisTier:
             raise ConfigurationError("RedisTier timeouts must be positive")
         if max_connections < 2:
             raise ConfigurationError("RedisTier.max_connections must be at least 2")
+        max_ttl = None if max_ttl is None else seconds(max_ttl, "RedisTier.max_ttl")  # 30, "1h"...
         if max_ttl is not None and max_ttl <= 0:
             raise ConfigurationError("RedisTier.max_ttl must be positive")
         if max_key_bytes < 80:
@@ -758,13 +761,13 @@ class RedisTier:
         if not self._down:
             self._down = True
             logger.warning(
-                "tiercache: Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc)
+                "Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc)
             )
 
     def _connected(self) -> None:
         if self._down:
             self._down = False
-            logger.warning("tiercache: Redis tier %r connects again (%s)", self.name, self._target())
+            logger.warning("Redis tier %r connects again (%s)", self.name, self._target())
 
     def check(self) -> str | None:
         """Health check (sync face): None when the server answers a PING, else why not."""
@@ -1280,7 +1283,7 @@ class RedisTier:
         self._nodes.failed(node)
         if self._nodes.failures.get(node) == _NODE_THRESHOLD:
             logger.warning(
-                "tiercache: Redis tier %r (%s): Cluster node %s failed %d times in a row (%s); "
+                "Redis tier %r (%s): Cluster node %s failed %d times in a row (%s); "
                 "its slots are skipped for %.1fs at a time while it fails",
                 self.name,
                 self._target(),

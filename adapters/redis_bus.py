@@ -287,13 +287,13 @@ class RedisBus:
                 self._subscribe_new(pubsub, subscribed)
                 backoff = 0.05
                 if outage_logged:
-                    logger.warning("tiercache: invalidation bus reconnected (%r)", self._tier)
+                    logger.warning("invalidation bus reconnected (%r)", self._tier)
                     outage_logged = False
                 self._listen(pubsub, subscribed)
             except Exception as exc:  # connection lost, refused, timed out: reconnect later
                 if not self._stop.is_set():
                     level = logging.DEBUG if outage_logged else logging.WARNING
-                    logger.log(level, "tiercache: invalidation bus lost (%r): %s", self._tier, _describe(exc))
+                    logger.log(level, "invalidation bus lost (%r): %s", self._tier, _describe(exc))
                     outage_logged = True
                 node += 1
             finally:
@@ -397,7 +397,7 @@ class RedisBus:
         try:
             fn(*args)
         except Exception:
-            logger.exception("tiercache: an invalidation bus callback failed")
+            logger.exception("an invalidation bus callback failed")
 
 
 def _node_errors() -> tuple[type[Exception], ...]:

@@ -2,11 +2,14 @@
 
 Run it::
 
-    pip install 'tiercache[redis,prometheus]' fastapi uvicorn
-    REDIS_URL=redis://127.0.0.1:6379/0 uvicorn examples.fastapi_app:app
+    pip install 'tiercache-py[redis,prometheus]' fastapi uvicorn
+    REDIS_URL=redis://127.0.0.1:6379/0 uvicorn examples.fastapi_app:app --workers 4
 
-Without ``REDIS_URL`` the cache is memory only. ``GET /metrics`` serves the cache's counters in the
-Prometheus format; ``GET /debug/products/{id}`` says where a value came from.
+With ``REDIS_URL``, Redis is L2 and the invalidation bus (Redis pub/sub) makes a change in one
+worker drop every other worker's L1 copy (``PUT /products/{id}/price``): no worker keeps serving
+the old price until its TTL runs out. Without ``REDIS_URL`` the cache is memory only (run one
+worker). ``GET /metrics`` serves the cache's counters in the Prometheus format;
+``GET /debug/products/{id}`` says where a value came from.
 """
 
 from __future__ import annotations
@@ -39,12 +42,17 @@ db_queries = {"count": 0}
 
 def make_cache() -> TieredCache:
     tiers: list[Tier] = [MemoryTier(max_entries=10_000)]
+    bus = None
     url = os.environ.get("REDIS_URL")
     if url:
         from tiercache.adapters.redis import RedisTier
+        from tiercache.adapters.redis_bus import RedisBus
 
-        tiers.append(RedisTier(url=url))
-    return TieredCache(tiers, ttl=30, stale_ttl=300, namespace=os.environ.get("CACHE_NAMESPACE", "shop"))
+        redis = RedisTier(url=url)
+        tiers.append(redis)
+        bus = RedisBus.for_tier(redis)  # other workers' L1 copies are dropped on every change
+    namespace = os.environ.get("CACHE_NAMESPACE", "shop")
+    return TieredCache(tiers, ttl=30, stale_ttl=300, namespace=namespace, bus=bus)
 
 
 cache = make_cache()

@@ -2,8 +2,12 @@
 
 Run it::
 
-    pip install 'tiercache[redis]' flask
-    REDIS_URL=redis://127.0.0.1:6379/0 flask --app examples.flask_app run
+    pip install 'tiercache-py[redis]' flask
+    REDIS_URL=redis://127.0.0.1:6379/0 gunicorn --workers 4 examples.flask_app:app
+
+With ``REDIS_URL``, Redis is L2 and the invalidation bus (Redis pub/sub) tells every other worker
+to drop its L1 copy when one worker changes a value (``PUT /flags/<name>``, a report's refresh).
+Without it the cache is memory only.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from tiercache import Tier, TieredCache, tiered_cache
@@ -31,12 +35,17 @@ class Report:
 
 def make_cache() -> TieredCache:
     tiers: list[Tier] = [MemoryTier(max_entries=10_000)]
+    bus = None
     url = os.environ.get("REDIS_URL")
     if url:
         from tiercache.adapters.redis import RedisTier
+        from tiercache.adapters.redis_bus import RedisBus
 
-        tiers.append(RedisTier(url=url))
-    return TieredCache(tiers, ttl=300, stale_ttl=3600, namespace=os.environ.get("CACHE_NAMESPACE", "reports"))
+        redis = RedisTier(url=url)
+        tiers.append(redis)
+        bus = RedisBus.for_tier(redis)  # other workers' L1 copies are dropped on every change
+    namespace = os.environ.get("CACHE_NAMESPACE", "reports")
+    return TieredCache(tiers, ttl=300, stale_ttl=3600, namespace=namespace, bus=bus)
 
 
 cache = make_cache()
@@ -66,5 +75,12 @@ def refresh(region: str, day: str) -> ResponseReturnValue:
 
 @app.get("/flags/<name>")
 def flag(name: str) -> ResponseReturnValue:
-    found = cache.sync.lookup(f"flag:{name}", lambda: name.startswith("beta"), ttl=10)
+    found = cache.sync.lookup(f"flag:{name}", lambda: name.startswith("beta"), ttl="1h")
     return jsonify(enabled=found.value, source=found.source)
+
+
+@app.put("/flags/<name>")
+def set_flag(name: str) -> ResponseReturnValue:
+    enabled = request.args.get("enabled") == "true"
+    cache.sync.set(f"flag:{name}", enabled, ttl="1h")  # every tier; every other worker drops its L1 copy
+    return jsonify(enabled=enabled)

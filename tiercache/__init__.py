@@ -1,4 +1,4 @@
-"""tiercache: multi-tier caching (in-process memory, Redis, Cloudflare KV) with stampede protection.
+"""multi-tier caching (in-process memory, Redis, Cloudflare KV) with stampede protection.
 
 ``import tiercache`` is nearly free (serverless cold starts): the names below are loaded on first
 use (PEP 562), and nothing optional is ever imported here -- ``tiercache.adapters.redis`` and
@@ -14,10 +14,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these load laz
     from ._adaptive import LoadContext, current_load
     from ._bus import Bus, BusMessage
     from ._cache import Lookup, SyncTieredCache, TieredCache
-    from ._decorator import AsyncCachedFunction, CachedFunction, tiered_cache, tiered_cache_many
+    from ._decorator import (
+        AsyncCachedFunction,
+        AsyncCachedManyFunction,
+        CachedFunction,
+        CachedManyFunction,
+        tiered_cache,
+        tiered_cache_many,
+    )
     from ._engine import Source
     from ._entry import Entry
     from ._errors import (
+        CacheClosedError,
         ConfigurationError,
         InvalidKeyError,
         LoaderTimeoutError,
@@ -34,9 +42,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCachedFunction",
+    "AsyncCachedManyFunction",
     "Bus",
     "BusMessage",
+    "CacheClosedError",
     "CachedFunction",
+    "CachedManyFunction",
     "Codec",
     "ConfigurationError",
     "Entry",
@@ -67,9 +78,12 @@ __all__ = [
 # name -> the private module that defines it
 _EXPORTS = {
     "AsyncCachedFunction": "._decorator",
+    "AsyncCachedManyFunction": "._decorator",
     "Bus": "._bus",
     "BusMessage": "._bus",
+    "CacheClosedError": "._errors",
     "CachedFunction": "._decorator",
+    "CachedManyFunction": "._decorator",
     "Codec": "._serde",
     "ConfigurationError": "._errors",
     "Entry": "._entry",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import socket
 import sys
@@ -40,7 +41,11 @@ def _embedded_redis() -> tuple[str, Callable[[], None]]:
     try:
         import fakeredis
     except ImportError:
-        sys.exit("no Redis answers and fakeredis is not installed: pip install 'tiercache[demo]'")
+        sys.exit("no Redis answers and fakeredis is not installed: pip install 'tiercache-py[demo]'")
+    try:  # without Lua, fakeredis refuses RedisTier's leases and fenced writes: every read misses
+        importlib.import_module("lupa")
+    except ImportError:
+        sys.exit("no Redis answers and fakeredis has no Lua support: pip install 'tiercache-py[demo]'")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

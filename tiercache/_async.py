@@ -171,7 +171,7 @@ class FlowRun:
             try:
                 if type(op) is Read and not rt.tiers[op.index].in_process and rt.trace is None:
                     # The common case, without the dispatch coroutine in between.
-                    call = rt.gw.read_async(op.index, op.key, op.converter)
+                    call = rt.gw.read_async(op.index, op.key, op.converter, op.count_miss)
                 else:
                     call = self._execute(op)
                 send = await (call if task is not None else _apart(call))
@@ -194,8 +194,8 @@ class FlowRun:
         match cmd:
             case Read():
                 if rt.tiers[cmd.index].in_process:
-                    return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter)
-                return await rt.gw.read_async(cmd.index, cmd.key, cmd.converter)
+                    return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
+                return await rt.gw.read_async(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
             case Write():
                 return await rt.gw.write_async(cmd)
             case Load():
@@ -345,9 +345,7 @@ class FlowRun:
             elif task.exception() is not None:
                 error = task.exception()
                 where = fence.key if fence else ""
-                logger.debug(
-                    "tiercache: late loader for %s failed: %s", rt.log_key(where), rt.log_error(error, where)
-                )
+                logger.debug("late loader for %s failed: %s", rt.log_key(where), rt.log_error(error, where))
             elif fence is not None:
                 duration = time.perf_counter() - self._load_t0
                 loaded = LoadOutcome(
@@ -477,9 +475,7 @@ async def _refresh(
         rt.flights.finish(flight, error=FlightAborted("background refresh cancelled"))
         raise
     except Exception as exc:  # nobody waits on a refresh; its failure is only logged
-        logger.debug(
-            "tiercache: background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key)
-        )
+        logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
 
 
 async def get_many_cached(

@@ -204,7 +204,7 @@ class BusWire:
                 return
             self._logged_at, count, self._unlogged = now, self._unlogged, 0
         logger.warning(
-            "tiercache: refused %d invalidation bus message(s) on %s (latest: %s)%s",
+            "refused %d invalidation bus message(s) on %s (latest: %s)%s",
             count,
             self.channel,
             reason,

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 from . import _async, _sync
 from ._bus import Bus
+from ._checks import check_batch_loader, check_loader, check_tier_order
+from ._engine import Outcome, Source
 from ._errors import ConfigurationError
 from ._events import EventHook
 from ._keys import check_key
@@ -22,6 +24,7 @@ from ._runtime import Runtime
 from ._serde import Codec, JsonCodec, converter_for, loader_type
 from ._stats import CacheStats
 from ._tier import InlineL1, Tier, TierBinding
+from ._ttl import Duration
 
 __all__ = ["Lookup", "SyncTieredCache", "TierCheck", "TieredCache"]
 
@@ -34,6 +37,15 @@ class Lookup(NamedTuple):
     value: Any
     source: str
     tier: str | None
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> Lookup:
+        """The lookup of a flow's outcome. A tier hit on a copy that fail-safe holds (a stale
+        value kept fresh for the retry throttle) is reported as the fail-safe value it is."""
+        entry = outcome.entry
+        if entry is not None and entry.held and outcome.source[:1] == "L":
+            return cls(outcome.value, Source.STALE_FAILSAFE, outcome.tier)
+        return cls(outcome.value, outcome.source, outcome.tier)
 
 
 _UNSET: Any = object()
@@ -73,19 +85,19 @@ class TieredCache:
         self,
         tiers: Sequence[Tier],
         *,
-        ttl: float = 60.0,
-        stale_ttl: float = 0.0,
+        ttl: Duration = 60.0,
+        stale_ttl: Duration = 0.0,
         namespace: str = "tc",
         swr: bool = False,
         fail_safe: bool = True,
-        fail_safe_throttle: float = 5.0,
-        soft_timeout: float | None = None,
-        hard_timeout: float | None = None,
+        fail_safe_throttle: Duration = 5.0,
+        soft_timeout: Duration | None = None,
+        hard_timeout: Duration | None = None,
         early_refresh_beta: float = 0.0,
         early_refresh_ratio: float = 0.0,
         jitter: float = 0.0,
-        lease_ttl: float = 10.0,
-        lease_wait: float = 5.0,
+        lease_ttl: Duration = 10.0,
+        lease_wait: Duration = 5.0,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 1.0,
         clock: Callable[[], float] | None = None,
@@ -105,6 +117,7 @@ class TieredCache:
                 raise ConfigurationError(f"{tier!r} does not implement the Tier protocol")
         if len({id(t) for t in tiers}) != len(tiers):
             raise ConfigurationError("the same tier object appears twice in the chain")
+        check_tier_order(tiers)
         if not isinstance(namespace, str) or not namespace or ":" in namespace:
             raise ConfigurationError("namespace must be a non-empty str without ':'")
         if breaker_threshold < 1 or breaker_cooldown < 0:
@@ -113,7 +126,7 @@ class TieredCache:
         self._prefix = namespace + ":"
         self._typed_policies: dict[Any, Policy] = {}
         self.clock: Callable[[], float] = clock if clock is not None else time.time
-        self.policy = Policy(
+        self.policy = Policy.build(
             ttl=ttl,
             stale_ttl=stale_ttl,
             swr=swr,
@@ -189,8 +202,8 @@ class TieredCache:
     def policy_for(
         self,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -227,8 +240,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Awaitable[T]],
         *,
-        ttl: float | None = ...,
-        stale_ttl: float | None = ...,
+        ttl: Duration | None = ...,
+        stale_ttl: Duration | None = ...,
         tags: Iterable[str] | None = ...,
         value_type: Any = ...,
         **options: Any,
@@ -240,8 +253,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], T],
         *,
-        ttl: float | None = ...,
-        stale_ttl: float | None = ...,
+        ttl: Duration | None = ...,
+        stale_ttl: Duration | None = ...,
         tags: Iterable[str] | None = ...,
         value_type: Any = ...,
         **options: Any,
@@ -252,8 +265,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -282,6 +295,7 @@ class TieredCache:
             policy = self.policy_for(
                 ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options
             )
+        check_loader(loader)
         return (await _async.get_cached(self._rt, self._prefix + check_key(key), loader, policy)).value
 
     async def lookup(
@@ -289,8 +303,8 @@ class TieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -301,16 +315,17 @@ class TieredCache:
         if value_type is _UNSET:
             value_type = loader_type(loader) or _UNSET
         policy = self.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         outcome = await _async.get_cached(self._rt, self.full_key(key), loader, policy)
-        return Lookup(outcome.value, outcome.source, outcome.tier)
+        return Lookup.of(outcome)
 
     async def get_many_cached(
         self,
         keys: Iterable[str],
         load_many: Callable[[list[str]], Mapping[str, T] | Awaitable[Mapping[str, T]]],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -335,6 +350,7 @@ class TieredCache:
 
     def _batch_loader(self, load_many: Callable[[list[str]], Any]) -> Callable[[Sequence[str]], Any]:
         """Adapt the caller's loader (its own keys) to the driver's (full keys), sync or async."""
+        check_batch_loader(load_many)
         cut = len(self._prefix)
         prefix = self._prefix
 
@@ -367,8 +383,8 @@ class TieredCache:
         key: str,
         value: Any,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
     ) -> None:
@@ -410,7 +426,8 @@ class TieredCache:
 
     async def aclose(self, grace: float = 1.0) -> None:
         """Finish background work (waiting up to ``grace`` seconds, then cancelling) and close
-        the tiers."""
+        the tiers. Using the cache afterwards raises CacheClosedError (a shared tier would otherwise
+        quietly reconnect)."""
         loop = asyncio.get_running_loop()
         mine = [t for t in self._rt.tasks if t.get_loop() is loop and not t.done()]
         if mine:
@@ -425,6 +442,7 @@ class TieredCache:
                     self._rt.closing = False
         if self._rt.coherence._started:
             await asyncio.to_thread(self._rt.coherence.stop)  # heartbeat off, goodbye sent
+        self._rt.closed = True
         for tier in self._rt.tiers:
             await tier.aclose()
         bus = self._rt.coherence.bus
@@ -495,8 +513,8 @@ class SyncTieredCache:
         key: str,
         loader: Callable[[], T],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -517,6 +535,7 @@ class SyncTieredCache:
         if value_type is _UNSET:
             value_type = loader_type(loader) or _UNSET  # the loader's return annotation
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         value: T = _sync.get_cached(self._rt, cache.full_key(key), loader, policy).value
         return value
 
@@ -525,8 +544,8 @@ class SyncTieredCache:
         key: str,
         loader: Callable[[], Any],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -536,16 +555,17 @@ class SyncTieredCache:
         if value_type is _UNSET:
             value_type = loader_type(loader) or _UNSET
         policy = cache.policy_for(ttl=ttl, stale_ttl=stale_ttl, tags=tags, value_type=value_type, **options)
+        check_loader(loader)
         outcome = _sync.get_cached(self._rt, cache.full_key(key), loader, policy)
-        return Lookup(outcome.value, outcome.source, outcome.tier)
+        return Lookup.of(outcome)
 
     def get_many_cached(
         self,
         keys: Iterable[str],
         load_many: Callable[[list[str]], Mapping[str, T]],
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
         **options: Any,
@@ -566,8 +586,8 @@ class SyncTieredCache:
         key: str,
         value: Any,
         *,
-        ttl: float | None = None,
-        stale_ttl: float | None = None,
+        ttl: Duration | None = None,
+        stale_ttl: Duration | None = None,
         tags: Iterable[str] | None = None,
         value_type: Any = _UNSET,
     ) -> None:
@@ -603,6 +623,7 @@ class SyncTieredCache:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if self._rt.coherence._started:
             self._rt.coherence.stop()  # heartbeat off, goodbye sent
+        self._rt.closed = True
         for tier in self._rt.tiers:
             tier.close()
         bus = self._rt.coherence.bus

@@ -313,7 +313,7 @@ class Coherence:
         now = time.monotonic()
         if now - self._publish_logged_at >= 10.0:  # one line per outage, then one per 10 s
             self._publish_logged_at = now
-            logger.warning("tiercache: publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
+            logger.warning("publishing %s for namespace %s failed: %r", msg.op, msg.namespace, exc)
         if msg.op not in ("beat", "bye"):
             self._emit(EventKind.TIER_ERROR, msg.keys[0] if msg.keys else "", None, error=exc)
         if self.liveness is not None:
@@ -349,7 +349,7 @@ class Coherence:
             self._doubt = self.origins.any_missing(now)
         if silent:
             logger.warning(
-                "tiercache: %d process(es) went silent on the bus of %s; clearing L1",
+                "%d process(es) went silent on the bus of %s; clearing L1",
                 len(silent),
                 self.namespace,
             )
@@ -358,7 +358,7 @@ class Coherence:
 
     def _go_deaf(self, why: str) -> None:
         if not self.deaf:
-            logger.warning("tiercache: invalidation bus of %s looks broken (%s); L1 off", self.namespace, why)
+            logger.warning("invalidation bus of %s looks broken (%s); L1 off", self.namespace, why)
             self.deaf = True
             self.l1_off = True
             self._emit(EventKind.BUS_GAP, "")
@@ -376,7 +376,7 @@ class Coherence:
         self.deaf = False
         self.l1_off = self._doubt
         self._publish_logged_at = -math.inf
-        logger.warning("tiercache: invalidation bus of %s works again; L1 on", self.namespace)
+        logger.warning("invalidation bus of %s works again; L1 on", self.namespace)
 
     def _gap(self) -> None:
         self.cleared(next_version())  # what is on its way back may predate a lost message
@@ -402,7 +402,7 @@ class Coherence:
             if msg.op == "bye":
                 self.origins.forget(msg.origin)
         if verdict == "gap":
-            logger.info("tiercache: bus gap from %s; clearing L1 of %s", msg.origin[:8], self.namespace)
+            logger.info("bus gap from %s; clearing L1 of %s", msg.origin[:8], self.namespace)
             self._gap()
         if msg.op in ("beat", "bye"):
             return
@@ -426,7 +426,7 @@ class Coherence:
         with self._last_seq_lock:
             self.origins.reset()
         if self._resets > 1:
-            logger.info("tiercache: bus reconnected; clearing L1 of %s", self.namespace)
+            logger.info("bus reconnected; clearing L1 of %s", self.namespace)
             self._emit(EventKind.BUS_GAP, "")
             # Like clear(): a read or load on its way back must not land after the L1 clear.
             self.cleared(next_version())

@@ -15,7 +15,7 @@ import re
 import string
 import sys
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 import orjson
@@ -27,8 +27,17 @@ from ._keys import check_key
 from ._policy import Policy
 from ._serde import converter_for, encode_key_args
 from ._tier import InlineL1
+from ._ttl import Duration
 
-__all__ = ["AsyncCachedFunction", "CachedFunction", "CachedMethod", "tiered_cache", "tiered_cache_many"]
+__all__ = [
+    "AsyncCachedFunction",
+    "AsyncCachedManyFunction",
+    "CachedFunction",
+    "CachedManyFunction",
+    "CachedMethod",
+    "tiered_cache",
+    "tiered_cache_many",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -128,10 +137,10 @@ class _Decorator:
 def tiered_cache(
     cache: TieredCache,
     *,
-    ttl: float | None = None,
+    ttl: Duration | None = None,
     key: str | None = None,
     tags: Iterable[str] | None = None,
-    stale_ttl: float | None = None,
+    stale_ttl: Duration | None = None,
     value_type: Any = _UNSET,
     **options: Any,
 ) -> _Decorator:
@@ -340,7 +349,7 @@ def build_cached_function(
         async def alookup(*args: Any, **kwargs: Any) -> Lookup:
             key = check_key(make_key(*args, **kwargs))
             outcome = await _async.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
-            return Lookup(outcome.value, outcome.source, outcome.tier)
+            return Lookup.of(outcome)
 
         lookup_fn: Callable[..., Any] = alookup
     else:
@@ -348,7 +357,7 @@ def build_cached_function(
         def lookup_fn(*args: Any, **kwargs: Any) -> Lookup:
             key = check_key(make_key(*args, **kwargs))
             outcome = _sync.get_cached(rt, key, lambda: fn(*args, **kwargs), resolve_policy())
-            return Lookup(outcome.value, outcome.source, outcome.tier)
+            return Lookup.of(outcome)
 
     functools.update_wrapper(wrapper, fn)
     wrapper.uncached = fn
@@ -449,7 +458,13 @@ class _Signature:
         pieces = [repr(self.env["__tc_prefix"])]
         used: list[str] = []
         as_fstring = True
-        parsed = list(string.Formatter().parse(template))
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"key template {template!r} is not a valid template ({exc}); write each parameter "
+                'as {name}, e.g. key="user:{user_id}", and a literal brace as {{ or }}'
+            ) from None
         # Field values are escaped so that no two argument tuples share a key: each separator
         # after a field (its first character) and the escape character are percent-encoded in
         # the value, so the text after a field always starts where the value ends.
@@ -614,8 +629,9 @@ def stable_hash(args: tuple[Any, ...]) -> str:
         raw = orjson.dumps(encode_key_args(args), option=orjson.OPT_SORT_KEYS)
     except (SerializationError, TypeError) as exc:
         raise InvalidKeyError(
-            f"cannot build a stable cache key from these arguments ({exc}); give the decorator "
-            "a key= template, or pass JSON-like arguments"
+            f"cannot build a stable cache key from these arguments ({exc}); give the decorator a "
+            'key= template naming the parameters that identify a call (key="user:{user_id}"), or '
+            "pass JSON-like arguments (numbers, strings, dates, UUIDs, dataclasses, lists, dicts)"
         ) from None
     if len(raw) <= 48:
         return raw.decode()
@@ -773,12 +789,12 @@ def tiered_cache_many(
     cache: TieredCache,
     *,
     key: str,
-    ttl: float | None = None,
+    ttl: Duration | None = None,
     tags: Iterable[str] | None = None,
-    stale_ttl: float | None = None,
+    stale_ttl: Duration | None = None,
     value_type: Any = _UNSET,
     **options: Any,
-) -> Callable[[Callable[[list[Any]], Any]], Callable[[Iterable[Any]], Any]]:
+) -> _ManyDecorator:
     """Cache a function that loads many items at once: ``fn(ids) -> {id: value}``.
 
     ``key`` is a template with one ``{}`` for an id (``"user:{}"``). The decorated function takes
@@ -792,7 +808,7 @@ def tiered_cache_many(
     policy_options = dict(options, ttl=ttl, stale_ttl=stale_ttl, tags=tags)
     cache.policy_for(**policy_options)  # validate now
 
-    def decorate(fn: Callable[[list[Any]], Any]) -> Callable[[Iterable[Any]], Any]:
+    def decorate(fn: Callable[[list[Any]], Any]) -> Any:
         vt = value_type
         if vt is _UNSET:
             strict = bool(cache._rt.remote)
@@ -838,6 +854,44 @@ def tiered_cache_many(
             wrapper = swrapper
         functools.update_wrapper(wrapper, fn)
         wrapper.uncached = fn
-        return wrapper  # type: ignore[no-any-return]
+        return wrapper
 
-    return decorate
+    return _ManyDecorator(decorate)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class CachedManyFunction(Protocol[K, V]):
+    """What ``@tiered_cache_many`` makes of a plain ``fn(ids) -> {id: value}`` (for type checkers)."""
+
+    uncached: Callable[[list[K]], Mapping[K, V]]
+
+    def __call__(self, ids: Iterable[K], /) -> dict[K, V]: ...
+
+
+class AsyncCachedManyFunction(Protocol[K, V]):
+    """What ``@tiered_cache_many`` makes of an ``async def fn(ids) -> {id: value}``."""
+
+    uncached: Callable[[list[K]], Awaitable[Mapping[K, V]]]
+
+    def __call__(self, ids: Iterable[K], /) -> Coroutine[Any, Any, dict[K, V]]: ...
+
+
+class _ManyDecorator:
+    """The decorator returned by ``tiered_cache_many(...)``: keeps the id and value types."""
+
+    def __init__(self, decorate: Callable[[Callable[[list[Any]], Any]], Any]) -> None:
+        self._decorate = decorate
+
+    @overload
+    def __call__(
+        self, fn: Callable[[list[K]], Coroutine[Any, Any, Mapping[K, V]]]
+    ) -> AsyncCachedManyFunction[K, V]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[list[K]], Mapping[K, V]]) -> CachedManyFunction[K, V]: ...
+
+    def __call__(self, fn: Callable[[list[Any]], Any]) -> Any:
+        return self._decorate(fn)

@@ -31,6 +31,7 @@ class Entry:
         "created_at",
         "delta",
         "fresh_until",
+        "held",
         "key",
         "payload",
         "stale_until",
@@ -55,6 +56,7 @@ class Entry:
         typed: bool = True,
         payload: bytes | None = None,
         vtype: Any = None,
+        held: bool = False,
     ) -> None:
         self.key = key
         self.value = value
@@ -67,6 +69,9 @@ class Entry:
         self.typed = typed
         self.payload = payload
         self.vtype = vtype
+        # fail-safe's throttle copy: a stale value kept fresh for a while (in-process only; not in
+        # the envelope, so another process reading it from a shared tier sees a plain entry)
+        self.held = held
 
     def is_fresh(self, now: float) -> bool:
         return now < self.fresh_until
@@ -103,14 +108,12 @@ class Entry:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):
             return NotImplemented
-        return all(
-            getattr(self, n) == getattr(other, n)
-            for n in self.__slots__
-            if n not in ("payload", "typed", "vtype")
-        )
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__ if n not in _NOT_COMPARED)
 
     __hash__ = None  # type: ignore[assignment]
 
+
+_NOT_COMPARED = ("payload", "typed", "vtype", "held")  # caches and markers, not what the entry says
 
 _version_lock = threading.Lock()
 _last_version = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "CacheClosedError",
     "ConfigurationError",
     "InvalidKeyError",
     "LoaderTimeoutError",
@@ -43,6 +44,10 @@ class TierError(TierCacheError):
     def __init__(self, tier: str, message: str) -> None:
         super().__init__(f"{tier}: {message}")
         self.tier = tier
+
+
+class CacheClosedError(TierCacheError, RuntimeError):
+    """The cache was closed (``aclose()``/``sync.close()``) and then used again."""
 
 
 class LoaderTimeoutError(TierCacheError, TimeoutError):

@@ -51,4 +51,4 @@ def emit_safely(hook: EventHook, event: Event) -> None:
     try:
         hook(event)
     except Exception:
-        logger.exception("tiercache event hook raised on %s", event.kind)
+        logger.exception("event hook raised on %s", event.kind)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from ._checks import closed_error
 from ._coalesce import ReadCoalescer
 from ._coherence import Coherence
 from ._engine import NO_LEASE, AcquireLease, ReleaseLease, WaitForEntry, Write
@@ -71,7 +72,7 @@ class Breaker:
             self.failures = 0
             self.open_until = 0.0
             if was_open:
-                logger.info("tiercache: tier %s answers again; breaker closed", self.name)
+                logger.info("tier %s answers again; breaker closed", self.name)
                 self._emit(Event(EventKind.BREAKER_CLOSED, "", self.name))
 
     def failed(self, now: float, retry_after: float | None = None) -> None:
@@ -86,7 +87,7 @@ class Breaker:
             self.open_until = max(self.open_until, now + cooldown)
             if first:
                 logger.warning(
-                    "tiercache: tier %s failed %d times in a row; skipping it for %.1fs",
+                    "tier %s failed %d times in a row; skipping it for %.1fs",
                     self.name,
                     self.failures,
                     self.cooldown,
@@ -148,6 +149,7 @@ class TierGateway:
         )
         self._index_by_name = {t.name: i for i, t in reversed(list(enumerate(self.tiers)))}
         self.redact_keys = False  # log a digest instead of the key (keys may hold personal data)
+        self.closed = False  # set by aclose()/close(): shared tiers are not reopened behind the user's back
         l1 = 0
         while l1 < len(self.tiers) and self.tiers[l1].in_process:
             l1 += 1
@@ -236,7 +238,7 @@ class TierGateway:
     def tier_failed(self, index: int, key: str, exc: BaseException, what: str) -> None:
         name = self.names[index]
         logger.debug(
-            "tiercache: %s of %s on tier %s failed: %s",
+            "%s of %s on tier %s failed: %s",
             what,
             self.log_key(key),
             name,
@@ -254,6 +256,8 @@ class TierGateway:
             breaker.succeeded()
 
     def tier_usable(self, index: int, key: str) -> bool:
+        if self.closed:
+            raise closed_error()
         breaker = self.breakers[index]
         if breaker is None or not breaker.open_until or breaker.allows(self.clock()):
             return True
@@ -296,10 +300,13 @@ class TierGateway:
                 stale = entry
         return None, -1, stale, None
 
-    def typed(self, index: int, key: str, entry: Entry | None, conv: Converter | None) -> Entry | None:
+    def typed(
+        self, index: int, key: str, entry: Entry | None, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         """Check a tier's answer: alive, really this key, converted to the caller's type."""
         if entry is None:
-            self.emit(EventKind.MISS, key, index)
+            if count_miss:
+                self.emit(EventKind.MISS, key, index)
             return None
         now = self.clock()
         if entry.key != key or not entry.stale_until > now:
@@ -352,7 +359,9 @@ class TierGateway:
             reason = f"{type(exc).__name__}: {exc}"
         return reason, self._breaker_open(index)
 
-    def read_sync(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+    def read_sync(
+        self, index: int, key: str, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
         try:
@@ -364,12 +373,14 @@ class TierGateway:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        typed = self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv, count_miss)
         if typed is not None and typed.tags and not self.coherence.tags_valid_sync(typed):
             return None
         return typed
 
-    async def read_async(self, index: int, key: str, conv: Converter | None) -> Entry | None:
+    async def read_async(
+        self, index: int, key: str, conv: Converter | None, count_miss: bool = True
+    ) -> Entry | None:
         if not self.tier_usable(index, key):
             return None
         coalescer = self.coalescers[index]
@@ -385,7 +396,7 @@ class TierGateway:
             self.tier_failed(index, key, exc, "get")
             return None
         self._tier_ok(index)
-        typed = self.typed(index, key, entry, conv)
+        typed = self.typed(index, key, entry, conv, count_miss)
         if typed is not None and typed.tags and not await self.coherence.tags_valid_async(typed):
             return None
         return typed
@@ -716,7 +727,7 @@ class TierGateway:
         for i in self.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
-                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                logger.warning("tier %s cannot clear a namespace; skipped", self.names[i])
                 continue
             if self.tiers[i].in_process or self.tier_usable(i, prefix):
                 try:
@@ -728,7 +739,7 @@ class TierGateway:
         for i in self.write_order:
             tier: Any = self.tiers[i]
             if not isinstance(tier, NamespaceClearingTier):
-                logger.warning("tiercache: tier %s cannot clear a namespace; skipped", self.names[i])
+                logger.warning("tier %s cannot clear a namespace; skipped", self.names[i])
                 continue
             if self.tiers[i].in_process:
                 tier.clear(prefix)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ._entry import Entry
 from ._errors import ConfigurationError
 from ._serde import Converter
+from ._ttl import seconds
 
 __all__ = ["Policy"]
 
@@ -43,6 +45,10 @@ class Policy:
     lease_wait: float = 5.0
 
     def __post_init__(self) -> None:
+        for name in _DURATIONS:  # "1h", timedelta(minutes=5), 90 -> float seconds
+            value = getattr(self, name)
+            if value is not None and type(value) is not float:
+                object.__setattr__(self, name, seconds(value, name))
         if not self.ttl > 0:
             raise ConfigurationError(f"ttl must be a positive number of seconds, not {self.ttl!r}")
         if self.stale_ttl < 0:
@@ -60,8 +66,15 @@ class Policy:
         if self.fail_safe_throttle < 0:
             raise ConfigurationError("fail_safe_throttle must be >= 0")
 
+    @classmethod
+    def build(cls, **options: Any) -> Policy:
+        """A policy from user-facing options (durations parsed, unknown names listed)."""
+        _check_names(options)
+        return cls(**options)
+
     def with_overrides(self, **overrides: Any) -> Policy:
         """A policy with the non-None ``overrides`` applied (None means: keep the default)."""
+        _check_names(overrides)
         changes = {k: v for k, v in overrides.items() if v is not None}
         if "tags" in changes:
             changes["tags"] = tuple(changes["tags"])
@@ -117,3 +130,29 @@ class Policy:
             r = random.random() if rand is None else rand
             return now - entry.delta * self.early_refresh_beta * math.log(max(r, 1e-300)) >= entry.fresh_until
         return False
+
+
+# The options given in seconds, which also take a timedelta or a string ("90s", "5m", "1h", "1d").
+_DURATIONS = (
+    "ttl",
+    "stale_ttl",
+    "fail_safe_throttle",
+    "soft_timeout",
+    "hard_timeout",
+    "lease_ttl",
+    "lease_wait",
+)
+_NAMES = frozenset(f.name for f in fields(Policy))
+# What callers spell: value_type= becomes the converter.
+_OPTIONS = sorted((_NAMES - {"converter"}) | {"value_type"})
+
+
+def _check_names(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - _NAMES)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, _OPTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigurationError(
+            f"unknown cache option {name!r}{hint}; the options are: {', '.join(_OPTIONS)}"
+        )

@@ -101,6 +101,15 @@ class Runtime:
         return self.gw.hook
 
     @property
+    def closed(self) -> bool:
+        """Set by aclose()/close(): shared tiers are not reopened behind the user's back."""
+        return self.gw.closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.gw.closed = value
+
+    @property
     def redact_keys(self) -> bool:
         return self.gw.redact_keys
 
@@ -139,7 +148,7 @@ class Runtime:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.debug("tiercache: background task failed: %r", task.exception())
+            logger.debug("background task failed: %r", task.exception())
 
     # --- entries --------------------------------------------------------------------------
 

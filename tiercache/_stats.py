@@ -79,6 +79,17 @@ class CacheStats:
             "bus_gaps": self.bus_gaps,
         }
 
+    def __repr__(self) -> str:
+        # the counters, with the tiers' own hit counts read (not the functions that read them)
+        snap = self.snapshot()
+        tiers = []
+        for t in snap.pop("tiers"):
+            name, level = t.pop("name"), t.pop("level")
+            shown = " ".join(f"{k}={v}" for k, v in t.items() if v or k in ("hits", "misses"))
+            tiers.append(f"{name}(L{level}): {shown}")
+        rest = ", ".join(f"{k}={round(v, 6) if isinstance(v, float) else v}" for k, v in snap.items())
+        return f"CacheStats([{', '.join(tiers)}], {rest})"
+
     def count(self, kind: str, tier: int | None, duration: float | None) -> None:
         """Record one event (called by the runtime for every event, hook or not)."""
         if kind == EventKind.LEASE_WAIT:

@@ -106,7 +106,7 @@ def _execute(rt: Runtime, cmd: Command, loader: Callable[..., Any], policy: Poli
     fence = run.fence
     match cmd:
         case Read():
-            return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter)
+            return rt.gw.read_sync(cmd.index, cmd.key, cmd.converter, cmd.count_miss)
         case Write():
             return rt.gw.write_sync(cmd)
         case Load():
@@ -355,7 +355,7 @@ class _Late:
         elif box.error is not None:
             where = fence.key if fence else ""
             logger.debug(
-                "tiercache: late loader for %s failed: %s",
+                "late loader for %s failed: %s",
                 self.rt.log_key(where),
                 self.rt.log_error(box.error, where),
             )
@@ -438,9 +438,7 @@ def start_refresh(
             flow = lead_flow(rt, flight, key, policy, current, refresh=True)
             run_flow(rt, flow, loader, policy, flight)
         except Exception as exc:
-            logger.debug(
-                "tiercache: background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key)
-            )
+            logger.debug("background refresh of %s failed: %s", rt.log_key(key), rt.log_error(exc, key))
         finally:
             rt.threads.discard(threading.current_thread())
 

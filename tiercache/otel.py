@@ -1,6 +1,6 @@
 """OpenTelemetry for a TieredCache: counters read from ``cache.stats``, histograms and spans from events.
 
-Install with ``pip install 'tiercache[otel]'``. OpenTelemetry is imported when :func:`instrument`
+Install with ``pip install 'tiercache-py[otel]'``. OpenTelemetry is imported when :func:`instrument`
 runs, never by ``import tiercache``.
 
 * **Counters** are *observable*: they read ``cache.stats`` when the SDK collects, so the hit path
@@ -56,7 +56,7 @@ def _import_otel() -> tuple[Any, Any]:
         from opentelemetry import metrics, trace
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "tiercache.otel needs the OpenTelemetry API: pip install 'tiercache[otel]'"
+            "tiercache.otel needs the OpenTelemetry API: pip install 'tiercache-py[otel]'"
         ) from exc
     return metrics, trace
 
@@ -297,7 +297,7 @@ class Instrumentation:
         try:
             self._record(event)
         except Exception:  # never let telemetry break a request; still call the user's hook
-            logger.exception("tiercache.otel: recording %s failed", event.kind)
+            logger.exception("OpenTelemetry: recording %s failed", event.kind)
         if self.previous is not None:
             self.previous(event)
 

@@ -1,6 +1,6 @@
 """A Prometheus collector exposing the counters of one or more TieredCaches (``cache.stats``).
 
-Install with ``pip install 'tiercache[prometheus]'``::
+Install with ``pip install 'tiercache-py[prometheus]'``::
 
     from prometheus_client import REGISTRY
     from tiercache.prometheus import TieredCacheCollector
@@ -65,7 +65,7 @@ def _import_prometheus() -> Any:
         from prometheus_client import core
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "tiercache.prometheus needs prometheus_client: pip install 'tiercache[prometheus]'"
+            "tiercache.prometheus needs prometheus_client: pip install 'tiercache-py[prometheus]'"
         ) from exc
     return core
 

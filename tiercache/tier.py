@@ -29,11 +29,13 @@ from ._tier import (
     Tier,
     TierBinding,
 )
+from ._ttl import Duration, seconds
 
 __all__ = [
     "Codec",
     "ConfigurationError",
     "CountsOwnHits",
+    "Duration",
     "Entry",
     "Event",
     "EventHook",
@@ -57,4 +59,5 @@ __all__ = [
     "hashed_key",
     "seal_tag_time",
     "unseal_tag_time",
+    "seconds",
 ]

@@ -109,6 +109,8 @@ def run_load(cache: TieredCache, history: History, seconds: float, seed: int) ->
         await asyncio.wait_for(
             asyncio.gather(*(async_worker(THREADS + i) for i in range(TASKS))), seconds + HANG_GUARD
         )
+        for t in threads:  # the sync workers finish before the cache closes (it then refuses calls)
+            await asyncio.to_thread(t.join, seconds + HANG_GUARD)
         await cache.aclose()
 
     threads = [threading.Thread(target=sync_worker, args=(i,), daemon=True) for i in range(THREADS)]

@@ -114,7 +114,7 @@ def test_missing_redis_package_gives_an_install_hint(monkeypatch: pytest.MonkeyP
     import sys
 
     monkeypatch.setitem(sys.modules, "redis", None)
-    with pytest.raises(ImportError, match=r"tiercache\[redis\]"):
+    with pytest.raises(ImportError, match=r"pip install .tiercache-py\[redis\]."):
         RedisTier(url="redis://127.0.0.1:1/0")
 
 

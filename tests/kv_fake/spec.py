@@ -1,4 +1,4 @@
-"""Loads Cloudflare's KV OpenAPI description (from ../shared) and validates traffic against it."""
+"""Loads Cloudflare's KV OpenAPI description (tests/data/) and validates traffic against it."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-# tests/kv_fake/spec.py -> parents[2] is the repository; CI clones it with shared/ beside it.
+# The Workers KV extract of cloudflare/api-schemas' openapi.json, kept in the repository so a fresh
+# clone tests as is (its source commit is in the document's info.description; tests/data/README.md).
 SPEC_PATH = Path(
     os.environ.get(
         "TIERCACHE_KV_OPENAPI",
-        Path(__file__).resolve().parents[2].parent / "shared" / "cloudflare-kv-openapi.json",
+        Path(__file__).resolve().parents[1] / "data" / "cloudflare-kv-openapi.json",
     )
 )
 
@@ -31,14 +32,15 @@ def load_spec(path: Path = SPEC_PATH) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"Cloudflare KV OpenAPI description not found at {path}; the KV fake validates every "
-            "request against it (clone shared/ beside the repository or set TIERCACHE_KV_OPENAPI)"
+            "request against it (restore tests/data/cloudflare-kv-openapi.json from git or set "
+            "TIERCACHE_KV_OPENAPI)"
         )
     doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return doc
 
 
 def relaxed(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy with the four documented mismatches relaxed (shared/notes/cloudflare-kv.md §9).
+    """A copy with the four mismatches with the real API (listed below) relaxed.
 
     1. ``readOnly`` on the identifier schemas rejects them as path parameters: dropped.
     2. ``DELETE …/values/{key}`` declares a required body nobody sends: made optional.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import assert_type
 
-from tiercache import TieredCache, tiered_cache
+from tiercache import TieredCache, tiered_cache, tiered_cache_many
 from tiercache.adapters.memory import MemoryTier
 
 cache = TieredCache([MemoryTier()], ttl=60)
@@ -21,7 +21,20 @@ async def get_order(order_id: str) -> list[str]:
     return [order_id]
 
 
+@tiered_cache_many(cache, key="price:{}")
+async def get_prices(ids: list[int]) -> dict[int, float]:
+    return dict.fromkeys(ids, 1.0)
+
+
+@tiered_cache_many(cache, key="name:{}", ttl="1h")
+def get_names(ids: list[str]) -> dict[str, str]:
+    return {i: i for i in ids}
+
+
 async def main() -> None:
+    assert_type(await get_prices([1, 2]), dict[int, float])
+    assert_type(get_names(["a"]), dict[str, str])
+    get_names([1])  # type: ignore[list-item]
     assert_type(get_user(1), dict[str, int])
     assert_type(get_user(1, verbose=True), dict[str, int])
     assert_type(await get_order("a"), list[str])

@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_all_is_pinned() -> None:
     assert tiercache.__all__ == [
         "AsyncCachedFunction",
+        "AsyncCachedManyFunction",
         "Bus",
         "BusMessage",
+        "CacheClosedError",
         "CachedFunction",
+        "CachedManyFunction",
         "Codec",
         "ConfigurationError",
         "Entry",

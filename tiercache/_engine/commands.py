@@ -61,11 +61,16 @@ NO_LEASE = "<no lease>"  # AcquireLease's answer when the lease tier failed: loa
 
 @dataclass(slots=True)
 class Read:
-    """Read tier ``index``; the driver sends back a typed Entry or None (miss, error, corrupt)."""
+    """Read tier ``index``; the driver sends back a typed Entry or None (miss, error, corrupt).
+
+    ``count_miss=False`` for a re-read of a tier this flight already counted a miss on (under the
+    lease): one cold load is one miss per tier, as hit ratios computed from the counters assume.
+    """
 
     index: int
     key: str
     converter: Converter | None
+    count_miss: bool = True
 
 
 @dataclass(slots=True)

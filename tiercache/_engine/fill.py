@@ -143,7 +143,7 @@ def fill_flow(
             # Deadline passed with nothing usable: load ourselves, without the lease.
         else:
             try:
-                entry = yield Read(lease, key, conv)  # someone may have filled it just before
+                entry = yield Read(lease, key, conv, count_miss=False)  # filled just before?
             except BaseException:
                 yield ReleaseLease(lease, key, token)
                 raise
@@ -175,7 +175,9 @@ def fill_flow(
                     # Throttle: keep serving the stale value as fresh for a short while, in every
                     # tier (so in every process), instead of calling a failing loader per request.
                     # Same version: any real write since (or after) wins; stale_until unchanged.
-                    held = stale.replace(fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until))
+                    held = stale.replace(
+                        fresh_until=min(now + policy.fail_safe_throttle, stale.stale_until), held=True
+                    )
                     yield Write(plan.write_order, key, held, backfill=True, fence=fence)
                 return Outcome(stale.value, stale, Source.STALE_FAILSAFE)
             raise loaded.error

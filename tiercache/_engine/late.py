@@ -33,7 +33,7 @@ def store_late(
         try:
             yield Write(host.plan.write_order, fence.key, entry, backfill=False, fence=fence)
         except Exception as exc:  # nobody is waiting for this write: log it, never raise
-            logger.warning("tiercache: storing a late loader result failed: %s", type(exc).__name__)
+            logger.warning("storing a late loader result failed: %s", type(exc).__name__)
     return Outcome(loaded.value, entry, Source.LOADED)
 
 

@@ -111,16 +111,16 @@ def _derive(secret: str | bytes) -> bytes:
 def _signing_keys(option: Any) -> list[bytes]:
     if option is not None:
         if isinstance(option, (str, bytes)) or not isinstance(option, Iterable):
-            raise ImproperlyConfigured("tiercache: OPTIONS['SIGNING_KEYS'] must be a list of keys")
+            raise ImproperlyConfigured("OPTIONS['SIGNING_KEYS'] must be a list of keys")
         keys = [k.encode("utf-8") if isinstance(k, str) else k for k in option]
         if not keys or any(not isinstance(k, bytes) or len(k) < MIN_KEY_BYTES for k in keys):
             raise ImproperlyConfigured(
-                f"tiercache: OPTIONS['SIGNING_KEYS'] needs keys of at least {MIN_KEY_BYTES} bytes"
+                f"OPTIONS['SIGNING_KEYS'] needs keys of at least {MIN_KEY_BYTES} bytes"
             )
         return keys
     secret = getattr(settings, "SECRET_KEY", "")
     if not secret:
-        raise ImproperlyConfigured("tiercache: the Django cache backend signs values with SECRET_KEY; set it")
+        raise ImproperlyConfigured("the Django cache backend signs values with SECRET_KEY; set it")
     fallbacks = list(getattr(settings, "SECRET_KEY_FALLBACKS", ()) or ())
     return [_derive(secret)] + [_derive(s) for s in fallbacks if s]
 
@@ -243,20 +243,18 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         if unknown:
             known = "; ".join(f"{k}: {v}" for k, v in _OPTIONS.items())
             raise ImproperlyConfigured(
-                f"tiercache: unknown OPTIONS {unknown} for TieredCacheBackend (known: {known}). "
+                f"unknown OPTIONS {unknown} for TieredCacheBackend (known: {known}). "
                 "Redis evicts by its own maxmemory policy: MAX_ENTRIES/CULL_FREQUENCY do not apply."
             )
         if isinstance(location, (list, tuple)):
             if len(location) != 1:
-                raise ImproperlyConfigured("tiercache: LOCATION is one Redis URL")
+                raise ImproperlyConfigured("LOCATION is one Redis URL")
             location = location[0]
         if not location or not isinstance(location, str):
-            raise ImproperlyConfigured(
-                "tiercache: LOCATION must be a Redis URL, e.g. redis://127.0.0.1:6379/0"
-            )
+            raise ImproperlyConfigured("LOCATION must be a Redis URL, e.g. redis://127.0.0.1:6379/0")
         namespace = options.get("NAMESPACE", "django")
         if not isinstance(namespace, str) or not namespace or ":" in namespace:
-            raise ImproperlyConfigured("tiercache: OPTIONS['NAMESPACE'] must be a non-empty str without ':'")
+            raise ImproperlyConfigured("OPTIONS['NAMESPACE'] must be a non-empty str without ':'")
         self._location = location
         self._options = options
         self._protocol = int(options.get("PICKLE_PROTOCOL", pickle.HIGHEST_PROTOCOL))
@@ -277,7 +275,7 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
                 try:  # builds objects only: no connection is made before the first call
                     state = _Shared(self._location, self._options, keys)
                 except (TypeError, ValueError) as exc:
-                    raise ImproperlyConfigured(f"tiercache: bad CACHES OPTIONS/LOCATION: {exc}") from exc
+                    raise ImproperlyConfigured(f"bad CACHES OPTIONS/LOCATION: {exc}") from exc
                 _shared[ident] = state
             return state
 
@@ -322,7 +320,7 @@ class TieredCacheBackend(BaseCache):  # type: ignore[misc]  # django ships no ty
         try:
             return pickle.loads(blob)  # the bytes passed the signature check on their way in
         except Exception as exc:  # e.g. a class that no longer exists: a miss, never a crash
-            logger.warning("tiercache: cached value could not be unpickled (%s); treated as a miss", exc)
+            logger.warning("cached value could not be unpickled (%s); treated as a miss", exc)
             return default
 
     def _bump(self, key: Any, delta: int) -> Any:

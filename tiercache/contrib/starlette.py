@@ -444,7 +444,7 @@ class HttpCache:
             except RuntimeError as exc:
                 if "thread" not in str(exc):
                     raise
-                log.warning("tiercache: %s ran outside the server's worker threads: not cached", func)
+                log.warning("%s ran outside the server's worker threads: not cached", func)
                 return func(*args, **kwargs)
 
         return _keep_signature(sync_endpoint, func)
@@ -494,7 +494,7 @@ class HttpCache:
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
         status, raw, body, too_big, found = await _run_origin(self, slot.app, scope, _MAX_PUT_BODY)
         if not isinstance(found, _CachedEndpoint):
-            log.warning("tiercache: put(%r): no cached GET endpoint answers that path", path)
+            log.warning("put(%r): no cached GET endpoint answers that path", path)
             return
         response = found._build(status, raw, body, too_big or len(body) > found.rule.max_body)
         if not response.storable:
@@ -653,7 +653,7 @@ class _Relay:
                 for job in self.slot.after_success:
                     await job()
             except Exception:
-                log.warning("tiercache: HTTP cache invalidation after a write failed", exc_info=True)
+                log.warning("HTTP cache invalidation after a write failed", exc_info=True)
 
 
 # --- running the handler ("the origin") and capturing its response -------------------------------
@@ -1076,5 +1076,5 @@ async def _safe(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except Exception:
-        log.warning("tiercache: HTTP cache operation failed; serving without it", exc_info=True)
+        log.warning("HTTP cache operation failed; serving without it", exc_info=True)
         return None
