@@ -150,8 +150,8 @@ from tiercache.tier import (
     emit_safely,
     hashed_key,
     seal_tag_time,
-    unseal_tag_time,
     seconds,
+    unseal_tag_time,
 )
 
 __all__ = ["NodeUnavailableError", "RedisBus", "RedisTier"]
@@ -760,9 +760,7 @@ class RedisTier:
         """A connection could not be made: one WARNING per outage, naming the address and cause."""
         if not self._down:
             self._down = True
-            logger.warning(
-                "Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc)
-            )
+            logger.warning("Redis tier %r cannot connect (%s): %s", self.name, self._target(), _describe(exc))
 
     def _connected(self) -> None:
         if self._down:
