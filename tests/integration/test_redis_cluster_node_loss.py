@@ -85,7 +85,7 @@ def test_one_dead_master_costs_only_its_own_slots(
             if killed_at is None and time.monotonic() - started > 0.5:
                 victim.kill()
                 killed_at = time.monotonic()
-        await cache.aclose()
+        await tier.aclose()  # this loop's clients; the cache stays open for the sync face
         return before, after
 
     try:

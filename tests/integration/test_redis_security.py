@@ -98,7 +98,6 @@ def test_check_reports_a_live_server(redis_server: RedisServer, caplog: pytest.L
 
         async def main() -> None:
             assert all(c.ok for c in await cache.check())
-            await cache.aclose()
 
         asyncio.run(main())
         # the server goes away: a warning naming it; it comes back: "connects again"
