@@ -463,6 +463,14 @@ class TierGateway:
             keep.append((key, entry))
         return keep
 
+    def _write_l1_many(
+        self, index: int, items: Sequence[tuple[str, Entry]], fences: dict[str, Any] | None, backfill: bool
+    ) -> None:
+        """The in-process part of write_many_*: never awaits, so both drivers share it."""
+        with self._l1_lock:  # atomic with delete()'s supersede marks
+            for key, entry in self._many_items(index, items, fences, backfill):
+                self._set_sync(index, key, entry, backfill)
+
     def write_many_sync(
         self,
         indices: Sequence[int],
@@ -473,10 +481,7 @@ class TierGateway:
         for i in indices:
             tier = self.tiers[i]
             if tier.in_process:
-                with self._l1_lock:  # atomic with delete()'s supersede marks
-                    keep = self._many_items(i, items, fences, backfill)
-                    for key, entry in keep:
-                        self._set_sync(i, key, entry, backfill)
+                self._write_l1_many(i, items, fences, backfill)
                 continue
             keep = self._many_items(i, items, fences, backfill)
             if not keep or not self.tier_usable(i, keep[0][0]):
@@ -498,10 +503,7 @@ class TierGateway:
         for i in indices:
             tier = self.tiers[i]
             if tier.in_process:
-                with self._l1_lock:
-                    keep = self._many_items(i, items, fences, backfill)
-                    for key, entry in keep:
-                        self._set_sync(i, key, entry, backfill)
+                self._write_l1_many(i, items, fences, backfill)
                 continue
             keep = self._many_items(i, items, fences, backfill)
             if not keep or not self.tier_usable(i, keep[0][0]):
